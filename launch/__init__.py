@@ -1,0 +1,1 @@
+"""SLURM launching with submitit (installed as ``fastloc.launch``)."""
