@@ -17,6 +17,9 @@ class SampleError(Exception):
         self.path = str(path)
         self.reason = reason
 
+    def __reduce__(self):  # keep (path, reason) across process boundaries
+        return type(self), (self.path, self.reason)
+
 
 class ConversionError(Exception):
     """The whole conversion cannot proceed; the message says what and where."""

@@ -1,0 +1,87 @@
+"""``python -m fastloc.shard``: convert datasets to WebDataset shards, verify them, inspect them.
+
+Examples::
+
+    python -m fastloc.shard synthetic --num-samples 512
+    python -m fastloc.shard coco --root /data/coco --split val --labels json
+    python -m fastloc.shard verify shards/coco/val
+    python -m fastloc.shard inspect shards/coco/val
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Union
+
+import tyro
+
+from fastloc.shard.config import ConvertConfig
+from fastloc.shard.convert import convert
+from fastloc.shard.errors import ConversionError
+from fastloc.shard.inspect import contact_sheet, summarize
+from fastloc.shard.manifest import read_manifest
+from fastloc.shard.sources import CONVERTERS
+from fastloc.shard.verify import verify
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifyConfig:
+    """Re-read a shard set: sizes, SHA-256, index files, and a full decode of every sample."""
+
+    path: tyro.conf.Positional[Path]
+    """The split folder (holding manifest.json) or the manifest itself."""
+
+    processes: int = 0
+    """Worker processes (0 = one per CPU core)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InspectConfig:
+    """Print a manifest summary and write a PNG contact sheet of samples with labels overlaid."""
+
+    path: tyro.conf.Positional[Path]
+    """The split folder (holding manifest.json) or the manifest itself."""
+
+    samples: int = 16
+    """How many samples (from the first shards) to draw."""
+
+    sheet: Path | None = None
+    """Where to write the contact sheet (default: DATASET-SPLIT-samples.png in the current folder)."""
+
+
+def _subcommands():
+    options = [Annotated[cfg, tyro.conf.subcommand(name)] for name, cfg in CONVERTERS.items()]
+    options += [Annotated[VerifyConfig, tyro.conf.subcommand("verify")],
+                Annotated[InspectConfig, tyro.conf.subcommand("inspect")]]  # fmt: skip
+    return Union[tuple(options)]  # noqa: UP007 (tyro needs a runtime Union)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = tyro.cli(_subcommands(), args=argv, description=__doc__)
+    try:
+        if isinstance(cfg, ConvertConfig):
+            convert(cfg, command=shlex.join(["python", "-m", "fastloc.shard", *argv]))
+            return 0
+        if isinstance(cfg, VerifyConfig):
+            result = verify(cfg.path, cfg.processes)
+            for problem in result.problems:
+                print(f"FAIL {problem}", file=sys.stderr)
+            status = "OK" if result.ok else f"FAILED ({len(result.problems)} problems)"
+            print(f"verify {cfg.path}: {result.shards} shards, {result.samples} samples: {status}")
+            return 0 if result.ok else 1
+        manifest = read_manifest(cfg.path)
+        print(summarize(manifest))
+        sheet = cfg.sheet or Path(f"{manifest['dataset']}-{manifest['split']}-samples.png")
+        print(f"contact sheet: {contact_sheet(cfg.path, sheet, cfg.samples)}")
+        return 0
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

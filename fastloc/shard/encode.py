@@ -1,0 +1,210 @@
+"""Bytes in, bytes out: JPEG pass-through or re-encoding, and label-map PNGs.
+
+The JPEG check reads only the marker segments (microseconds), so pass-through conversion runs
+near copy speed. A JPEG passes through untouched when a GPU decoder takes it as it is: baseline
+(or extended) Huffman coding, 8-bit, one (grayscale) or three (YCbCr) components, with its
+end-of-image marker present. Everything else that PIL can decode (CMYK/YCCK, progressive, 12-bit,
+arithmetic coding, PNG or other formats named .jpg) is re-encoded as a baseline JPEG, and the
+reason is counted in the report. What PIL cannot decode is a ``SampleError``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from fastloc.shard.errors import SampleError
+
+# Start-of-frame markers and the coding they announce (ITU T.81, table B.1).
+_SOF_NAMES = {
+    0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive", 0xC3: "lossless",
+    0xC5: "hierarchical", 0xC6: "hierarchical", 0xC7: "hierarchical",
+    0xC9: "arithmetic", 0xCA: "arithmetic", 0xCB: "arithmetic",
+    0xCD: "arithmetic", 0xCE: "arithmetic", 0xCF: "arithmetic",
+}  # fmt: skip
+_STANDALONE = {0x01, 0xD8} | set(range(0xD0, 0xD8))  # markers without a length field
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    width: int
+    height: int
+    components: int  # 1 grayscale, 3 YCbCr (or RGB), 4 CMYK/YCCK
+    precision: int  # bits per sample
+    coding: str  # baseline, extended, progressive, ...
+    adobe_transform: int | None  # APP14 colour transform: 0 = none (RGB/CMYK), 1 = YCbCr, 2 = YCCK
+
+
+def parse_jpeg_header(data: bytes) -> JpegHeader:
+    """Walk the marker segments up to the first scan; raise ValueError on anything malformed."""
+    n = len(data)
+    if n == 0:
+        raise ValueError("empty file")
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG (no start-of-image marker)")
+    pos, frame, adobe = 2, None, None
+    while True:
+        if pos >= n:
+            raise ValueError("truncated in the header")
+        if data[pos] != 0xFF:
+            raise ValueError(f"corrupt marker structure at byte {pos}")
+        while pos < n and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            raise ValueError("truncated in the header")
+        marker = data[pos]
+        pos += 1
+        if marker in _STANDALONE:
+            continue
+        if marker == 0xD9:
+            raise ValueError("end-of-image marker before any image data")
+        if pos + 2 > n:
+            raise ValueError("truncated in the header")
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        if length < 2 or pos + length > n:
+            raise ValueError(f"truncated or corrupt segment (marker 0x{marker:02X})")
+        segment = data[pos + 2 : pos + length]
+        if marker in _SOF_NAMES:
+            if len(segment) < 6:
+                raise ValueError("corrupt frame header")
+            height = int.from_bytes(segment[1:3], "big")
+            width = int.from_bytes(segment[3:5], "big")
+            frame = (segment[0], height, width, segment[5], _SOF_NAMES[marker])
+        elif marker == 0xEE and segment[:5] == b"Adobe" and len(segment) >= 12:
+            adobe = segment[11]
+        elif marker == 0xDA:
+            break
+        pos += length
+    if frame is None:
+        raise ValueError("no frame header before the image data")
+    # Entropy-coded data never contains FF D9 (FF is always stuffed), so an EOI after the
+    # first scan header exists iff the file was not cut short.
+    if data.rfind(b"\xff\xd9", pos) < 0:
+        raise ValueError("truncated (no end-of-image marker)")
+    precision, height, width, components, coding = frame
+    return JpegHeader(width, height, components, precision, coding, adobe)
+
+
+def reencode_reason(header: JpegHeader, keep_progressive: bool) -> str | None:
+    """Why this JPEG cannot pass through, or None when it can."""
+    if header.coding == "progressive" and not keep_progressive:
+        return "progressive JPEG"
+    if header.coding not in ("baseline", "extended", "progressive"):
+        return f"{header.coding} JPEG"
+    if header.precision != 8:
+        return f"{header.precision}-bit JPEG"
+    if header.components == 4:
+        return "CMYK JPEG"
+    if header.components not in (1, 3):
+        return f"{header.components}-component JPEG"
+    if header.components == 3 and header.adobe_transform == 0:
+        return "RGB-coded JPEG"
+    if header.width == 0 or header.height == 0:
+        return "JPEG with height in a DNL marker"
+    return None
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    width: int
+    height: int
+    reencoded: str | None  # reason for re-encoding, None when passed through or generated
+
+
+def _decode(data: bytes, path: str) -> Image.Image:
+    """Fully decode with PIL; any failure is a SampleError naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        return image
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise SampleError(path, f"cannot decode image: {exc}") from None
+
+
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    """Baseline JPEG of an image, grayscale kept grayscale, everything else as RGB."""
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("L" if image.mode in ("1", "I", "I;16", "F", "LA") else "RGB")
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality, progressive=False, optimize=False)
+    return out.getvalue()
+
+
+def prepare_image(
+    path: str,
+    data: bytes | None,
+    pixels: np.ndarray | None,
+    *,
+    check: str = "header",
+    keep_progressive: bool = False,
+    quality: int = 95,
+) -> EncodedImage:
+    """The `jpg` member of a sample: source bytes untouched where possible, else re-encoded."""
+    if pixels is not None:
+        image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+        return EncodedImage(encode_jpeg(image, quality), image.width, image.height, None)
+    if not data:
+        raise SampleError(path, "empty file (0 bytes)")
+    if data[:2] == b"\xff\xd8":
+        try:
+            header = parse_jpeg_header(data)
+        except ValueError as exc:
+            raise SampleError(path, f"corrupt JPEG: {exc}") from None
+        reason = reencode_reason(header, keep_progressive)
+        if reason is None:
+            if check == "decode":
+                _decode(data, path)
+            return EncodedImage(data, header.width, header.height, None)
+    else:
+        reason = None  # decided below from what PIL finds
+    image = _decode(data, path)
+    if reason is None:
+        reason = f"{image.format or 'unknown'} data named as JPEG"
+    return EncodedImage(encode_jpeg(image, quality), image.width, image.height, reason)
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """uint8 PNG when the classes fit, uint16 otherwise."""
+    if num_classes <= 256:
+        return np.dtype(np.uint8)
+    if num_classes <= 65536:
+        return np.dtype(np.uint16)
+    raise ValueError(f"{num_classes} classes do not fit a 16-bit label PNG")
+
+
+def encode_label(path: str, label: np.ndarray, num_classes: int, size: tuple[int, int]) -> bytes:
+    """A single-channel PNG of the label map, after checking shape and class range."""
+    width, height = size
+    if label.ndim != 2:
+        raise SampleError(path, f"label map has shape {label.shape}, expected [H, W]")
+    if label.shape != (height, width):
+        raise SampleError(
+            path, f"label map is {label.shape[1]}x{label.shape[0]} but the image is {width}x{height}"
+        )
+    if not np.issubdtype(label.dtype, np.integer):
+        raise SampleError(path, f"label map has non-integer dtype {label.dtype}")
+    lo, hi = int(label.min()), int(label.max())
+    if lo < 0 or hi >= num_classes:
+        bad = np.unique(label[(label < 0) | (label >= num_classes)])[:8].tolist()
+        raise SampleError(path, f"label ids {bad} outside the class space [0, {num_classes})")
+    dtype = label_dtype(num_classes)
+    image = Image.fromarray(np.ascontiguousarray(label, dtype=dtype))
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=3)
+    return out.getvalue()
+
+
+def decode_label(data: bytes) -> np.ndarray:
+    """[H, W] uint8 or uint16 from a label PNG written by ``encode_label``."""
+    image = Image.open(io.BytesIO(data))
+    if image.mode not in ("L", "I;16", "I"):
+        raise ValueError(f"label PNG has mode {image.mode}, expected single-channel")
+    array = np.asarray(image)
+    return array.astype(np.uint16) if image.mode != "L" else array

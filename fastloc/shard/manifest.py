@@ -1,0 +1,63 @@
+"""``manifest.json``: what a shard set holds and how it was made (schema in shards/README.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fastloc.shard.errors import ConversionError
+from fastloc.shard.tario import atomic_write
+
+FORMAT = "fastloc-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_REQUIRED = ("format", "format_version", "dataset", "split", "num_samples", "shards", "keys",
+             "classes", "num_classes")  # fmt: skip
+_REQUIRED_SHARD = ("tar", "index", "samples", "bytes", "sha256")
+
+
+def shard_name(dataset: str, split: str, index: int) -> str:
+    return f"{dataset}-{split}-{index:06d}.tar"
+
+
+def index_name(tar_name: str) -> str:
+    return tar_name[: -len(".tar")] + ".idx"
+
+
+def write_manifest(split_dir: Path, manifest: dict[str, Any]) -> Path:
+    path = split_dir / MANIFEST
+    atomic_write(path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    return path
+
+
+def find_manifest(path: Path) -> Path:
+    """Accept a manifest file or the split folder holding one."""
+    path = Path(path)
+    candidate = path / MANIFEST if path.is_dir() else path
+    if not candidate.is_file():
+        raise ConversionError(f"{candidate}: no manifest (not a finished shard set)")
+    return candidate
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Load and sanity-check a manifest; malformed ones raise ConversionError naming the file."""
+    path = find_manifest(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"{path}: unreadable manifest: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ConversionError(f"{path}: manifest is not a JSON object")
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise ConversionError(f"{path}: manifest lacks {missing}")
+    if manifest["format"] != FORMAT or manifest["format_version"] > FORMAT_VERSION:
+        raise ConversionError(
+            f"{path}: format {manifest['format']!r} v{manifest['format_version']} "
+            f"is not {FORMAT!r} <= v{FORMAT_VERSION}"
+        )
+    for i, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict) or any(k not in shard for k in _REQUIRED_SHARD):
+            raise ConversionError(f"{path}: shard entry {i} lacks one of {_REQUIRED_SHARD}")
+    return manifest
