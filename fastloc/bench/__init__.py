@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m fastloc.bench <name>`` prints a table and writes JSON."""

@@ -1,0 +1,94 @@
+"""What every benchmark shares: timing, the machine's description, the table and the JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("fastloc", "torch", "triton", "timm", "nvidia-dali-cuda120", "webdataset", "pillow", "numpy")
+
+
+def time_runs(fn: Callable[[], Any], repeats: int, setup: Callable[[], Any] | None = None) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn`` (``setup`` runs untimed before each)."""
+    times = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def device() -> dict[str, Any]:
+    """CPU model and core count, and the GPU when torch sees one."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def write_results(name: str, out: Path | None, payload: dict[str, Any]) -> Path:
+    """The JSON record: device, versions, command, date, and the benchmark's own payload."""
+    stamp = datetime.now(timezone.utc)
+    path = out or Path("runs/bench") / f"{name}-{stamp.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "benchmark": name,
+        "date": stamp.isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], "-m", "fastloc.bench", *sys.argv[1:]]),
+        "device": device(),
+        "versions": versions(),
+        **payload,
+    }
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path

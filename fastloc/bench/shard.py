@@ -1,0 +1,191 @@
+"""``python -m fastloc.bench shard``: conversion throughput against PIL and ``cp``.
+
+Workloads: the synthetic set (generated, encoded) and an ImageNet-style folder of real JPEGs
+(passed through). Baselines on the same JPEG folder: a plain single-process loop that decodes
+and re-encodes every image with PIL into a tar, and ``cp -r`` of the same bytes. Every run
+starts from a warm page cache, an empty output folder and no pending writeback (untimed).
+fastloc fsyncs each finished shard (so a crash never leaves a shard that looks complete);
+cp does not, so the comparison is conservative.
+Aims: pass-through conversion at >= 50% of cp's rate; >= 1.8x from 1 to 2 processes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import fastloc
+from fastloc.bench.common import print_table, time_runs, write_results
+from fastloc.shard.convert import convert
+from fastloc.shard.sources.imagenet import ImagenetConfig
+from fastloc.shard.sources.synthetic import SyntheticConfig, draw_scene
+
+CLASSES = 10  # class folders in the generated ImageNet-style layout
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardBench:
+    """Conversion throughput of python -m fastloc.shard against PIL re-encoding and cp."""
+
+    images: int = 2000
+    """JPEG files in the ImageNet-style folder (copies of the source JPEGs, round-robin)."""
+
+    synthetic: int = 1000
+    """Samples of the synthetic set (default image sizes, 192-320 px)."""
+
+    jpeg_source: Path | None = None
+    """Folder of real JPEGs to build the folder from (default: the ImageNet excerpt in
+    $FASTLOC_FIXTURES or ../shared/fixtures; without one, generated 500x375 JPEG photos)."""
+
+    processes: int = 0
+    """Process count of the parallel runs (0 = all cores)."""
+
+    repeats: int = 3
+    """Timed runs per row; the table shows the fastest, the JSON keeps them all."""
+
+    workdir: Path | None = None
+    """Scratch folder (default: a temporary folder, deleted afterwards)."""
+
+    out: Path | None = None
+    """JSON results path (default: runs/bench/shard-DATE.json)."""
+
+
+def run(cfg: ShardBench) -> Path:
+    processes = cfg.processes or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(dir=cfg.workdir) as scratch:
+        work = Path(scratch)
+        src, source_note = _build_jpeg_folder(work / "jpegs", cfg)
+        nbytes = sum(p.stat().st_size for p in src.rglob("*.JPEG"))
+        _read_all(src)  # warm the page cache for every contender alike
+        out = work / "out"
+
+        def clear():  # untimed: empty output, and no dirty pages of the last run left to flush
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+
+        per_shard = max(1, math.ceil(cfg.images / (4 * processes)))
+        rows = []
+
+        def row(workload, method, procs, count, times, size=None):
+            best = min(times)
+            rows.append({"workload": workload, "method": method, "processes": procs, "images": count,
+                         "best_s": best, "images_per_s": count / best,
+                         "MB_per_s": size / best / 1e6 if size else None, "times_s": times})  # fmt: skip
+
+        for procs in sorted({1, processes}):
+            folder = ImagenetConfig(src=src, out=out, processes=procs, shard_samples=per_shard, progress=False)
+            row("jpeg-folder", "fastloc pass-through", procs, cfg.images,
+                time_runs(lambda: _quiet(convert, folder), cfg.repeats, clear), nbytes)  # fmt: skip
+        row("jpeg-folder", "PIL decode+re-encode", 1, cfg.images,
+            time_runs(lambda: _pil_baseline(src, out), cfg.repeats, clear), nbytes)  # fmt: skip
+        row("jpeg-folder", "cp -r", 1, cfg.images,
+            time_runs(lambda: subprocess.run(["cp", "-r", str(src), str(out)], check=True), cfg.repeats, clear),
+            nbytes)  # fmt: skip
+        synth_per_shard = max(1, math.ceil(cfg.synthetic / (4 * processes)))
+        for procs in sorted({1, processes}):
+            synth = SyntheticConfig(num_samples=cfg.synthetic, out=out, processes=procs,
+                                    shard_samples=synth_per_shard, progress=False)  # fmt: skip
+            row("synthetic", "fastloc generate+encode", procs, cfg.synthetic,
+                time_runs(lambda: _quiet(convert, synth), cfg.repeats, clear))  # fmt: skip
+
+    cp_rate = next(r["images_per_s"] for r in rows if r["method"] == "cp -r")
+    for r in rows:
+        r["vs_cp"] = r["images_per_s"] / cp_rate if r["workload"] == "jpeg-folder" else None
+    print(f"JPEG folder: {cfg.images} files, {nbytes / 1e6:.0f} MB ({source_note}); shards of {per_shard}")
+    print_table(rows, ["workload", "method", "processes", "images", "best_s", "images_per_s", "MB_per_s", "vs_cp"])
+    summary = _summary(rows, processes)
+    for line in summary:
+        print(line)
+    return write_results("shard", cfg.out, {
+        "config": {k: str(v) for k, v in cfg.__dict__.items()},
+        "jpeg_folder": {"files": cfg.images, "bytes": nbytes, "source": source_note},
+        "processes": processes, "rows": rows, "summary": summary,
+    })  # fmt: skip
+
+
+def _summary(rows: list[dict], processes: int) -> list[str]:
+    rate = {(r["workload"], r["method"], r["processes"]): r["images_per_s"] for r in rows}
+    lines = []
+    passthrough = rate[("jpeg-folder", "fastloc pass-through", 1)]
+    cp = rate[("jpeg-folder", "cp -r", 1)]
+    lines.append(f"pass-through, 1 process: {passthrough / cp:.0%} of cp's rate (aim >= 50%)")
+    if processes > 1:
+        parallel = rate[("jpeg-folder", "fastloc pass-through", processes)]
+        lines.append(f"pass-through, {processes} processes: {parallel / cp:.0%} of cp's rate")
+        for workload, method in (("jpeg-folder", "fastloc pass-through"), ("synthetic", "fastloc generate+encode")):
+            speedup = rate[(workload, method, processes)] / rate[(workload, method, 1)]
+            lines.append(f"{workload}: {speedup:.2f}x from 1 to {processes} processes (aim >= 1.8x for 2)")
+    return lines
+
+
+def _quiet(fn, *args):
+    with open(os.devnull, "w") as devnull:
+        import contextlib
+
+        with contextlib.redirect_stdout(devnull):
+            return fn(*args)
+
+
+def _pil_baseline(src: Path, out: Path) -> None:
+    """What a plain script does: decode and re-encode every image with PIL into one tar."""
+    out.mkdir(parents=True)
+    with tarfile.open(out / "baseline.tar", "w") as tar:
+        for path in sorted(src.rglob("*.JPEG")):
+            buffer = io.BytesIO()
+            Image.open(path).convert("RGB").save(buffer, format="JPEG", quality=95)
+            info = tarfile.TarInfo(path.stem + ".jpg")
+            info.size = buffer.tell()
+            buffer.seek(0)
+            tar.addfile(info, buffer)
+
+
+def _read_all(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.read_bytes()
+
+
+def _find_jpegs(cfg: ShardBench) -> list[Path]:
+    candidates = [cfg.jpeg_source] if cfg.jpeg_source else []
+    if not candidates:
+        env = os.environ.get("FASTLOC_FIXTURES")
+        repo = Path(fastloc.__file__).resolve().parents[1]
+        candidates = [Path(env) / "imagenet-sample" if env else None, repo.parent / "shared/fixtures/imagenet-sample"]
+    for folder in candidates:
+        if folder and folder.is_dir():
+            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg"))
+            if files:
+                return files
+    return []
+
+
+def _build_jpeg_folder(root: Path, cfg: ShardBench) -> tuple[Path, str]:
+    """<root>/<wnid>/<wnid>_<i>.JPEG, CLASSES folders, cfg.images files in all."""
+    files = _find_jpegs(cfg)
+    if files:
+        blobs = [p.read_bytes() for p in files]
+        note = f"copies of {len(files)} JPEGs from {files[0].parent}"
+    else:
+        blobs = []
+        for i in range(16):
+            scene = draw_scene(np.random.default_rng(i), 375, 500)
+            buffer = io.BytesIO()
+            Image.fromarray(scene.pixels).save(buffer, format="JPEG", quality=90)
+            blobs.append(buffer.getvalue())
+        note = "16 generated 500x375 JPEGs (no real JPEG folder found)"
+    for i in range(cfg.images):
+        wnid = f"n{i % CLASSES:08d}"
+        folder = root / wnid
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{wnid}_{i}.JPEG").write_bytes(blobs[i % len(blobs)])
+    return root, note

@@ -1,0 +1,277 @@
+"""ImageNet-style classification sets: one folder or one tar per class.
+
+Class folders (ImageNet-1k, ImageNet-21K-P ``imagenet21k_{train,val}/``)::
+
+    SRC/<wnid>/*.JPEG          any image suffix (jpeg, jpg, png, webp, ...), case-insensitive
+
+One tar per class (the ImageNet-21k winter21 release, unpacked once)::
+
+    SRC/<wnid>.tar             uncompressed; the images are its members
+
+Tar members are listed once in ``items()`` and then read directly at their data offset, so no tar
+is unpacked. The class index is the position in ``--class-list`` when given, else in the sorted
+wnids found on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from fastloc.shard.config import ConvertConfig
+from fastloc.shard.errors import ConversionError, SampleError
+from fastloc.shard.sources.base import Item, Sample, SourceInfo, sanitize_key
+from fastloc.shard.sources.files import check_unique_keys, file_size, read_bytes
+
+# Images the writer can decode (and re-encode when they are not JPEG).
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+CLS_ENCODING = "ASCII decimal class index into classes"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImagenetConfig(ConvertConfig):
+    """Convert an ImageNet-style classification set (ImageNet-1k, ImageNet-21K-P, the ImageNet-21k
+    winter21 release): one folder or one uncompressed tar per class, named by its WordNet id.
+    Samples carry the image and its class index (`cls`)."""
+
+    src: Path
+    """Folder holding the classes: SRC/<wnid>/ image folders, or SRC/<wnid>.tar files."""
+
+    split: str = "train"
+    """Split name of the output (train, val, ...); it only names the output folder."""
+
+    class_list: Path | None = None
+    """Text file fixing the class order: one wnid per line, optionally followed by whitespace and
+    a human-readable name; the class index is the entry's position (0-based, blank lines
+    ignored). Every class found on disk must be listed; listed classes may have no images.
+    Default: the sorted wnids found on disk."""
+
+    layout: Literal["auto", "folders", "tars"] = "auto"
+    """folders: SRC/<wnid>/*.JPEG; tars: SRC/<wnid>.tar; auto: whichever of the two SRC holds."""
+
+    def source(self) -> ImagenetSource:
+        return ImagenetSource(src=self.src, split=self.split, class_list=self.class_list, layout=self.layout)
+
+
+def read_class_list(path: Path) -> tuple[list[str], list[str | None]]:
+    """wnids and names (None where a line gives no name) of a class-list file, in file order."""
+    if not path.is_file():
+        raise ConversionError(f"{path}: class list not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: cannot read the class list: {e}") from None
+    wnids: list[str] = []
+    names: list[str | None] = []
+    first_line: dict[str, int] = {}
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        fields = line.strip().split(maxsplit=1)
+        if not fields:
+            continue
+        wnid = fields[0]
+        if wnid in first_line:
+            first = first_line[wnid]
+            raise ConversionError(f"{path}:{line_no}: duplicate class {wnid!r} (first on line {first})")
+        first_line[wnid] = line_no
+        wnids.append(wnid)
+        names.append(fields[1].strip() if len(fields) > 1 else None)
+    if not wnids:
+        raise ConversionError(f"{path}: the class list is empty")
+    return wnids, names
+
+
+def detect_layout(src: Path) -> Literal["folders", "tars"]:
+    """folders when SRC holds class folders, tars when it holds *.tar files; both or neither is an error."""
+    dirs, tars = _class_dirs(src), _class_tars(src)
+    if dirs and tars:
+        raise ConversionError(
+            f"{src}: holds both class folders ({len(dirs)}) and .tar files ({len(tars)}); "
+            "pass --layout folders or --layout tars"
+        )
+    if not dirs and not tars:
+        raise ConversionError(f"{src}: no class folders (<wnid>/) and no class tars (<wnid>.tar) found")
+    return "folders" if dirs else "tars"
+
+
+class ImagenetSource:
+    """Reads images and class indices from class folders or per-class tars; see the module docstring."""
+
+    def __init__(
+        self,
+        src: Path,
+        split: str = "train",
+        class_list: Path | None = None,
+        layout: Literal["auto", "folders", "tars"] = "auto",
+    ):
+        self.src = Path(src)
+        if not self.src.is_dir():
+            raise ConversionError(f"{self.src}: ImageNet source folder not found")
+        if layout not in ("auto", "folders", "tars"):
+            raise ConversionError(f"unknown ImageNet layout {layout!r}")
+        self.split = split
+        self.class_list = None if class_list is None else Path(class_list)
+        self.layout = detect_layout(self.src) if layout == "auto" else layout
+        self._classes: tuple[list[str], list[str | None]] | None = None
+        self._items: list[Item] | None = None
+        self._incomplete_tars: dict[str, str] = {}  # tar -> why its listing stopped early
+
+    # ---- the Source protocol ----
+
+    def info(self) -> SourceInfo:
+        wnids, names = self._class_table()
+        self.items()  # lists every tar once, so that tars whose listing stopped early are recorded
+        extra = {"layout": self.layout, "cls": CLS_ENCODING, "wnids": wnids, "names": names}
+        if self._incomplete_tars:
+            extra["incomplete_tars"] = dict(self._incomplete_tars)
+        return SourceInfo(
+            dataset="imagenet",
+            split=self.split,
+            source=str(self.src),
+            classes=list(wnids),
+            has_cls=True,
+            label_encoding={},
+            extra=extra,
+        )
+
+    def items(self) -> list[Item]:
+        if self._items is None:
+            wnids, _ = self._class_table()
+            items: list[Item] = []
+            for cls, wnid in enumerate(wnids):
+                if self.layout == "folders":
+                    items += self._folder_items(wnid, cls)
+                else:
+                    items += self._tar_items(wnid, cls)
+            check_unique_keys(items, lambda item: _source_name(item.ref))
+            self._items = items
+        return self._items
+
+    def load(self, item: Item) -> Sample:
+        if len(item.ref) == 3:  # (path, wnid, cls): a file in a class folder
+            path, wnid, cls = item.ref
+            data = read_bytes(path)
+        else:  # (tar, member, offset, size, wnid, cls): a member of a class tar
+            tar, member, offset, size, wnid, cls = item.ref
+            data = _read_member(tar, member, offset, size)
+        return Sample(key=item.key, source=_source_name(item.ref), jpg=data, cls=cls, meta={"wnid": wnid})
+
+    # ---- class table ----
+
+    def _class_table(self) -> tuple[list[str], list[str | None]]:
+        if self._classes is None:
+            found = _class_dirs(self.src) if self.layout == "folders" else _class_tars(self.src)
+            if not found:
+                kind = "class folders (<wnid>/)" if self.layout == "folders" else "class tars (<wnid>.tar)"
+                raise ConversionError(f"{self.src}: no {kind} found")
+            if self.class_list is None:
+                wnids = sorted(found)
+                names: list[str | None] = [None] * len(wnids)
+            else:
+                wnids, names = read_class_list(self.class_list)
+                missing = sorted(set(found) - set(wnids))
+                if missing:
+                    shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+                    raise ConversionError(
+                        f"{len(missing)} classes found in {self.src} are not in the class list "
+                        f"{self.class_list}: {shown}"
+                    )
+            self._classes = (wnids, names)
+        return self._classes
+
+    # ---- listing ----
+
+    def _folder_items(self, wnid: str, cls: int) -> list[Item]:
+        folder = self.src / wnid
+        if not folder.is_dir():
+            return []  # a listed class without images
+        files = []
+        with os.scandir(folder) as entries:
+            for e in entries:
+                # a broken symlink stays in the plan (size 0) so that load() reports it
+                if _is_image_name(e.name) and not e.is_dir():
+                    files.append((e.name, e.path, file_size(e.path)))
+        files.sort()
+        return [Item(key=_key(wnid, name), size=size, ref=(path, wnid, cls)) for name, path, size in files]
+
+    def _tar_items(self, wnid: str, cls: int) -> list[Item]:
+        tar = self.src / f"{wnid}.tar"
+        if not tar.is_file():
+            return []  # a listed class without images
+        tar_path = str(tar)
+        members = []
+        try:
+            with tarfile.open(tar_path, mode="r:") as tf:  # uncompressed only: members are read at offsets
+                try:
+                    for m in tf:
+                        if m.isfile() and not m.issparse() and _is_image_name(m.name):
+                            members.append((m.name, m.offset_data, m.size))
+                except (tarfile.TarError, OSError, EOFError) as e:
+                    # A truncated or damaged tail: keep the members listed so far. One cut short
+                    # fails in load() with its own name; the rest of the tar is unreachable.
+                    self._incomplete_tars[tar_path] = f"listing stopped after {len(members)} members: {e}"
+                else:
+                    # tarfile ends quietly at a header cut short: a complete tar has an
+                    # end-of-archive block where the listing stopped
+                    if os.path.getsize(tar_path) < tf.offset + tarfile.BLOCKSIZE:
+                        self._incomplete_tars[tar_path] = (
+                            f"no end-of-archive block after {len(members)} members: the tar may be truncated"
+                        )
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ConversionError(f"{tar}: cannot read as an uncompressed tar: {e}") from None
+        members.sort()
+        return [
+            Item(
+                key=_key(wnid, PurePosixPath(name).name),
+                size=size,
+                ref=(tar_path, name, offset, size, wnid, cls),
+            )
+            for name, offset, size in members
+        ]
+
+
+def _class_dirs(src: Path) -> list[str]:
+    with os.scandir(src) as entries:
+        return [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
+
+
+def _class_tars(src: Path) -> list[str]:
+    with os.scandir(src) as entries:
+        return [
+            e.name[: -len(".tar")]
+            for e in entries
+            if e.name.endswith(".tar") and not e.name.startswith(".") and e.is_file()
+        ]
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _key(wnid: str, filename: str) -> str:
+    """The file stem, prefixed with the wnid unless it already starts with it (n01440764_10026)."""
+    stem = os.path.splitext(filename)[0]
+    if stem != wnid and not stem.startswith(f"{wnid}_"):
+        stem = f"{wnid}_{stem}"
+    return sanitize_key(stem)
+
+
+def _source_name(ref: tuple) -> str:
+    return ref[0] if len(ref) == 3 else f"{ref[0]}::{ref[1]}"
+
+
+def _read_member(tar: str, member: str, offset: int, size: int) -> bytes:
+    where = f"{tar}::{member}"
+    try:
+        with open(tar, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    except OSError as e:
+        raise SampleError(where, f"cannot read: {e.strerror or e}") from None
+    if len(data) < size:
+        raise SampleError(where, f"truncated tar: member has {size} bytes, only {len(data)} present")
+    if not data:
+        raise SampleError(where, "empty file (0 bytes)")
+    return data
