@@ -119,7 +119,7 @@ def test_class_list_order_and_names(sample_files, tmp_path):
     info = source.info()
     assert info.classes == listed and info.extra["wnids"] == listed
     assert info.extra["names"][0] == f"name of {listed[0]}" and info.extra["names"][1] is None
-    for key, cls, _, wnid in loaded(source):
+    for _key, cls, _, wnid in loaded(source):
         assert listed[cls] == wnid
 
     class_list.write_text("\n".join(wnids[1:]) + "\n")

@@ -6,6 +6,7 @@ Each benchmark records the device, the package versions, the command and every r
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 import tyro
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv[:1] in (["--help"], ["-h"]) else 2
     cfg_class, runner = BENCHMARKS[argv[0]]
     cfg = tyro.cli(cfg_class, args=argv[1:], prog=f"python -m fastloc.bench {argv[0]}")
-    print(f"results: {runner(cfg)}")
+    print(f"results: {runner(cfg, shlex.join(['python', '-m', 'fastloc.bench', *argv]))}")
     return 0
 
 

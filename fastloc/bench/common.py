@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -77,7 +75,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_results(name: str, out: Path | None, payload: dict[str, Any]) -> Path:
+def write_results(name: str, out: Path | None, command: str, payload: dict[str, Any]) -> Path:
     """The JSON record: device, versions, command, date, and the benchmark's own payload."""
     stamp = datetime.now(timezone.utc)
     path = out or Path("runs/bench") / f"{name}-{stamp.strftime('%Y%m%d-%H%M%S')}.json"
@@ -85,7 +83,7 @@ def write_results(name: str, out: Path | None, payload: dict[str, Any]) -> Path:
     record = {
         "benchmark": name,
         "date": stamp.isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], "-m", "fastloc.bench", *sys.argv[1:]]),
+        "command": command,
         "device": device(),
         "versions": versions(),
         **payload,

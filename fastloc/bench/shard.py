@@ -11,6 +11,7 @@ Aims: pass-through conversion at >= 50% of cp's rate; >= 1.8x from 1 to 2 proces
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -60,7 +61,7 @@ class ShardBench:
     """JSON results path (default: runs/bench/shard-DATE.json)."""
 
 
-def run(cfg: ShardBench) -> Path:
+def run(cfg: ShardBench, command: str) -> Path:
     processes = cfg.processes or os.cpu_count() or 1
     with tempfile.TemporaryDirectory(dir=cfg.workdir) as scratch:
         work = Path(scratch)
@@ -85,7 +86,7 @@ def run(cfg: ShardBench) -> Path:
         for procs in sorted({1, processes}):
             folder = ImagenetConfig(src=src, out=out, processes=procs, shard_samples=per_shard, progress=False)
             row("jpeg-folder", "fastloc pass-through", procs, cfg.images,
-                time_runs(lambda: _quiet(convert, folder), cfg.repeats, clear), nbytes)  # fmt: skip
+                time_runs(lambda c=folder: _quiet(convert, c), cfg.repeats, clear), nbytes)  # fmt: skip
         row("jpeg-folder", "PIL decode+re-encode", 1, cfg.images,
             time_runs(lambda: _pil_baseline(src, out), cfg.repeats, clear), nbytes)  # fmt: skip
         row("jpeg-folder", "cp -r", 1, cfg.images,
@@ -96,7 +97,7 @@ def run(cfg: ShardBench) -> Path:
             synth = SyntheticConfig(num_samples=cfg.synthetic, out=out, processes=procs,
                                     shard_samples=synth_per_shard, progress=False)  # fmt: skip
             row("synthetic", "fastloc generate+encode", procs, cfg.synthetic,
-                time_runs(lambda: _quiet(convert, synth), cfg.repeats, clear))  # fmt: skip
+                time_runs(lambda c=synth: _quiet(convert, c), cfg.repeats, clear))  # fmt: skip
 
     cp_rate = next(r["images_per_s"] for r in rows if r["method"] == "cp -r")
     for r in rows:
@@ -106,7 +107,7 @@ def run(cfg: ShardBench) -> Path:
     summary = _summary(rows, processes)
     for line in summary:
         print(line)
-    return write_results("shard", cfg.out, {
+    return write_results("shard", cfg.out, command, {
         "config": {k: str(v) for k, v in cfg.__dict__.items()},
         "jpeg_folder": {"files": cfg.images, "bytes": nbytes, "source": source_note},
         "processes": processes, "rows": rows, "summary": summary,
@@ -129,11 +130,9 @@ def _summary(rows: list[dict], processes: int) -> list[str]:
 
 
 def _quiet(fn, *args):
-    with open(os.devnull, "w") as devnull:
-        import contextlib
-
-        with contextlib.redirect_stdout(devnull):
-            return fn(*args)
+    """Run without the converter's report lines in the benchmark's output."""
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        return fn(*args)
 
 
 def _pil_baseline(src: Path, out: Path) -> None:

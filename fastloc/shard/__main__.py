@@ -1,7 +1,6 @@
-"""``python -m fastloc.shard``: convert datasets to WebDataset shards, verify them, inspect them.
+"""Convert datasets to WebDataset shards (format: shards/README.md), verify them, inspect them.
 
-Examples::
-
+Examples:
     python -m fastloc.shard synthetic --num-samples 512
     python -m fastloc.shard coco --root /data/coco --split val --labels json
     python -m fastloc.shard verify shards/coco/val
@@ -61,7 +60,7 @@ def _subcommands():
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cfg = tyro.cli(_subcommands(), args=argv, description=__doc__)
+    cfg = tyro.cli(_subcommands(), args=argv, prog="python -m fastloc.shard", description=__doc__)
     try:
         if isinstance(cfg, ConvertConfig):
             convert(cfg, command=shlex.join(["python", "-m", "fastloc.shard", *argv]))

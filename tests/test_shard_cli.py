@@ -1,0 +1,143 @@
+"""The ``python -m fastloc.shard`` command line: every subcommand's --help, and the README demo."""
+
+import ast
+import dataclasses
+import inspect
+import os
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from PIL import Image
+
+from fastloc.shard.__main__ import InspectConfig, VerifyConfig, main
+from fastloc.shard.sources import CONVERTERS
+from conftest import REPO
+
+SUBCOMMANDS = {**CONVERTERS, "verify": VerifyConfig, "inspect": InspectConfig}
+
+
+def field_docstrings(cls) -> dict[str, str]:
+    """Attribute docstrings (a string literal right after a field) of a dataclass and its bases,
+    read from the source: independent of how tyro extracts them."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = after.value.value
+    return docs
+
+
+def normalise(text: str) -> str:
+    """Help text without tyro's box drawing and line wrapping: single spaces only."""
+    text = re.sub(r"[\u2500-\u257f]", " ", text)  # box-drawing characters (borders of the panels)
+    return " ".join(text.split())
+
+
+def run_help(argv, capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code in (0, None)
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
+def test_every_subcommand_config_is_covered():
+    assert set(SUBCOMMANDS) == {"synthetic", "coco", "ade20k", "imagenet", "verify", "inspect"}
+
+
+@pytest.mark.parametrize("name", list(SUBCOMMANDS))
+def test_subcommand_help_explains_every_field(name, capsys, monkeypatch):
+    cls = SUBCOMMANDS[name]
+    text = run_help([name, "--help"], capsys, monkeypatch)
+    flat = normalise(text)
+    docs = field_docstrings(cls)
+    fields = dataclasses.fields(cls)
+    assert fields
+    for f in fields:
+        doc = " ".join(docs.get(f.name, "").split())
+        assert doc, f"{cls.__name__}.{f.name} has no docstring"
+        if "Positional" in str(f.type):
+            assert re.search(rf"\b{f.name.upper()}\b", text), f"{name} --help does not show {f.name.upper()}"
+        else:
+            flag = "--" + f.name.replace("_", "-")
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"{name} --help lacks {flag}"
+        # the field's explanation is in the help: its first words at least, and in full where tyro
+        # does not rewrite it
+        first = " ".join(doc.split()[:3])
+        assert first in flat, f"{name} --help does not explain {f.name}: {first!r} missing"
+    # the class docstring (what the subcommand does) opens the help
+    summary = " ".join(cls.__doc__.split()[:4])
+    assert summary in flat
+
+
+def test_subcommand_help_shows_whole_field_docs(capsys, monkeypatch):
+    """Spot check that long, multi-line field docs are not cut short."""
+    flat = normalise(run_help(["imagenet", "--help"], capsys, monkeypatch))
+    for field in ("class_list", "check", "keep_progressive", "strict"):
+        doc = " ".join(field_docstrings(CONVERTERS["imagenet"])[field].split())
+        assert doc in flat, field
+
+
+def test_top_level_help_lists_all_subcommands():
+    result = subprocess.run(
+        [sys.executable, "-m", "fastloc.shard", "--help"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    for name in SUBCOMMANDS:
+        assert re.search(rf"\b{name}\b", result.stdout), f"--help does not list {name}"
+
+
+def readme_steps() -> list[list[str]]:
+    """The fastloc steps of the README's main-job command (the one ending in `inspect`)."""
+    readme = (REPO / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if "python -m fastloc.shard synthetic" in line and "&&" in line]
+    assert len(lines) == 1, "README: expected one main-job command line"
+    steps = [shlex.split(part) for part in lines[0].split("&&")]
+    return [step for step in steps if step[:3] == ["python", "-m", "fastloc.shard"]]
+
+
+def test_readme_main_job_runs(tmp_path):
+    steps = readme_steps()
+    assert [step[3] for step in steps] == ["synthetic", "verify", "inspect"]
+    # The README's exact commands, with its default options: 512 synthetic samples convert in
+    # about 5 s on 2 cores, so no smaller --num-samples is needed.
+    env = {k: v for k, v in os.environ.items() if k != "FASTLOC_FIXTURES"}
+
+    def run(step):
+        result = subprocess.run([sys.executable, *step[1:]], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=300, env=env)  # fmt: skip
+        assert result.returncode == 0, f"{shlex.join(step)}\n{result.stdout}\n{result.stderr}"
+        assert "Traceback" not in result.stderr
+        return result
+
+    outputs = [run(step) for step in steps]
+    assert "512 samples" in outputs[0].stdout
+    assert "OK" in outputs[1].stdout and "512 samples" in outputs[1].stdout
+    assert "dataset synthetic" in outputs[2].stdout
+    sheet = tmp_path / "synthetic-train-samples.png"
+    assert sheet.is_file()
+    with Image.open(sheet) as image:
+        assert image.format == "PNG" and image.width >= 512 and image.height >= 256
+
+    manifest = tmp_path / "shards" / "synthetic" / "train" / "manifest.json"
+    before = manifest.read_bytes()
+    again = run(steps[0])
+    assert "nothing to do" in again.stdout
+    assert manifest.read_bytes() == before  # untouched
