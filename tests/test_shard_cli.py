@@ -9,14 +9,15 @@ import shlex
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from fastloc.shard.__main__ import InspectConfig, VerifyConfig, main
 from fastloc.shard.sources import CONVERTERS
-from conftest import REPO
 
+REPO = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = {**CONVERTERS, "verify": VerifyConfig, "inspect": InspectConfig}
 
 
@@ -76,21 +77,13 @@ def test_subcommand_help_explains_every_field(name, capsys, monkeypatch):
         else:
             flag = "--" + f.name.replace("_", "-")
             assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"{name} --help lacks {flag}"
-        # the field's explanation is in the help: its first words at least, and in full where tyro
-        # does not rewrite it
+        # the field's explanation is in the help: its first words, and (tyro only wraps it) all of it
         first = " ".join(doc.split()[:3])
         assert first in flat, f"{name} --help does not explain {f.name}: {first!r} missing"
+        assert doc in flat, f"{name} --help shows only part of the docstring of {f.name}"
     # the class docstring (what the subcommand does) opens the help
     summary = " ".join(cls.__doc__.split()[:4])
     assert summary in flat
-
-
-def test_subcommand_help_shows_whole_field_docs(capsys, monkeypatch):
-    """Spot check that long, multi-line field docs are not cut short."""
-    flat = normalise(run_help(["imagenet", "--help"], capsys, monkeypatch))
-    for field in ("class_list", "check", "keep_progressive", "strict"):
-        doc = " ".join(field_docstrings(CONVERTERS["imagenet"])[field].split())
-        assert doc in flat, field
 
 
 def test_top_level_help_lists_all_subcommands():
@@ -100,6 +93,7 @@ def test_top_level_help_lists_all_subcommands():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+    assert "usage: python -m fastloc.shard" in result.stdout
     for name in SUBCOMMANDS:
         assert re.search(rf"\b{name}\b", result.stdout), f"--help does not list {name}"
 
@@ -118,11 +112,9 @@ def test_readme_main_job_runs(tmp_path):
     assert [step[3] for step in steps] == ["synthetic", "verify", "inspect"]
     # The README's exact commands, with its default options: 512 synthetic samples convert in
     # about 5 s on 2 cores, so no smaller --num-samples is needed.
-    env = {k: v for k, v in os.environ.items() if k != "FASTLOC_FIXTURES"}
-
     def run(step):
         result = subprocess.run([sys.executable, *step[1:]], cwd=tmp_path, capture_output=True, text=True,
-                                timeout=300, env=env)  # fmt: skip
+                                timeout=300)  # fmt: skip
         assert result.returncode == 0, f"{shlex.join(step)}\n{result.stdout}\n{result.stderr}"
         assert "Traceback" not in result.stderr
         return result

@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from fastloc.shard import convert, read_manifest, verify
-from fastloc.shard.errors import ConversionError
+from fastloc.shard.errors import ConversionError, SampleError
 from fastloc.shard.sources.synthetic import SyntheticConfig, SyntheticSource
 from fastloc.shard.tario import iter_samples
 
@@ -231,3 +231,43 @@ def test_name_option_and_manifest_record(tmp_path):
     assert manifest["source"]["data_seed"] == 3
     assert dataclasses.asdict(cfg).keys() == manifest["conversion"]["options"].keys()
     assert glob.glob(str(tmp_path / "toy/val/*.idx"))
+
+
+def test_damaged_work_files_are_handled(tmp_path, monkeypatch):
+    """A damaged shard record means "write that shard again"; a damaged plan is a clear error."""
+    convert(small(tmp_path / "ref"))
+    calls = {"n": 0}
+    original = SyntheticSource.load
+
+    def interrupt_at_20(self, item):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return original(self, item)
+
+    monkeypatch.setattr(SyntheticSource, "load", interrupt_at_20)
+    with pytest.raises(ConversionError, match="interrupted"):
+        convert(small(tmp_path / "run"))
+    monkeypatch.setattr(SyntheticSource, "load", original)
+    work = tmp_path / "run/synthetic/train/.fastloc-work"
+    records = sorted(work.glob("*.tar.json"))
+    assert len(records) == 3
+    records[0].write_text("{not json")
+    plan = work / "plan.json"
+    good_plan = plan.read_text()
+    plan.write_text("garbage")
+    with pytest.raises(ConversionError, match="plan.json: unreadable"):
+        convert(small(tmp_path / "run"))
+    plan.write_text(good_plan)
+    convert(small(tmp_path / "run"))
+    assert tar_digests(tmp_path / "run/synthetic/train") == tar_digests(tmp_path / "ref/synthetic/train")
+
+
+def test_strict_leaves_no_empty_folders(tmp_path, monkeypatch):
+    def bad(self, item):
+        raise SampleError("synthetic#0", "broken on purpose")
+
+    monkeypatch.setattr(SyntheticSource, "load", bad)
+    with pytest.raises(ConversionError, match="--strict: synthetic#0: broken on purpose"):
+        convert(small(tmp_path / "out", strict=True))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -104,7 +104,7 @@ def _prepare_output(split_dir: Path, digest: str, cfg: ConvertConfig, num_shards
             "pass --overwrite to replace it, or choose another --out/--name"
         )
     if plan_file.exists() and not cfg.overwrite:
-        if json.loads(plan_file.read_text()).get("fingerprint") != digest:
+        if _read_json(plan_file).get("fingerprint") != digest:
             raise ConversionError(
                 f"{split_dir} holds an unfinished conversion made with other options or data; "
                 "rerun it with its original options to resume, or pass --overwrite"
@@ -120,11 +120,23 @@ def _prepare_output(split_dir: Path, digest: str, cfg: ConvertConfig, num_shards
         stale.unlink()
     done = {}
     for path in work.glob("*.tar.json"):
-        record = ShardRecord.load(path)
+        try:
+            record = ShardRecord.load(path)
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # an unreadable record: that shard is simply written again
         tar = split_dir / record.name
         if record.samples == 0 or (tar.exists() and tar.stat().st_size == record.bytes):
             done[record.name] = record
     return done
+
+
+def _read_json(path: Path) -> dict:
+    """A work file; an unreadable one is reported, not a traceback."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{path}: unreadable ({exc}); pass --overwrite to start again") from None
+    return data if isinstance(data, dict) else {}
 
 
 def _remove_output(split_dir: Path) -> None:
@@ -135,8 +147,9 @@ def _remove_output(split_dir: Path) -> None:
         for path in split_dir.glob(pattern):
             path.unlink()
     shutil.rmtree(split_dir / WORK_DIR, ignore_errors=True)
-    if not any(split_dir.iterdir()):
-        split_dir.rmdir()
+    for folder in (split_dir, split_dir.parent):  # the split folder, then the dataset folder
+        if folder.exists() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 # --- running the shards ------------------------------------------------------------------------

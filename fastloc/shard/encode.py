@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fastloc.shard.errors import SampleError
 
@@ -124,6 +124,8 @@ def _decode(data: bytes, path: str) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             image.load()
         return image
+    except UnidentifiedImageError:  # its message shows the BytesIO object, not the problem
+        raise SampleError(path, "cannot decode image: not in an image format Pillow can read") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise SampleError(path, f"cannot decode image: {exc}") from None
 

@@ -70,7 +70,8 @@ def encode_sample(sample: Sample, info: SourceInfo, cfg: ConvertConfig) -> tuple
         if sample.label is None:
             raise SampleError(sample.source, "no label map")
         size = (image.width, image.height)
-        members.append(("seg.png", encode_label(sample.source, sample.label, info.num_classes, size)))
+        where = sample.label_source or sample.source
+        members.append(("seg.png", encode_label(where, sample.label, info.num_classes, size)))
     if info.has_cls:
         if sample.cls is None or not 0 <= sample.cls < info.num_classes:
             raise SampleError(sample.source, f"class index {sample.cls} outside [0, {info.num_classes})")

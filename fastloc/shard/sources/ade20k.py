@@ -188,7 +188,8 @@ class Ade20kSource:
         jpg = read_bytes(image)
         label = read_label_png(label_path, ("L", "P"), "8-bit single-channel")
         meta = {} if scene is None else {"scene": scene}
-        return Sample(key=item.key, source=image, jpg=jpg, label=label.astype(np.uint8, copy=False), meta=meta)
+        return Sample(key=item.key, source=image, jpg=jpg, label=label.astype(np.uint8, copy=False),
+                      label_source=label_path, meta=meta)  # fmt: skip
 
     # ---- Full release (ADE20K_2021_17_01) ----
 
@@ -294,7 +295,7 @@ class Ade20kSource:
                 f"classes {shown} in the seg map are not whole objects of {os.path.basename(json_path)}",
             )
         meta = {"scene": scene, "folder": folder}
-        return Sample(key=item.key, source=image, jpg=jpg, label=label, meta=meta)
+        return Sample(key=item.key, source=image, jpg=jpg, label=label, label_source=seg_path, meta=meta)
 
 
 # ---- file readers (each names the offending file in its errors) ----

@@ -40,6 +40,7 @@ class Sample:
     jpg: bytes | None = None  # source image bytes, passed through when they are a usable JPEG
     pixels: np.ndarray | None = None  # [H, W, 3] uint8, for sources that generate images
     label: np.ndarray | None = None  # [H, W] integer class ids in the source's class space
+    label_source: str | None = None  # the label file, named when the label map is rejected
     cls: int | None = None  # image-level class index
     txt: str | None = None  # caption text
     meta: dict[str, Any] = field(default_factory=dict)  # extra per-sample metadata (json key)

@@ -261,6 +261,8 @@ class CocoSource:
         sample = Sample(key=item.key, source=image_str, jpg=read_bytes(image, "image"))
         image_id: int | None = None
         mode = self.config.labels
+        if mode in ("stuffthingmaps", "panoptic"):
+            sample.label_source = label_str
         if mode == "stuffthingmaps":
             sample.label = self._load_stuffthingmap(Path(label_str))
         elif mode == "json":

@@ -6,7 +6,7 @@ import io
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fastloc.shard.errors import ConversionError, SampleError
 from fastloc.shard.sources.base import Item
@@ -44,6 +44,8 @@ def read_label_png(path: str | os.PathLike, modes: tuple[str, ...], expected: st
             image.load()
             fmt, mode = image.format, image.mode
             pixels = np.asarray(image)
+    except UnidentifiedImageError:  # its message shows the BytesIO object, not the problem
+        raise SampleError(path, "cannot decode label PNG: not in an image format Pillow can read") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise SampleError(path, f"cannot decode label PNG: {type(e).__name__}: {e}") from None
     if fmt != "PNG":
