@@ -11,7 +11,7 @@ def test_shard_benchmark_writes_table_and_json(tmp_path, capsys, monkeypatch):
     assert main(["shard", "--images", "24", "--synthetic", "8", "--repeats", "2",
                  "--processes", "2", "--out", str(out), "--workdir", str(tmp_path)]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    for method in ("fastloc pass-through", "PIL decode+re-encode", "cp -r", "fastloc generate+encode"):
+    for method in ("fastloc pass-through", "--no-fsync", "PIL decode+re-encode", "cp -r", "cp -r; sync", "fastloc generate+encode"):
         assert method in printed
     assert "of cp's rate" in printed and "from 1 to 2 processes" in printed
     record = json.loads(out.read_text())
@@ -20,7 +20,8 @@ def test_shard_benchmark_writes_table_and_json(tmp_path, capsys, monkeypatch):
     rows = {(r["workload"], r["method"], r["processes"]): r for r in record["rows"]}
     assert set(rows) == {
         ("jpeg-folder", "fastloc pass-through", 1), ("jpeg-folder", "fastloc pass-through", 2),
-        ("jpeg-folder", "PIL decode+re-encode", 1), ("jpeg-folder", "cp -r", 1),
+        ("jpeg-folder", "fastloc pass-through --no-fsync", 1), ("jpeg-folder", "fastloc pass-through --no-fsync", 2),
+        ("jpeg-folder", "PIL decode+re-encode", 1), ("jpeg-folder", "cp -r", 1), ("jpeg-folder", "cp -r; sync", 1),
         ("synthetic", "fastloc generate+encode", 1), ("synthetic", "fastloc generate+encode", 2),
     }  # fmt: skip
     for row in rows.values():

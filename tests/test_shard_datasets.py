@@ -17,7 +17,8 @@ from PIL import Image
 from test_source_coco import coco_api, make_panoptic_layout, paint_expected
 from test_source_imagenet import make_folders, make_tars, wnid_of
 
-from fastloc.shard import convert, verify
+from fastloc.shard.convert import convert
+from fastloc.shard.verify import verify
 from fastloc.shard.sources.ade20k import Ade20kConfig
 from fastloc.shard.sources.coco import CocoConfig
 from fastloc.shard.sources.imagenet import ImagenetConfig

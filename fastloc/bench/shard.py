@@ -2,10 +2,11 @@
 
 Workloads: the synthetic set (generated, encoded) and an ImageNet-style folder of real JPEGs
 (passed through). Baselines on the same JPEG folder: a plain single-process loop that decodes
-and re-encodes every image with PIL into a tar, and ``cp -r`` of the same bytes. Every run
+and re-encodes every image with PIL into a tar, and ``cp -r`` of the same bytes, alone and
+followed by ``sync`` (fastloc's runs include the fsync of every shard). Every run
 starts from a warm page cache, an empty output folder and no pending writeback (untimed).
-fastloc fsyncs each finished shard (so a crash never leaves a shard that looks complete);
-cp does not, so the comparison is conservative.
+On machines with a slow or shared disk the rates of every writer swing from run to run: the
+table shows the fastest of --repeats runs and the JSON keeps every timing.
 Aims: pass-through conversion at >= 50% of cp's rate; >= 1.8x from 1 to 2 processes.
 """
 
@@ -38,7 +39,7 @@ CLASSES = 10  # class folders in the generated ImageNet-style layout
 class ShardBench:
     """Conversion throughput of python -m fastloc.shard against PIL re-encoding and cp."""
 
-    images: int = 2000
+    images: int = 4000
     """JPEG files in the ImageNet-style folder (copies of the source JPEGs, round-robin)."""
 
     synthetic: int = 1000
@@ -51,7 +52,7 @@ class ShardBench:
     processes: int = 0
     """Process count of the parallel runs (0 = all cores)."""
 
-    repeats: int = 3
+    repeats: int = 5
     """Timed runs per row; the table shows the fastest, the JSON keeps them all."""
 
     workdir: Path | None = None
@@ -83,15 +84,20 @@ def run(cfg: ShardBench, command: str) -> Path:
                          "best_s": best, "images_per_s": count / best,
                          "MB_per_s": size / best / 1e6 if size else None, "times_s": times})  # fmt: skip
 
-        for procs in sorted({1, processes}):
-            folder = ImagenetConfig(src=src, out=out, processes=procs, shard_samples=per_shard, progress=False)
-            row("jpeg-folder", "fastloc pass-through", procs, cfg.images,
-                time_runs(lambda c=folder: _quiet(convert, c), cfg.repeats, clear), nbytes)  # fmt: skip
+        for method, fsync in (("fastloc pass-through", True), ("fastloc pass-through --no-fsync", False)):
+            for procs in sorted({1, processes}):
+                folder = ImagenetConfig(src=src, out=out, processes=procs, shard_samples=per_shard,
+                                        progress=False, fsync=fsync)  # fmt: skip
+                row("jpeg-folder", method, procs, cfg.images,
+                    time_runs(lambda c=folder: _quiet(convert, c), cfg.repeats, clear), nbytes)  # fmt: skip
         row("jpeg-folder", "PIL decode+re-encode", 1, cfg.images,
             time_runs(lambda: _pil_baseline(src, out), cfg.repeats, clear), nbytes)  # fmt: skip
+        copy = ["cp", "-r", str(src), str(out)]
         row("jpeg-folder", "cp -r", 1, cfg.images,
-            time_runs(lambda: subprocess.run(["cp", "-r", str(src), str(out)], check=True), cfg.repeats, clear),
-            nbytes)  # fmt: skip
+            time_runs(lambda: subprocess.run(copy, check=True), cfg.repeats, clear), nbytes)  # fmt: skip
+        # like for like: fastloc waits for its bytes to reach the disk (fsync), so does this one
+        row("jpeg-folder", "cp -r; sync", 1, cfg.images,
+            time_runs(lambda: (subprocess.run(copy, check=True), os.sync()), cfg.repeats, clear), nbytes)  # fmt: skip
         synth_per_shard = max(1, math.ceil(cfg.synthetic / (4 * processes)))
         for procs in sorted({1, processes}):
             synth = SyntheticConfig(num_samples=cfg.synthetic, out=out, processes=procs,
@@ -116,16 +122,21 @@ def run(cfg: ShardBench, command: str) -> Path:
 
 def _summary(rows: list[dict], processes: int) -> list[str]:
     rate = {(r["workload"], r["method"], r["processes"]): r["images_per_s"] for r in rows}
-    lines = []
-    passthrough = rate[("jpeg-folder", "fastloc pass-through", 1)]
     cp = rate[("jpeg-folder", "cp -r", 1)]
-    lines.append(f"pass-through, 1 process: {passthrough / cp:.0%} of cp's rate (aim >= 50%)")
+    cp_sync = rate[("jpeg-folder", "cp -r; sync", 1)]
+    lines = []
+    for method, baseline, name in (("fastloc pass-through", cp_sync, "cp + sync"),
+                                   ("fastloc pass-through --no-fsync", cp, "cp")):  # fmt: skip
+        for procs in sorted({1, processes}):
+            ratio = rate[("jpeg-folder", method, procs)]
+            lines.append(f"{method}, {procs} process(es): {ratio / cp:.0%} of cp's rate (aim >= 50%), "
+                         f"{ratio / baseline:.0%} of {name}")  # fmt: skip
     if processes > 1:
-        parallel = rate[("jpeg-folder", "fastloc pass-through", processes)]
-        lines.append(f"pass-through, {processes} processes: {parallel / cp:.0%} of cp's rate")
-        for workload, method in (("jpeg-folder", "fastloc pass-through"), ("synthetic", "fastloc generate+encode")):
+        for workload, method in (("jpeg-folder", "fastloc pass-through"),
+                                 ("jpeg-folder", "fastloc pass-through --no-fsync"),
+                                 ("synthetic", "fastloc generate+encode")):  # fmt: skip
             speedup = rate[(workload, method, processes)] / rate[(workload, method, 1)]
-            lines.append(f"{workload}: {speedup:.2f}x from 1 to {processes} processes (aim >= 1.8x for 2)")
+            lines.append(f"{workload}, {method}: {speedup:.2f}x from 1 to {processes} processes (aim >= 1.8x for 2)")
     return lines
 
 

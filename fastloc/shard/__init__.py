@@ -1,12 +1,6 @@
 """Dataset conversion to WebDataset shards (format: shards/README.md).
 
-``convert(cfg)`` writes a split, ``verify(path)`` re-reads it, ``read_manifest(path)`` loads its
-description. The CLI is ``python -m fastloc.shard``.
+``convert.convert(cfg)`` writes a split, ``verify.verify(path)`` re-reads it,
+``manifest.read_manifest(path)`` loads its description; the CLI is ``python -m fastloc.shard``.
+Nothing is re-exported here, so each module name stays the module (and can be patched).
 """
-
-from fastloc.shard.convert import convert
-from fastloc.shard.errors import ConversionError, SampleError
-from fastloc.shard.manifest import read_manifest
-from fastloc.shard.verify import verify
-
-__all__ = ["convert", "verify", "read_manifest", "ConversionError", "SampleError"]

@@ -54,6 +54,11 @@ class ConvertConfig:
     overwrite: bool = False
     """Delete an existing conversion of this split (finished or not) and start again."""
 
+    fsync: bool = True
+    """Flush each shard to disk before publishing it, so that even a machine crash never leaves a
+    shard that looks complete. Turning it off trades that for speed on slow disks; a killed
+    process is safe either way."""
+
     progress: bool = True
     """Show a progress bar (rate and ETA) on stderr."""
 

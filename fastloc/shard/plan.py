@@ -20,7 +20,7 @@ from fastloc.shard.manifest import shard_name
 from fastloc.shard.sources.base import Item, SourceInfo
 
 # Options that change how the work runs but not what it produces.
-_RUN_ONLY = ("processes", "progress", "overwrite", "strict", "out")
+_RUN_ONLY = ("processes", "progress", "overwrite", "strict", "out", "fsync")
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,8 @@ def member_header(name: str, size: int) -> bytes:
 class ShardWriter:
     """Writes samples (lists of (extension, bytes)) to a tar, tracking the DALI index."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fsync: bool = True):
+        self._fsync = fsync
         self._raw = open(path, "wb")
         self._file = _HashingFile(self._raw)
         self.index_lines: list[str] = []
@@ -113,7 +114,8 @@ class ShardWriter:
         """End the archive (two zero blocks), flush it to disk; returns (bytes, sha256 hex)."""
         self._file.write(bytes(2 * _BLOCK))
         self._raw.flush()
-        os.fsync(self._raw.fileno())
+        if self._fsync:
+            os.fsync(self._raw.fileno())
         self._raw.close()
         return self._file.pos, self._file.hexdigest()
 
@@ -165,11 +167,12 @@ def build_index(samples: Iterable[tuple[str, list[tuple[str, int, bytes]]]]) -> 
     return index_text(lines)
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
+def atomic_write(path: Path, data: bytes | str, fsync: bool = True) -> None:
     """Write to a hidden temporary file, fsync, then rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -102,7 +102,7 @@ def write_shard(
     """Convert the samples of one shard; returns its record once the tar is published."""
     record = ShardRecord(plan.name, index_name(plan.name))
     partial = partial_path(split_dir, plan.name)
-    writer = ShardWriter(partial)
+    writer = ShardWriter(partial, fsync=cfg.fsync)
     try:
         for item in plan.items:
             try:
@@ -127,8 +127,8 @@ def write_shard(
     if record.samples == 0:  # every sample was bad: publish nothing but the record
         partial.unlink()
     else:
-        atomic_write(split_dir / record.index, writer.index_text())
-    atomic_write(record_path(split_dir, plan.name), json.dumps(asdict(record)))
+        atomic_write(split_dir / record.index, writer.index_text(), cfg.fsync)
+    atomic_write(record_path(split_dir, plan.name), json.dumps(asdict(record)), cfg.fsync)
     if record.samples:
         os.replace(partial, split_dir / plan.name)
     return record
