@@ -262,7 +262,7 @@ def test_damaged_work_files_are_handled(tmp_path, monkeypatch):
     plan = work / "plan.json"
     good_plan = plan.read_text()
     plan.write_text("garbage")
-    with pytest.raises(ConversionError, match="plan.json: unreadable"):
+    with pytest.raises(ConversionError, match="plan.json: work plan is not valid JSON.*--overwrite"):
         convert(small(tmp_path / "run"))
     plan.write_text(good_plan)
     convert(small(tmp_path / "run"))

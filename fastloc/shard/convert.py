@@ -31,6 +31,7 @@ import fastloc
 from fastloc.shard.config import ConvertConfig
 from fastloc.shard.encode import label_dtype
 from fastloc.shard.errors import ConversionError
+from fastloc.shard.jsonfile import read_json_object
 from fastloc.shard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, write_manifest
 from fastloc.shard.plan import ShardPlan, cut_shards, fingerprint, order_items
 from fastloc.shard.sources.base import SourceInfo
@@ -104,7 +105,11 @@ def _prepare_output(split_dir: Path, digest: str, cfg: ConvertConfig, num_shards
             "pass --overwrite to replace it, or choose another --out/--name"
         )
     if plan_file.exists() and not cfg.overwrite:
-        if _read_json(plan_file).get("fingerprint") != digest:
+        try:
+            plan = read_json_object(plan_file, "work plan")
+        except ConversionError as exc:
+            raise ConversionError(f"{exc}; pass --overwrite to start again") from None
+        if plan.get("fingerprint") != digest:
             raise ConversionError(
                 f"{split_dir} holds an unfinished conversion made with other options or data; "
                 "rerun it with its original options to resume, or pass --overwrite"
@@ -128,15 +133,6 @@ def _prepare_output(split_dir: Path, digest: str, cfg: ConvertConfig, num_shards
         if record.samples == 0 or (tar.exists() and tar.stat().st_size == record.bytes):
             done[record.name] = record
     return done
-
-
-def _read_json(path: Path) -> dict:
-    """A work file; an unreadable one is reported, not a traceback."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"{path}: unreadable ({exc}); pass --overwrite to start again") from None
-    return data if isinstance(data, dict) else {}
 
 
 def _remove_output(split_dir: Path) -> None:

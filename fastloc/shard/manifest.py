@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fastloc.shard.errors import ConversionError
+from fastloc.shard.jsonfile import read_json_object
 from fastloc.shard.tario import atomic_write
 
 FORMAT = "fastloc-shards"
@@ -43,15 +44,7 @@ def find_manifest(path: Path) -> Path:
 def read_manifest(path: Path) -> dict[str, Any]:
     """Load and sanity-check a manifest; malformed ones raise ConversionError naming the file."""
     path = find_manifest(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"{path}: unreadable manifest: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise ConversionError(f"{path}: manifest is not a JSON object")
-    missing = [k for k in _REQUIRED if k not in manifest]
-    if missing:
-        raise ConversionError(f"{path}: manifest lacks {missing}")
+    manifest = read_json_object(path, "manifest", _REQUIRED)
     if manifest["format"] != FORMAT or manifest["format_version"] > FORMAT_VERSION:
         raise ConversionError(
             f"{path}: format {manifest['format']!r} v{manifest['format_version']} "

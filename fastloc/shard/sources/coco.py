@@ -53,6 +53,7 @@ import numpy as np
 
 from fastloc.shard.config import ConvertConfig
 from fastloc.shard.errors import ConversionError, SampleError
+from fastloc.shard.jsonfile import read_json_object
 from fastloc.shard.sources.base import Item, Sample, SourceInfo, sanitize_key
 from fastloc.shard.sources.files import file_size, read_bytes, read_label_png
 
@@ -545,18 +546,7 @@ def _need_file(what: str, path: Path) -> Path:
 
 def _read_json(path: Path, keys: tuple[str, ...]) -> dict:
     """A COCO annotation file with the given top-level lists, or ConversionError."""
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise ConversionError(f"{path}: cannot read annotation file: {e.strerror or e}") from e
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ConversionError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object with {', '.join(keys)}, got {type(data).__name__}")
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise ConversionError(f"{path}: missing key(s) {', '.join(repr(k) for k in missing)}")
+    data = read_json_object(path, "annotation file", keys)
     for k in keys:
         if not isinstance(data[k], list):
             raise ConversionError(f"{path}: {k!r} is a {type(data[k]).__name__}, expected a list")
