@@ -6,10 +6,12 @@ derived from them); nothing is copied into the repository.
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -463,3 +465,23 @@ def test_inspect_prints_the_summary_and_writes_a_contact_sheet(synthetic_set, tm
     assert code == 0, stderr
     with Image.open(tmp_path / "synthetic-train-samples.png") as im:
         assert im.size == (4 * TILE, 2 * (TILE + CAPTION))
+
+
+def test_truncated_class_tar_is_reported_as_unreachable(fixtures, tmp_path, capsys):
+    """A tar cut inside a member header: its tail is reported, not silently dropped."""
+    files = sorted((fixtures / "imagenet-sample").glob("*.JPEG"))[:3]
+    src = tmp_path / "tars"
+    src.mkdir()
+    tar = src / "n01440764.tar"
+    with tarfile.open(tar, "w") as t:
+        for f in files:
+            t.add(f, arcname=f"n01440764_{f.stem}.JPEG")
+    with tarfile.open(tar) as t:
+        last = t.getmembers()[-1]
+    os.truncate(tar, last.offset + 100)
+    code, stdout, stderr = cli(capsys, "imagenet", "--src", src, "--out", tmp_path / "out", "--no-progress")
+    assert code == 0, stderr
+    manifest = read_manifest(tmp_path / "out/imagenet/train")
+    assert manifest["num_samples"] == 2
+    assert [u["path"] for u in manifest["report"]["unreachable"]] == [str(tar)]
+    assert f"unreachable {tar}: no end-of-archive block" in stdout

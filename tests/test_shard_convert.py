@@ -100,7 +100,6 @@ def test_index_files_point_at_the_member_bytes(tmp_path):
 
 
 def test_dali_cpu_pipeline_reads_the_shards(tmp_path):
-    pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, pipeline_def, types
 
     manifest = convert(small(tmp_path, num_samples=13, shard_samples=5))

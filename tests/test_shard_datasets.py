@@ -101,7 +101,6 @@ def test_ade20k_full_uint16_labels_equal_the_seg_png(fixtures, tmp_path):
 
 
 def test_ade20k_full_uint16_labels_through_dali(fixtures, tmp_path):
-    pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, pipeline_def, types
 
     root = fixtures / "ade20k-full3/ADE20K_2021_17_01"

@@ -72,7 +72,7 @@ def test_folders_and_tars_give_the_same_samples(sample_files, tmp_path):
     assert info.classes == wnids and info.has_cls and not info.has_label and info.label_encoding == {}
     assert info.extra["cls"] == "ASCII decimal class index into classes"
     assert info.extra["wnids"] == wnids and info.extra["names"] == [None] * len(wnids)
-    assert "incomplete_tars" not in info.extra
+    assert info.unreachable == []
 
     item = tars.items()[0]
     assert pickle.loads(pickle.dumps(item)) == item
@@ -162,7 +162,7 @@ def test_truncated_tar_member_is_a_sample_error(sample_files, tmp_path):
 
     source = ImagenetSource(root)
     info = source.info()
-    assert str(tar) in info.extra["incomplete_tars"]
+    assert [path for path, _ in info.unreachable] == [str(tar)]
     items = {i.key: i for i in source.items()}
     assert source.load(items["n01728572_thunder_snake"]).jpg == (
         sample_files[0].parent / "n01728572_thunder_snake.JPEG"
@@ -174,7 +174,7 @@ def test_truncated_tar_member_is_a_sample_error(sample_files, tmp_path):
     os.truncate(tar, second.offset + 100)  # now inside the second member's header: tarfile stops quietly
     source = ImagenetSource(root)
     assert [i.key for i in source.items() if i.key.startswith("n01728572")] == ["n01728572_thunder_snake"]
-    assert "no end-of-archive block" in source.info().extra["incomplete_tars"][str(tar)]
+    assert "no end-of-archive block" in dict(source.info().unreachable)[str(tar)]
 
 
 def test_unreadable_tars_and_empty_files(sample_files, tmp_path):

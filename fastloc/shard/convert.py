@@ -260,6 +260,7 @@ def _manifest(dataset: str, info: SourceInfo, cfg: ConvertConfig, records: list[
             "reencoded_samples": [{"path": p, "reason": why} for p, why in reencoded],
             "skipped": len(skipped),
             "skipped_samples": [{"path": p, "reason": why} for p, why in skipped],
+            "unreachable": [{"path": p, "reason": why} for p, why in info.unreachable],
         },
     }
 
@@ -274,3 +275,5 @@ def _print_report(manifest: dict[str, Any], records: list[ShardRecord], split_di
         print(f"  re-encoded {count}: {reason}")
     for entry in report["skipped_samples"]:
         print(f"  skipped {entry['path']}: {entry['reason']}")
+    for entry in report["unreachable"]:
+        print(f"  unreachable {entry['path']}: {entry['reason']}")

@@ -59,6 +59,9 @@ class SourceInfo:
     has_txt: bool = False  # samples carry `txt`
     label_encoding: dict[str, Any] = field(default_factory=dict)  # how label values were made
     extra: dict[str, Any] = field(default_factory=dict)  # anything else worth recording
+    # (path, reason) for data found while listing that cannot be reached, e.g. the unreadable
+    # tail of a truncated tar: reported with the skipped samples, never dropped silently
+    unreachable: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

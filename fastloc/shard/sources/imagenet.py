@@ -124,8 +124,6 @@ class ImagenetSource:
         wnids, names = self._class_table()
         self.items()  # lists every tar once, so that tars whose listing stopped early are recorded
         extra = {"layout": self.layout, "cls": CLS_ENCODING, "wnids": wnids, "names": names}
-        if self._incomplete_tars:
-            extra["incomplete_tars"] = dict(self._incomplete_tars)
         return SourceInfo(
             dataset="imagenet",
             split=self.split,
@@ -134,6 +132,7 @@ class ImagenetSource:
             has_cls=True,
             label_encoding={},
             extra=extra,
+            unreachable=sorted(self._incomplete_tars.items()),
         )
 
     def items(self) -> list[Item]:
