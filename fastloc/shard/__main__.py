@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the shard loop (listing, verify): nothing half-written
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
