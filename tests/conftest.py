@@ -1,7 +1,10 @@
 """Shared test set-up.
 
 TRITON_INTERPRET must be set before triton is first imported (timm, DALI and torch.compile
-import it), so it is set here, at the very top, before anything else is imported.
+import it), so it is set here, at the very top, before anything else is imported. Triton reads
+it once per process, so the interpreted CPU tests and the compiled GPU tests run separately:
+``python -m pytest`` (CPU, interpreter; gpu tests skipped) and, on a GPU machine,
+``TRITON_INTERPRET=0 python -m pytest -m gpu``.
 """
 
 import os
@@ -30,3 +33,19 @@ def fixtures() -> Path:
     if root is None:
         pytest.skip("real-data fixtures not found (set FASTLOC_FIXTURES or place ../shared/fixtures)")
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA and compiled Triton; otherwise they are reported as skipped."""
+    import torch
+
+    if not torch.cuda.is_available():
+        reason = "needs a CUDA device (run on a GPU machine)"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        reason = "needs compiled Triton: run TRITON_INTERPRET=0 python -m pytest -m gpu"
+    else:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

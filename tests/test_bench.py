@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from fastloc.bench.__main__ import main
 
 
@@ -33,3 +35,22 @@ def test_shard_benchmark_writes_table_and_json(tmp_path, capsys, monkeypatch):
 def test_bench_without_a_name_lists_the_benchmarks(capsys):
     assert main([]) == 2
     assert "shard" in capsys.readouterr().err
+
+
+def test_kernels_benchmark_on_cpu_reports_reference_paths(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert main(["kernels", "--batch", "2", "--size", "64", "--loop-batch", "1", "--repeats", "3",
+                 "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "copy bandwidth" in printed and "triton" not in printed  # CPU: references only
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "kernels" and record["copy_bandwidth_GBps"] > 0
+    impls = {(r["op"], r["impl"]) for r in record["rows"]}
+    assert impls == {
+        ("patch_mask", "eager reference"), ("patch_mask", "torch.compile(reference)"),
+        ("label_pool", "eager reference"), ("label_pool", "torch.compile(reference)"),
+        ("label_pool", "per-patch torch.unique loop (original)"),
+    }  # fmt: skip
+    for row in record["rows"]:
+        assert row["GB_per_s"] == pytest.approx(row["bytes"] / (row["best_ms"] / 1e3) / 1e9)
+        assert row["times_s"] and all(t > 0 for t in row["times_s"])

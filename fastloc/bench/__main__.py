@@ -11,10 +11,13 @@ import sys
 
 import tyro
 
-from fastloc.bench import shard
+from fastloc.bench import kernels, shard
 
 # benchmark name -> (config class, runner)
-BENCHMARKS = {"shard": (shard.ShardBench, shard.run)}
+BENCHMARKS = {
+    "shard": (shard.ShardBench, shard.run),
+    "kernels": (kernels.KernelBench, kernels.run),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

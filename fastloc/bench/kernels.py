@@ -1,0 +1,166 @@
+"""``python -m fastloc.bench kernels``: the Triton kernels against their torch references.
+
+Both kernels are memory-bound, so each row reports the bytes the op must move (each input read
+once, each output written once), the achieved GB/s and its share of this device's copy
+bandwidth, measured in the same run (a large device-to-device copy, bytes read + written).
+Contenders: the Triton kernel (CUDA only), the eager torch reference, ``torch.compile`` of the
+reference, and for pooling the original per-patch ``torch.unique`` loop of Patch-Seg.
+Aims on an H100: >= 80% of copy bandwidth and >= 5x over the eager reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastloc.bench.common import print_table, write_results
+from fastloc.kernels.label_pool import label_pool_loop, label_pool_reference, label_pool_triton
+from fastloc.kernels.patch_mask import patch_mask_reference, patch_mask_triton
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet (timm's default)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelBench:
+    """Triton masking and label-pooling kernels vs eager / compiled torch references."""
+
+    batch: int = 256
+    """Images (masking) and label maps (pooling) per call."""
+
+    size: int = 224
+    """Image and label map side in pixels."""
+
+    masks: int = 3
+    """Masks per image (MaskEmbed: a random mask, its complement, all-ones)."""
+
+    mask_patch: int = 16
+    """Patch size of the masking benchmark."""
+
+    pool_patch: int = 16
+    """Patch size of the pooling benchmark."""
+
+    classes: int = 183
+    """Classes of the pooling benchmark (COCO-Stuff)."""
+
+    reduction: str = "union"
+    """Pooling reduction: union, majority or global-union."""
+
+    loop_batch: int = 8
+    """Label maps timed with the per-patch torch.unique loop (it is slow); scaled to --batch."""
+
+    repeats: int = 20
+    """Timed calls per row on a GPU (after warm-up); a CPU takes max(3, repeats // 5)."""
+
+    device: str = "auto"
+    """cuda, cpu, or auto (cuda when available)."""
+
+    out: Path | None = None
+    """JSON results path (default: runs/bench/kernels-DATE.json)."""
+
+
+def run(cfg: KernelBench, command: str) -> Path:
+    # torch.compile(label_pool_reference) graph-breaks at the value check, by design: keep it quiet
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)  # fmt: skip
+    repeats = cfg.repeats if device.type == "cuda" else max(3, cfg.repeats // 5)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    copy_gbs, copy_times = _copy_bandwidth(device, repeats)
+    rows: list[dict[str, Any]] = []
+
+    # --- masking: uint8 images -> M masked, normalized bf16 copies
+    b, s, m, p = cfg.batch, cfg.size, cfg.masks, cfg.mask_patch
+    images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=gen).to(device)
+    keep = (torch.rand(b, m, (s // p) ** 2, generator=gen) < 0.5).to(device)
+    args = (images, keep, MEAN, STD, p, torch.bfloat16)
+    mask_bytes = images.numel() + keep.numel() + b * m * 3 * s * s * 2
+    contenders = {"eager reference": patch_mask_reference,
+                  "torch.compile(reference)": torch.compile(patch_mask_reference)}  # fmt: skip
+    if device.type == "cuda":
+        contenders = {"triton": patch_mask_triton, **contenders}
+    for name, fn in contenders.items():
+        rows.append(_row("patch_mask", name, fn, args, mask_bytes, device, repeats, copy_gbs))
+
+    # --- label pooling: uint8 label maps -> per-patch multi-hot
+    p, c = cfg.pool_patch, cfg.classes
+    labels = torch.randint(0, c, (b, s, s), dtype=torch.uint8, generator=gen).to(device)
+    args = (labels, p, c, cfg.reduction)
+    n = (s // p) ** 2
+    out_bytes = {"union": b * n * c * 4, "majority": b * n * 8, "global-union": b * c * 4}[cfg.reduction]
+    pool_bytes = labels.numel() + out_bytes
+    contenders = {"eager reference": label_pool_reference,
+                  "torch.compile(reference)": torch.compile(label_pool_reference)}  # fmt: skip
+    if device.type == "cuda":
+        contenders = {"triton": label_pool_triton, **contenders}
+    for name, fn in contenders.items():
+        rows.append(_row("label_pool", name, fn, args, pool_bytes, device, repeats, copy_gbs))
+    few = labels[: cfg.loop_batch].cpu()
+    loop = _row("label_pool", "per-patch torch.unique loop (original)", label_pool_loop,
+                (few, p, c, cfg.reduction), pool_bytes, torch.device("cpu"), 1, copy_gbs,
+                scale=b / len(few))  # fmt: skip
+    rows.append(loop)
+
+    for op in ("patch_mask", "label_pool"):
+        eager = next(r["best_ms"] for r in rows if r["op"] == op and r["impl"] == "eager reference")
+        for r in rows:
+            if r["op"] == op:
+                r["speedup_vs_eager"] = eager / r["best_ms"]
+    print(f"device: {_device_name(device)}; copy bandwidth {copy_gbs:,.0f} GB/s (read + write)")
+    print_table(rows, ["op", "impl", "best_ms", "GB_per_s", "of_copy_bw", "speedup_vs_eager"])
+    return write_results("kernels", cfg.out, command, {
+        "config": {k: str(v) for k, v in cfg.__dict__.items()},
+        "device_used": _device_name(device),
+        "copy_bandwidth_GBps": copy_gbs, "copy_times_s": copy_times, "rows": rows,
+    })  # fmt: skip
+
+
+def _row(op, impl, fn, args, nbytes, device, repeats, copy_gbs, scale=1.0) -> dict[str, Any]:
+    times = [t * scale for t in _time(fn, args, device, repeats)]
+    best = min(times)
+    gbs = nbytes / best / 1e9
+    return {"op": op, "impl": impl, "bytes": nbytes, "best_ms": best * 1e3, "GB_per_s": gbs,
+            "of_copy_bw": gbs / copy_gbs, "times_s": times, "scaled_from_subset": scale != 1.0}  # fmt: skip
+
+
+def _time(fn, args, device: torch.device, repeats: int) -> list[float]:
+    """Seconds per call: CUDA events on a GPU, wall clock on a CPU; one untimed warm-up call."""
+    fn(*args)
+    if device.type != "cuda":
+        out = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(*args)
+            out.append(time.perf_counter() - start)
+        return out
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) / 1e3)
+    return out
+
+
+def _copy_bandwidth(device: torch.device, repeats: int) -> tuple[float, list[float]]:
+    """GB/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    numel = (1 << 30) if device.type == "cuda" else (1 << 28)
+    src = torch.empty(numel, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    times = _time(dst.copy_, (src,), device, repeats)
+    return 2 * numel / min(times) / 1e9, times
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from fastloc.bench.common import device as describe
+
+    return f"CPU: {describe()['cpu']} ({describe()['cores']} cores)"
