@@ -1,0 +1,1 @@
+"""Streaming loaders: one ``Batch`` contract, a DALI pipeline (GPU) and its torch twin (CPU)."""
