@@ -1,0 +1,251 @@
+"""The two recipes, applied identically to an image and its label map (the torch twin's version).
+
+Every recipe is split into three parts, so the DALI twin can reuse the first two as they are:
+
+1. **Draws** (``draw_rkrc``, ``draw_rrc``): the random parameters of one sample, from
+   ``sample_rng(seed, epoch, g)`` (g = global sample index). They depend on nothing but the
+   sample, so not on the rank or the worker that decodes it.
+2. **Geometry** (``rkrc_size``, ``center_crop_or_pad``, ``largest_center_square``,
+   ``pil_nearest_indices``): pure integer arithmetic.
+3. **Pixels** (``apply_rkrc``, ``apply_rrc``, ``apply_eval``): PIL resizes for images (the
+   reference pipelines, timm's and Patch-Seg's, run on PIL images) and index gathers for label maps.
+
+Exact resizes:
+
+- **Images** use ``PIL.Image.resize(size, filter)`` with no ``box`` and no ``reducing_gap``:
+  PIL's convolution resampling, antialiased when shrinking (support scaled by the ratio),
+  bicubic with a = -0.5, rounded to uint8. That is what torchvision's ``Resize`` and timm's
+  ``ResizeKeepRatio`` do on PIL images (tests check both). Tensor resizes (torch antialias,
+  DALI) match it only within a few grey levels.
+- **Label maps** are never interpolated: ``out[i, j] = label[ys[i], xs[j]]`` with
+  ``ys = pil_nearest_indices(H, out_h)`` and ``xs = pil_nearest_indices(W, out_w)``, which is
+  exactly ``PIL.Image.resize(size, NEAREST)`` (tests check it). PIL accumulates the source
+  coordinate in float64 (``x = a / 2``, then ``x += a`` per pixel, a = in / out) and truncates;
+  ``floor((i + 0.5) * a)`` and torch's ``nearest-exact`` differ from it wherever
+  ``(i + 0.5) * a`` is an exact integer (e.g. 36 -> 33), so a twin must gather with these tables.
+- **Reflect padding** (rkrc) is ``numpy.pad(mode="reflect")`` (edge pixel not repeated; torch's
+  and DALI's "reflect_101"), the same for image and label map, so it copies label values.
+- **Rounding** is Python's ``round`` (half to even), as in timm: resize sizes
+  ``round(H * f_h / r)`` and centre-crop offsets ``round((size - S) / 2)``.
+
+Outputs: image ``uint8 [3, S, S]`` and label ``int64 [S, S]`` (or None); ``normalize`` turns a
+uint8 batch into float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastloc.data.config import TrainRecipe
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of sample ``index`` (global) in ``epoch``: independent of rank and worker."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def pil_filter(name: str) -> Image.Resampling:
+    """'bilinear', 'bicubic', 'nearest', 'lanczos', ... as PIL's resampling filter."""
+    return Image.Resampling[name.upper()]
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def largest_center_square(h: int, w: int) -> tuple[int, int, int]:
+    """(top, left, side) of the largest centred square: side m = min(h, w), floor offsets."""
+    m = min(h, w)
+    return (h - m) // 2, (w - m) // 2, m
+
+
+def rkrc_size(h: int, w: int, size: int, f_h: float = 1.0, f_w: float = 1.0) -> tuple[int, int]:
+    """timm ``ResizeKeepRatio`` (longest=0): shorter side to ``size``, then the factors.
+
+    r = min(h / S, w / S); (round(h * f_h / r), round(w * f_w / r)), in this operation order.
+    """
+    ratio = min(h / size, w / size)
+    return max(1, round(h * f_h / ratio)), max(1, round(w * f_w / ratio))
+
+
+@dataclass(frozen=True)
+class CropPad:
+    """timm ``center_crop_or_pad``: reflect-pad short sides, then crop ``size`` at (top, left)."""
+
+    pad_top: int
+    pad_bottom: int
+    pad_left: int
+    pad_right: int
+    top: int  # crop offset in the padded image
+    left: int
+
+
+def center_crop_or_pad(h: int, w: int, size: int) -> CropPad:
+    """A side d = S - side > 0 short is padded floor(d/2) before, ceil(d/2) after; the crop sits
+    at round((padded - S) / 2) (half to even)."""
+    dh, dw = max(size - h, 0), max(size - w, 0)
+    ph, pw = h + dh, w + dw  # padded size
+    return CropPad(dh // 2, (dh + 1) // 2, dw // 2, (dw + 1) // 2, round((ph - size) / 2.0), round((pw - size) / 2.0))
+
+
+@functools.lru_cache(maxsize=4096)
+def _nearest_table(n_in: int, n_out: int) -> np.ndarray:
+    a = n_in / n_out
+    steps = np.full(n_out, a)
+    steps[0] = a * 0.5
+    coords = np.add.accumulate(steps)  # sequential float64 sums, as PIL's loop: x0 = a/2, x += a
+    table = np.minimum(coords.astype(np.int64), n_in - 1)  # truncation; the clip never binds in practice
+    table.flags.writeable = False
+    return table
+
+
+def pil_nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out] int64 source index of each output pixel of PIL's NEAREST resize along one axis."""
+    return _nearest_table(int(n_in), int(n_out))
+
+
+def resize_label(label: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """[out_h, out_w] = PIL NEAREST resize of [H, W] ``label``, any integer dtype."""
+    h, w = label.shape
+    if (h, w) == (out_h, out_w):
+        return label
+    return label[pil_nearest_indices(h, out_h)[:, None], pil_nearest_indices(w, out_w)[None, :]]
+
+
+# ---------------------------------------------------------------- draws
+
+
+@dataclass(frozen=True)
+class RkrcDraw:
+    f_h: float  # height factor (zoom / aspect)
+    f_w: float  # width factor (zoom * aspect)
+    interpolation: str
+    flip: bool
+
+
+@dataclass(frozen=True)
+class RrcDraw:
+    top: int  # crop box in the source image
+    left: int
+    height: int
+    width: int
+    interpolation: str
+    flip: bool
+
+
+def _pick(names: tuple[str, ...], u: float) -> str:
+    return names[min(int(u * len(names)), len(names) - 1)]
+
+
+def draw_rkrc(rng: np.random.Generator, recipe: TrainRecipe) -> RkrcDraw:
+    """Six uniforms, always all drawn: zoom gate, zoom u, aspect gate, aspect u, interpolation, flip.
+
+    f = 1 / sqrt(U(scale)) with probability zoom_p, else 1; s = sqrt(exp(U(ln ratio))) with
+    probability aspect_p, f_h = f / s, f_w = f * s; else f_h = f_w = f (MASKEMBED.md section 9).
+    """
+    zoom_gate, zoom_u, aspect_gate, aspect_u, pick_u, flip_u = rng.random(6).tolist()
+    f = 1.0
+    if zoom_gate < recipe.zoom_p:
+        lo, hi = recipe.scale
+        f = 1.0 / math.sqrt(lo + (hi - lo) * zoom_u)
+    f_h = f_w = f
+    if aspect_gate < recipe.aspect_p:
+        lo, hi = math.log(recipe.ratio[0]), math.log(recipe.ratio[1])
+        s = math.sqrt(math.exp(lo + (hi - lo) * aspect_u))
+        f_h, f_w = f / s, f * s
+    return RkrcDraw(f_h, f_w, _pick(recipe.interpolations, pick_u), flip_u < recipe.flip_p)
+
+
+def draw_rrc(rng: np.random.Generator, h: int, w: int, recipe: TrainRecipe) -> RrcDraw:
+    """torchvision ``RandomResizedCrop.get_params`` (10 tries, then the centre fallback), drawn
+    from ``rng``: per try two uniforms (area fraction, log aspect) and, on success, two integers
+    (top, left); then two uniforms (interpolation, flip)."""
+    area = h * w
+    log_lo, log_hi = math.log(recipe.ratio[0]), math.log(recipe.ratio[1])
+    box = None
+    for _ in range(10):
+        area_u, ratio_u = rng.random(2).tolist()
+        target = area * (recipe.scale[0] + (recipe.scale[1] - recipe.scale[0]) * area_u)
+        aspect = math.exp(log_lo + (log_hi - log_lo) * ratio_u)
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            box = (int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw)
+            break
+    if box is None:  # centre crop at the nearest allowed aspect ratio
+        in_ratio = w / h
+        if in_ratio < min(recipe.ratio):
+            cw, ch = w, round(w / min(recipe.ratio))
+        elif in_ratio > max(recipe.ratio):
+            cw, ch = round(h * max(recipe.ratio)), h
+        else:
+            cw, ch = w, h
+        box = ((h - ch) // 2, (w - cw) // 2, ch, cw)
+    pick_u, flip_u = rng.random(2).tolist()
+    return RrcDraw(*box, _pick(recipe.interpolations, pick_u), flip_u < recipe.flip_p)
+
+
+# ---------------------------------------------------------------- pixels
+
+
+def _to_tensors(pixels: np.ndarray, label: np.ndarray | None, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[S, S, 3] uint8 and [S, S] ints -> [3, S, S] uint8 and [S, S] int64, flipped left-right."""
+    if flip:
+        pixels = pixels[:, ::-1]
+        label = None if label is None else label[:, ::-1]
+    image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, S, S]
+    return image, None if label is None else torch.from_numpy(label.astype(np.int64))  # [S, S]
+
+
+def apply_rkrc(image: Image.Image, label: np.ndarray | None, size: int, draw: RkrcDraw):
+    """timm rkrc: ResizeKeepRatio, CenterCropOrPad(reflect), then the flip. ``image`` is PIL RGB,
+    ``label`` [H, W] of the same size; returns ([3, S, S] uint8, [S, S] int64 or None)."""
+    rh, rw = rkrc_size(image.height, image.width, size, draw.f_h, draw.f_w)
+    pixels = np.asarray(image.resize((rw, rh), pil_filter(draw.interpolation)))  # [rh, rw, 3]
+    label = None if label is None else resize_label(label, rh, rw)  # [rh, rw]
+    cp = center_crop_or_pad(rh, rw, size)
+    pad = ((cp.pad_top, cp.pad_bottom), (cp.pad_left, cp.pad_right))
+    rows, cols = slice(cp.top, cp.top + size), slice(cp.left, cp.left + size)
+    if cp.pad_top or cp.pad_bottom or cp.pad_left or cp.pad_right:
+        pixels = np.pad(pixels, (*pad, (0, 0)), mode="reflect")
+        label = None if label is None else np.pad(label, pad, mode="reflect")
+    return _to_tensors(pixels[rows, cols], None if label is None else label[rows, cols], draw.flip)
+
+
+def apply_rrc(image: Image.Image, label: np.ndarray | None, size: int, draw: RrcDraw):
+    """torchvision ``resized_crop`` on PIL (crop, then resize to S x S), then the flip."""
+    box = (draw.left, draw.top, draw.left + draw.width, draw.top + draw.height)
+    pixels = np.asarray(image.crop(box).resize((size, size), pil_filter(draw.interpolation)))  # [S, S, 3]
+    if label is not None:
+        label = resize_label(label[draw.top : draw.top + draw.height, draw.left : draw.left + draw.width], size, size)
+    return _to_tensors(pixels, label, draw.flip)
+
+
+def apply_eval(image: Image.Image, label: np.ndarray | None, size: int):
+    """Patch-Seg (PATCHSEG.md section 2): largest centre square, PIL bilinear (antialiased) to
+    S x S for the image, PIL nearest for the label map. No randomness."""
+    top, left, m = largest_center_square(image.height, image.width)
+    pixels = np.asarray(image.crop((left, top, left + m, top + m)).resize((size, size), Image.Resampling.BILINEAR))
+    if label is not None:
+        label = resize_label(label[top : top + m, left : left + m], size, size)
+    return _to_tensors(pixels, label, flip=False)
+
+
+def train_transform(image: Image.Image, label: np.ndarray | None, size: int, recipe: TrainRecipe, rng: np.random.Generator):
+    """The train recipe (rkrc or rrc) with its parameters drawn from ``rng``."""
+    if recipe.kind == "rkrc":
+        return apply_rkrc(image, label, size, draw_rkrc(rng, recipe))
+    if recipe.kind == "rrc":
+        return apply_rrc(image, label, size, draw_rrc(rng, image.height, image.width, recipe))
+    raise ValueError(f"unknown train recipe kind {recipe.kind!r}")
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """[B, 3, H, W] uint8 -> float32 (x - 255 mean) / (255 std), DALI crop_mirror_normalize's form."""
+    m = torch.tensor([255.0 * v for v in mean], dtype=torch.float32).view(1, 3, 1, 1)  # products in float64
+    s = torch.tensor([255.0 * v for v in std], dtype=torch.float32).view(1, 3, 1, 1)
+    return (images.to(torch.float32) - m) / s
