@@ -54,3 +54,16 @@ def test_kernels_benchmark_on_cpu_reports_reference_paths(tmp_path, capsys):
     for row in record["rows"]:
         assert row["GB_per_s"] == pytest.approx(row["bytes"] / (row["best_ms"] / 1e3) / 1e9)
         assert row["times_s"] and all(t > 0 for t in row["times_s"])
+
+
+def test_loader_benchmark_compares_dali_cpu_with_the_torch_twin(tmp_path, capsys):
+    out = tmp_path / "loader.json"
+    assert main(["loader", "--images", "24", "--batch-size", "4", "--batches", "2", "--size", "64",
+                 "--threads", "1", "--out", str(out), "--workdir", str(tmp_path)]) == 0  # fmt: skip
+    assert "DALI-CPU" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    rows = {(r["data"], r["recipe"], r["loader"]) for r in record["rows"]}
+    assert rows == {(d, r, loader) for d in ("synthetic", "imagenet-size JPEGs")
+                    for r in ("train", "eval") for loader in ("torch twin", "DALI cpu")}  # fmt: skip
+    for row in record["rows"]:
+        assert row["images"] == 8 and row["images_per_s"] == row["images"] / row["seconds"]

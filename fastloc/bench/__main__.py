@@ -11,12 +11,13 @@ import sys
 
 import tyro
 
-from fastloc.bench import kernels, shard
+from fastloc.bench import kernels, loader, shard
 
 # benchmark name -> (config class, runner)
 BENCHMARKS = {
     "shard": (shard.ShardBench, shard.run),
     "kernels": (kernels.KernelBench, kernels.run),
+    "loader": (loader.LoaderBench, loader.run),
 }
 
 
