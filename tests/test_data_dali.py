@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from fastloc.data.config import LoaderConfig, TrainRecipe
-from fastloc.data.dali_loader import (
+from fastloc.data.dali_loader import DaliLoader
+from fastloc.data.dali_pipeline import (
     INTERPOLATIONS,
-    DaliLoader,
     Spec,
     build_probe_pipeline,
     epoch_tar_order,
