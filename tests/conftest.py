@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -33,6 +34,24 @@ def fixtures() -> Path:
     if root is None:
         pytest.skip("real-data fixtures not found (set FASTLOC_FIXTURES or place ../shared/fixtures)")
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> Path:
+    """Loader tests: 40 synthetic samples in 6 shards of 7 (the last holds 5); keys jpg seg.png cls txt json."""
+    from fastloc.shard.convert import convert
+    from fastloc.shard.sources.synthetic import SyntheticConfig
+
+    out = tmp_path_factory.mktemp("synthetic")
+    convert(SyntheticConfig(out=out, num_samples=40, shard_samples=7, processes=1, progress=False,
+                            min_size=48, max_size=96, fsync=False))  # fmt: skip
+    return out / "synthetic" / "train"
+
+
+@pytest.fixture
+def synthetic_copy(synthetic, tmp_path) -> Path:
+    """A copy to damage."""
+    return Path(shutil.copytree(synthetic, tmp_path / "train"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import math
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from loader_data import PALETTE, block_sample, write_set
 from fastloc.data.config import LoaderConfig, TrainRecipe
 from fastloc.data.dali_loader import DaliLoader
 from fastloc.data.dali_pipeline import (
@@ -38,32 +38,12 @@ from fastloc.data.transforms import (
     apply_rrc,
     normalize,
 )
-from fastloc.shard.encode import decode_label, encode_jpeg, encode_label, label_dtype
-from fastloc.shard.manifest import index_name, write_manifest
-from fastloc.shard.tario import ShardWriter
+from fastloc.shard.encode import decode_label
 
 S = 32  # output side of every loader test
 
 
 # ---------------------------------------------------------------- data
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    """40 synthetic samples in 6 shards of 7 (the last holds 5); keys jpg seg.png cls txt json."""
-    from fastloc.shard.convert import convert
-    from fastloc.shard.sources.synthetic import SyntheticConfig
-
-    out = tmp_path_factory.mktemp("synthetic")
-    convert(SyntheticConfig(out=out, num_samples=40, shard_samples=7, processes=1, progress=False,
-                            min_size=48, max_size=96, fsync=False))  # fmt: skip
-    return out / "synthetic" / "train"
-
-
-@pytest.fixture
-def synthetic_copy(synthetic, tmp_path) -> Path:
-    """A copy to damage."""
-    return Path(shutil.copytree(synthetic, tmp_path / "train"))
 
 
 def config(root: Path, **kw) -> LoaderConfig:
@@ -88,49 +68,6 @@ def same_batches(a, b) -> bool:
 
 def all_keys(batches) -> list[str]:
     return [k for b in batches for k in b.keys]
-
-
-def write_set(root: Path, samples: list[tuple[str, np.ndarray, np.ndarray, int]], num_classes: int, per_shard: int = 6) -> Path:
-    """A shard set of (key, pixels [H, W, 3] uint8, label [H, W], cls) in the fastloc format."""
-    root.mkdir(parents=True)
-    shards = []
-    for s, start in enumerate(range(0, len(samples), per_shard)):
-        name = f"t-train-{s:06d}.tar"
-        writer = ShardWriter(root / name, fsync=False)
-        chunk = samples[start : start + per_shard]
-        for key, pixels, label, cls in chunk:
-            h, w = label.shape
-            writer.write(key, [("jpg", encode_jpeg(Image.fromarray(pixels), 95, full_chroma=True)),
-                               ("seg.png", encode_label(key, label, num_classes, (w, h))),
-                               ("cls", str(cls).encode())])  # fmt: skip
-        nbytes, sha = writer.close()
-        (root / index_name(name)).write_text(writer.index_text())
-        shards.append({"tar": name, "index": index_name(name), "samples": len(chunk), "bytes": nbytes, "sha256": sha})
-    write_manifest(root, {
-        "format": "fastloc-shards", "format_version": 1, "dataset": "t", "split": "train",
-        "num_samples": len(samples), "num_shards": len(shards), "shards": shards, "keys": ["jpg", "seg.png", "cls"],
-        "num_classes": num_classes, "classes": [None] * num_classes,
-        "label": {"key": "seg.png", "dtype": str(label_dtype(num_classes)), "unlabeled": 0},
-        "cls": {"key": "cls"}, "txt": None,
-    })  # fmt: skip
-    return root
-
-
-PALETTE = np.array([[0, 0, 0], [230, 30, 30], [30, 230, 30], [30, 30, 230], [230, 230, 30], [30, 230, 230],
-                    [230, 30, 230], [240, 240, 240]])  # fmt: skip
-
-
-def block_sample(rng: np.random.Generator, i: int) -> tuple[str, np.ndarray, np.ndarray, int]:
-    """A 3 x 3 grid of flat-colour blocks of random classes, cuts >= 8 px apart (no slivers that a
-    downscale would blend away); a pixel's label is the class that painted it."""
-    h, w = (int(v) for v in rng.integers(24, 90, size=2))
-    ys = np.sort(rng.choice(np.arange(8, h - 7, 8), size=2, replace=False))
-    xs = np.sort(rng.choice(np.arange(8, w - 7, 8), size=2, replace=False))
-    label = np.zeros((h, w), np.uint8)
-    for y0, y1 in zip([0, *ys], [*ys, h]):
-        for x0, x1 in zip([0, *xs], [*xs, w]):
-            label[y0:y1, x0:x1] = rng.integers(1, len(PALETTE))
-    return f"blocks_{i:04d}", PALETTE[label].astype(np.uint8), label, int(label[0, 0])
 
 
 def encoded(a: np.ndarray, fmt: str) -> np.ndarray:

@@ -104,12 +104,11 @@ from fastloc.data.dali_pipeline import (
     epoch_tar_order,
 )  # fmt: skip
 from fastloc.data.order import (
+    EpochLoader,
     EpochPlan,
     LoaderState,
     ShardSet,
-    loader_state_dict,
     open_shards,
-    restore_state,
     shard_index,
     warn_skipped,
 )  # fmt: skip
@@ -191,7 +190,7 @@ class _Probe:
         return f"jpg does not decode: {reason}"
 
 
-class DaliLoader:
+class DaliLoader(EpochLoader):
     """One epoch of ``Batch``es per iteration, for this rank; resumable with ``state_dict``.
 
     Same interface as ``TorchLoader``: ``epoch``, ``len()``, ``set_epoch``, ``state_dict``,
@@ -239,23 +238,10 @@ class DaliLoader:
 
     # ------------------------------------------------------------ the public interface
 
-    @property
-    def epoch(self) -> int:
-        return self.state.epoch
-
-    def __len__(self) -> int:
-        """Batches per epoch on this rank, the same on every rank (fewer only if a whole batch is corrupt)."""
-        return len(self.plan)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first batch, unless it is the current epoch (a restored position stays)."""
-        if epoch != self.state.epoch:
-            self.state = LoaderState(epoch, 0)
-
     def state_dict(self) -> dict[str, Any]:
         """Epoch, position and fingerprint (ints) plus ``dali_rank{r}``: this rank's pipeline
         checkpoint (ASCII), when mid-epoch. Safe for ``torch.load(weights_only=True)``."""
-        state = loader_state_dict(self.state, self.plan)
+        state = super().state_dict()
         checkpoint = None
         at = (self.state.epoch, self.state.position)
         if 0 < self.state.position < len(self.plan):
@@ -269,7 +255,7 @@ class DaliLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore (epoch, position); this rank's DALI checkpoint is used when present."""
-        self.state = restore_state(state, self.plan)
+        super().load_state_dict(state)
         self._close()
         encoded = state.get(self._checkpoint_key)
         at = (self.state.epoch, self.state.position)

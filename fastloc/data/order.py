@@ -317,3 +317,36 @@ __all__ = [
     "batches_per_epoch", "epoch_indices", "epoch_order", "loader_state_dict", "open_shards",
     "restore_state", "shard_index", "warn_skipped",
 ]  # fmt: skip
+
+
+class EpochLoader:
+    """What both loaders share: the epoch/position state over an ``EpochPlan``.
+
+    Subclasses set ``self.plan`` and ``self.state`` and implement ``__iter__``, which advances
+    ``self.state.position`` as it hands batches over and moves to ``(epoch + 1, 0)`` at the end.
+    """
+
+    plan: EpochPlan
+    state: LoaderState
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank, the same on every rank (fewer are yielded only if a
+        whole batch is corrupt)."""
+        return len(self.plan)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch, unless it is the current epoch (a restored position stays)."""
+        if epoch != self.state.epoch:
+            self.state = LoaderState(epoch, 0)
+
+    def state_dict(self) -> dict:
+        """Plain ints (epoch, position and the batching fingerprint): safe for ``weights_only=True``."""
+        return loader_state_dict(self.state, self.plan)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = restore_state(state, self.plan)
+

@@ -38,12 +38,11 @@ from torch.utils.data import DataLoader, Dataset
 from fastloc.data.batch import Batch
 from fastloc.data.config import LoaderConfig
 from fastloc.data.order import (
+    EpochLoader,
     EpochPlan,
     LoaderState,
     ShardSet,
-    loader_state_dict,
     open_shards,
-    restore_state,
     warn_skipped,
 )  # fmt: skip
 from fastloc.data.transforms import apply_eval, normalize, sample_rng, train_transform
@@ -127,7 +126,7 @@ def collate(items: list[Decoded | Skipped], norm: tuple | None) -> tuple[Batch |
     return Batch(images=images, labels=labels, cls=cls, keys=[x.key for x in good]), skipped
 
 
-class TorchLoader:
+class TorchLoader(EpochLoader):
     """One epoch of ``Batch``es per iteration, for this rank; resumable with ``state_dict``."""
 
     def __init__(self, cfg: LoaderConfig):
@@ -143,26 +142,6 @@ class TorchLoader:
         self.state = LoaderState()
         self.skipped = 0  # skip events (a bad sample counts again in every epoch that reads it)
         self.skipped_samples: dict[tuple[str, str], str] = {}  # (shard, key) -> reason, each warned once
-
-    @property
-    def epoch(self) -> int:
-        return self.state.epoch
-
-    def __len__(self) -> int:
-        """Batches per epoch on this rank (fewer are yielded only if a whole batch is corrupt)."""
-        return len(self.plan)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first batch, unless it is the current epoch (a restored position stays)."""
-        if epoch != self.state.epoch:
-            self.state = LoaderState(epoch, 0)
-
-    def state_dict(self) -> dict[str, int]:
-        """Plain ints (epoch, position and the batching fingerprint): safe for ``weights_only=True``."""
-        return loader_state_dict(self.state, self.plan)
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.state = restore_state(state, self.plan)
 
     def __iter__(self) -> Iterator[Batch]:
         cfg, epoch = self.cfg, self.state.epoch
