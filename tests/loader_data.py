@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from fastloc.shard.encode import encode_jpeg, encode_label, label_dtype
@@ -51,3 +52,23 @@ def block_sample(rng: np.random.Generator, i: int) -> tuple[str, np.ndarray, np.
         for x0, x1 in zip([0, *xs], [*xs, w]):
             label[y0:y1, x0:x1] = rng.integers(1, len(PALETTE))
     return f"blocks_{i:04d}", PALETTE[label].astype(np.uint8), label, int(label[0, 0])
+
+
+def run_epochs(loader, epochs: int = 1) -> list:
+    """Every batch of ``epochs`` epochs, from epoch 0."""
+    out = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        out += list(loader)
+    return out
+
+
+def same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(
+        x.keys == y.keys and torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+        and torch.equal(x.cls, y.cls) for x, y in zip(a, b)
+    )  # fmt: skip
+
+
+def all_keys(batches) -> list[str]:
+    return [k for b in batches for k in b.keys]

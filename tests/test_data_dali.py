@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loader_data import PALETTE, block_sample, write_set
+from loader_data import PALETTE, all_keys, block_sample, run_epochs, same_batches, write_set
 from fastloc.data.config import LoaderConfig, TrainRecipe
 from fastloc.data.dali_loader import DaliLoader
 from fastloc.data.dali_pipeline import (
@@ -46,28 +46,13 @@ S = 32  # output side of every loader test
 # ---------------------------------------------------------------- data
 
 
+def load(cfg: LoaderConfig, epochs: int = 1) -> list:
+    return run_epochs(DaliLoader(cfg, device="cpu"), epochs)
+
+
 def config(root: Path, **kw) -> LoaderConfig:
     return LoaderConfig(**{"shards": root, "batch_size": 8, "size": S, "workers": 2, **kw})
 
-
-def load(cfg: LoaderConfig, epochs: int = 1) -> list:
-    loader = DaliLoader(cfg, device="cpu")
-    out = []
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        out += list(loader)
-    return out
-
-
-def same_batches(a, b) -> bool:
-    return len(a) == len(b) and all(
-        x.keys == y.keys and torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
-        and torch.equal(x.cls, y.cls) for x, y in zip(a, b)
-    )  # fmt: skip
-
-
-def all_keys(batches) -> list[str]:
-    return [k for b in batches for k in b.keys]
 
 
 def encoded(a: np.ndarray, fmt: str) -> np.ndarray:

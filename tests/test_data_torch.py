@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from loader_data import PALETTE, block_sample, write_set
+from loader_data import PALETTE, block_sample, run_epochs, same_batches, write_set
 from fastloc.data.config import LoaderConfig, TrainRecipe
 from fastloc.data.order import (
     EpochPlan,
@@ -59,19 +59,7 @@ def coordinate_sample(rng: np.random.Generator, i: int) -> tuple[str, np.ndarray
 
 
 def load_all(cfg: LoaderConfig, epochs: int = 1) -> list:
-    loader = TorchLoader(cfg)
-    out = []
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        out += list(loader)
-    return out
-
-
-def same_batches(a, b) -> bool:
-    return len(a) == len(b) and all(
-        x.keys == y.keys and torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
-        and torch.equal(x.cls, y.cls) for x, y in zip(a, b)
-    )  # fmt: skip
+    return run_epochs(TorchLoader(cfg), epochs)
 
 
 # ---------------------------------------------------------------- geometry against the references
