@@ -1,4 +1,5 @@
-"""Hand-made shard sets with known labels, shared by the loader tests (fixtures: conftest.py)."""
+"""Shared by the loader tests: the loader registry, hand-made shard sets with known labels, ways to
+damage a sample, and batch comparisons (the ``synthetic`` fixtures are in conftest.py)."""
 
 from pathlib import Path
 
@@ -6,6 +7,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastloc.data.dali_loader import DaliLoader
+from fastloc.data.shards import open_shards
+from fastloc.data.torch_loader import TorchLoader
 from fastloc.shard.encode import encode_jpeg, encode_label, label_dtype
 from fastloc.shard.manifest import index_name, write_manifest
 from fastloc.shard.tario import ShardWriter
@@ -54,6 +58,54 @@ def block_sample(rng: np.random.Generator, i: int) -> tuple[str, np.ndarray, np.
     return f"blocks_{i:04d}", PALETTE[label].astype(np.uint8), label, int(label[0, 0])
 
 
+# Every loader the contract tests run: the torch twin and the DALI graph with CPU operators (the GPU
+# placement is the gpu-marked test in test_data_dali.py).
+LOADERS = {
+    "torch": TorchLoader,
+    "dali-cpu": lambda cfg: DaliLoader(cfg, device="cpu"),
+}
+
+
+def coordinate_sample(rng: np.random.Generator, i: int) -> tuple[str, np.ndarray, np.ndarray, int]:
+    """Random pixels; the label of pixel (y, x) is y * W + x, so its value says where it came from."""
+    h, w = (int(v) for v in rng.integers(20, 60, size=2))
+    pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return f"coords_{i:04d}", pixels, np.arange(h * w).reshape(h, w).astype(np.uint16), 0
+
+
+def member(root: Path, g: int, ext: str) -> tuple[Path, str, int, int]:
+    """(tar, key, offset, size) of member ``ext`` of global sample ``g``."""
+    shards = open_shards(root)
+    shard, j = shards.locate(g)
+    offset, size = shards.index(shard).member(j, ext)
+    return shards.tars[shard], str(shards.index(shard).keys[j]), offset, size
+
+
+def spoil(root: Path, g: int, how: str) -> tuple[str, str]:
+    """Damage sample ``g`` in place, keeping every size (the set still opens); (tar name, key).
+
+    ``zeros``: the JPEG is zeroed (the host's header check rejects it); ``sampling``: the first
+    component's sampling factors are zeroed (the header check passes, every decoder fails);
+    ``label``: the PNG's IHDR size no longer matches the image."""
+    ext = "seg.png" if how == "label" else "jpg"
+    tar, key, offset, size = member(root, g, ext)
+    with open(tar, "r+b") as f:
+        f.seek(offset)
+        data = bytearray(f.read(size))
+        if how == "zeros":
+            data[:] = bytes(size)
+        elif how == "sampling":
+            sof = data.index(b"\xff\xc0")
+            data[sof + 11] = 0  # FF C0, length (2), precision, height (2), width (2), count, [id, sampling, ...]
+        elif how == "label":
+            data[16:20] = b"\x00\x00\x0f\xff"  # IHDR width
+        else:
+            raise ValueError(how)
+        f.seek(offset)
+        f.write(data)
+    return tar.name, key
+
+
 def run_epochs(loader, epochs: int = 1) -> list:
     """Every batch of ``epochs`` epochs, from epoch 0."""
     out = []
@@ -63,11 +115,26 @@ def run_epochs(loader, epochs: int = 1) -> list:
     return out
 
 
-def same_batches(a, b) -> bool:
+def _equal(x, y) -> bool:
+    return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+
+
+def same_samples(a, b) -> bool:
+    """The same keys, labels, classes and valid flags in the same batches (images may differ)."""
     return len(a) == len(b) and all(
-        x.keys == y.keys and torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
-        and torch.equal(x.cls, y.cls) for x, y in zip(a, b)
-    )  # fmt: skip
+        x.keys == y.keys and _equal(x.labels, y.labels) and _equal(x.cls, y.cls) and torch.equal(x.valid, y.valid)
+        for x, y in zip(a, b)
+    )
+
+
+def same_batches(a, b) -> bool:
+    """``same_samples`` and bit-identical images."""
+    return same_samples(a, b) and all(torch.equal(x.images, y.images) for x, y in zip(a, b))
+
+
+def mean_image_difference(a, b) -> float:
+    """The largest per-batch mean absolute difference of two runs' uint8 images, in grey levels."""
+    return max(float((x.images.int() - y.images.int()).abs().float().mean()) for x, y in zip(a, b))
 
 
 def all_keys(batches) -> list[str]:

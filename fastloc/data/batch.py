@@ -9,14 +9,24 @@ import torch
 
 @dataclass(frozen=True)
 class Batch:
+    """Every batch has the loader's ``batch_size`` samples, on every rank (fixed shapes for a
+    compiled step, lockstep ranks for DDP). ``valid`` says which slots hold the sample the epoch
+    order put there: False for a replacement of a sample that could not be used and for the
+    repeats that fill an evaluation epoch's last batches. Train on all; count only valid ones."""
+
     images: torch.Tensor  # [B, 3, H, W]: float normalized with the backbone's mean/std, or uint8 (normalize=False)
     labels: torch.Tensor | None = None  # [B, H, W] int64 class ids, geometry identical to images
     cls: torch.Tensor | None = None  # [B] int64 image-level class
     keys: list[str] | None = None  # sample keys (the shards' __key__), in batch order
+    valid: torch.Tensor | None = None  # [B] bool; None: all valid
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(self, images=move(self.images), labels=move(self.labels), cls=move(self.cls))
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return replace(
+            self, images=move(self.images), labels=move(self.labels), cls=move(self.cls), valid=move(self.valid)
+        )

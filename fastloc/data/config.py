@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fastloc.shard.encode import MAX_PIXELS_DEFAULT
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -95,10 +97,17 @@ class LoaderConfig:
     """Number of ranks sharing every epoch."""
 
     drop_last: bool = True
-    """Drop each rank's last incomplete batch (training); False yields it (evaluation)."""
+    """Training: each rank's last incomplete batch is dropped. False (evaluation): the epoch is
+    cycled to fill every batch on every rank, the repeats marked not valid, so each sample counts once."""
 
     device: Literal["auto", "gpu", "cpu"] = "auto"
-    """gpu = DALI on the GPU; cpu = the torch twin (webdataset + DataLoader); auto = gpu when CUDA is present."""
+    """gpu = DALI on the GPU; cpu = the torch twin (PIL in DataLoader workers); auto = gpu when CUDA is present."""
 
     workers: int = 4
-    """DataLoader workers (torch loader) or DALI CPU threads."""
+    """Host worker processes that read, check and label the samples (and, in the torch loader, decode them)."""
+
+    threads: int = 4
+    """DALI CPU threads (the DALI loader's CPU operators and nvJPEG's host-side decoding)."""
+
+    max_pixels: int = MAX_PIXELS_DEFAULT
+    """A sample whose JPEG header claims more pixels than this is replaced as unusable."""

@@ -1,8 +1,8 @@
-"""``make_loader(cfg)``: the loader for this machine. Both yield the same ``Batch``.
+"""``make_loader(cfg)``: the loader for this machine. Both yield the same ``Batch``es.
 
 ``device="gpu"`` (the default when CUDA is present) is the DALI pipeline, decoding on the GPU;
-``device="cpu"`` is its torch twin (webdataset + DataLoader). The DALI pipeline also runs with
-CPU operators (``DaliLoader(cfg, device="cpu")``): that is how the tests compare the two.
+``device="cpu"`` is its torch twin (PIL in DataLoader workers). The DALI pipeline also runs
+with CPU operators (``DaliLoader(cfg, device="cpu")``): that is how the tests compare the two.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from fastloc.data.config import LoaderConfig
+from fastloc.data.stream import EpochLoader
 
 
-def make_loader(cfg: LoaderConfig):
+def make_loader(cfg: LoaderConfig) -> EpochLoader:
     device = cfg.device
     if device == "auto":
         device = "gpu" if torch.cuda.is_available() else "cpu"

@@ -189,59 +189,145 @@ def draw_rrc(rng: np.random.Generator, h: int, w: int, recipe: TrainRecipe) -> R
     return RrcDraw(*box, _pick(recipe.interpolations, pick_u), flip_u < recipe.flip_p)
 
 
-# ---------------------------------------------------------------- pixels
+# ---------------------------------------------------------------- label maps (index gathers)
 
 
-def _to_tensors(pixels: np.ndarray, label: np.ndarray | None, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[S, S, 3] uint8 and [S, S] ints -> [3, S, S] uint8 and [S, S] int64, flipped left-right."""
-    if flip:
-        pixels = pixels[:, ::-1]
-        label = None if label is None else label[:, ::-1]
-    image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, S, S]
-    return image, None if label is None else torch.from_numpy(label.astype(np.int64))  # [S, S]
+def _axis(n_in: int, n_out: int, size: int) -> np.ndarray:
+    """[size] source index per output pixel along one axis: PIL-nearest resize n_in -> n_out, then
+    timm's centre crop (at round((n_out - size) / 2)) or reflect pad (floor(d/2) before)."""
+    table = pil_nearest_indices(n_in, n_out)
+    if n_out >= size:
+        offset = round((n_out - size) / 2.0)  # half to even, as timm
+        return table[offset : offset + size]
+    short = size - n_out
+    return table[np.pad(np.arange(n_out), (short // 2, short - short // 2), mode="reflect")]
+
+
+def _gather(label: np.ndarray, rows: np.ndarray, cols: np.ndarray, flip: bool) -> np.ndarray:
+    return np.ascontiguousarray(label[rows[:, None], (cols[::-1] if flip else cols)[None, :]])
+
+
+def label_rkrc(label: np.ndarray, size: int, draw: RkrcDraw) -> np.ndarray:
+    """[H, W] -> [S, S] (same dtype): timm rkrc with NEAREST, i.e. PIL's resize, crop or pad, flip."""
+    h, w = label.shape
+    rh, rw = rkrc_size(h, w, size, draw.f_h, draw.f_w)
+    return _gather(label, _axis(h, rh, size), _axis(w, rw, size), draw.flip)
+
+
+def label_rrc(label: np.ndarray, size: int, draw: RrcDraw) -> np.ndarray:
+    """[H, W] -> [S, S]: torchvision ``resized_crop`` with NEAREST, then the flip."""
+    rows = draw.top + pil_nearest_indices(draw.height, size)
+    cols = draw.left + pil_nearest_indices(draw.width, size)
+    return _gather(label, rows, cols, draw.flip)
+
+
+def label_eval(label: np.ndarray, size: int) -> np.ndarray:
+    """[H, W] -> [S, S]: Patch-Seg's largest centre square, PIL NEAREST."""
+    top, left, m = largest_center_square(*label.shape)
+    index = pil_nearest_indices(m, size)
+    return _gather(label, top + index, left + index, False)
+
+
+# ---------------------------------------------------------------- image pixels (PIL)
+
+
+def _image_tensor(pixels: np.ndarray, flip: bool) -> torch.Tensor:
+    """[S, S, 3] uint8 -> [3, S, S] uint8, flipped left-right."""
+    pixels = pixels[:, ::-1] if flip else pixels
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def image_rkrc(image: Image.Image, size: int, draw: RkrcDraw) -> torch.Tensor:
+    """timm rkrc on a PIL RGB image: ResizeKeepRatio, CenterCropOrPad(reflect), flip -> [3, S, S] uint8."""
+    rh, rw = rkrc_size(image.height, image.width, size, draw.f_h, draw.f_w)
+    pixels = np.asarray(image.resize((rw, rh), pil_filter(draw.interpolation)))  # [rh, rw, 3]
+    cp = center_crop_or_pad(rh, rw, size)
+    if cp.pad_top or cp.pad_bottom or cp.pad_left or cp.pad_right:
+        pad = ((cp.pad_top, cp.pad_bottom), (cp.pad_left, cp.pad_right), (0, 0))
+        pixels = np.pad(pixels, pad, mode="reflect")
+    return _image_tensor(pixels[cp.top : cp.top + size, cp.left : cp.left + size], draw.flip)
+
+
+def image_rrc(image: Image.Image, size: int, draw: RrcDraw) -> torch.Tensor:
+    """torchvision ``resized_crop`` on PIL (crop, then resize to S x S), then the flip."""
+    box = (draw.left, draw.top, draw.left + draw.width, draw.top + draw.height)
+    pixels = np.asarray(image.crop(box).resize((size, size), pil_filter(draw.interpolation)))
+    return _image_tensor(pixels, draw.flip)
+
+
+def image_eval(image: Image.Image, size: int) -> torch.Tensor:
+    """Patch-Seg (PATCHSEG.md section 2): largest centre square, PIL bilinear (antialiased) to S x S."""
+    top, left, m = largest_center_square(image.height, image.width)
+    box = (left, top, left + m, top + m)
+    return _image_tensor(np.asarray(image.crop(box).resize((size, size), Image.Resampling.BILINEAR)), False)
+
+
+def _label_tensor(label: np.ndarray | None) -> torch.Tensor | None:
+    return None if label is None else torch.from_numpy(label.astype(np.int64))
 
 
 def apply_rkrc(image: Image.Image, label: np.ndarray | None, size: int, draw: RkrcDraw):
-    """timm rkrc: ResizeKeepRatio, CenterCropOrPad(reflect), then the flip. ``image`` is PIL RGB,
-    ``label`` [H, W] of the same size; returns ([3, S, S] uint8, [S, S] int64 or None)."""
-    rh, rw = rkrc_size(image.height, image.width, size, draw.f_h, draw.f_w)
-    pixels = np.asarray(image.resize((rw, rh), pil_filter(draw.interpolation)))  # [rh, rw, 3]
-    label = None if label is None else resize_label(label, rh, rw)  # [rh, rw]
-    cp = center_crop_or_pad(rh, rw, size)
-    pad = ((cp.pad_top, cp.pad_bottom), (cp.pad_left, cp.pad_right))
-    rows, cols = slice(cp.top, cp.top + size), slice(cp.left, cp.left + size)
-    if cp.pad_top or cp.pad_bottom or cp.pad_left or cp.pad_right:
-        pixels = np.pad(pixels, (*pad, (0, 0)), mode="reflect")
-        label = None if label is None else np.pad(label, pad, mode="reflect")
-    return _to_tensors(pixels[rows, cols], None if label is None else label[rows, cols], draw.flip)
+    """rkrc on an image and its label map: ([3, S, S] uint8, [S, S] int64 or None)."""
+    return image_rkrc(image, size, draw), _label_tensor(None if label is None else label_rkrc(label, size, draw))
 
 
 def apply_rrc(image: Image.Image, label: np.ndarray | None, size: int, draw: RrcDraw):
-    """torchvision ``resized_crop`` on PIL (crop, then resize to S x S), then the flip."""
-    box = (draw.left, draw.top, draw.left + draw.width, draw.top + draw.height)
-    pixels = np.asarray(image.crop(box).resize((size, size), pil_filter(draw.interpolation)))  # [S, S, 3]
-    if label is not None:
-        label = resize_label(label[draw.top : draw.top + draw.height, draw.left : draw.left + draw.width], size, size)
-    return _to_tensors(pixels, label, draw.flip)
+    """RandomResizedCrop on an image and its label map: ([3, S, S] uint8, [S, S] int64 or None)."""
+    return image_rrc(image, size, draw), _label_tensor(None if label is None else label_rrc(label, size, draw))
 
 
 def apply_eval(image: Image.Image, label: np.ndarray | None, size: int):
-    """Patch-Seg (PATCHSEG.md section 2): largest centre square, PIL bilinear (antialiased) to
-    S x S for the image, PIL nearest for the label map. No randomness."""
-    top, left, m = largest_center_square(image.height, image.width)
-    pixels = np.asarray(image.crop((left, top, left + m, top + m)).resize((size, size), Image.Resampling.BILINEAR))
-    if label is not None:
-        label = resize_label(label[top : top + m, left : left + m], size, size)
-    return _to_tensors(pixels, label, flip=False)
+    """The eval recipe on an image and its label map: ([3, S, S] uint8, [S, S] int64 or None)."""
+    return image_eval(image, size), _label_tensor(None if label is None else label_eval(label, size))
 
 
-def train_transform(image: Image.Image, label: np.ndarray | None, size: int, recipe: TrainRecipe, rng: np.random.Generator):
-    """The train recipe (rkrc or rrc) with its parameters drawn from ``rng``."""
-    if recipe.kind == "rkrc":
-        return apply_rkrc(image, label, size, draw_rkrc(rng, recipe))
-    if recipe.kind == "rrc":
-        return apply_rrc(image, label, size, draw_rrc(rng, image.height, image.width, recipe))
-    raise ValueError(f"unknown train recipe kind {recipe.kind!r}")
+# ---------------------------------------------------------------- the same geometry for a tensor resize (DALI)
+
+
+@dataclass(frozen=True)
+class Window:
+    """An image recipe as a crop and one tensor resize: the integer ``crop`` (top, left, height,
+    width) is cut out first (rrc, eval: torchvision and Patch-Seg crop, then resize), then its
+    ``box`` (y0, x0, y1, x1, relative to the crop) is resized to ``out`` (h, w), reflect-padded
+    by ``pad`` (top, bottom, left, right) to S x S and flipped.
+
+    For rkrc the crop is the whole image and the box the part of the resized image that survives
+    timm's centre crop, in source coordinates: resizing it equals resizing everything and
+    cropping (timm's order), to the rounding of a fractional box."""
+
+    crop: tuple[int, int, int, int]
+    box: tuple[float, float, float, float]
+    out: tuple[int, int]
+    pad: tuple[int, int, int, int]
+    interpolation: str
+    flip: bool
+
+
+def window_rkrc(h: int, w: int, size: int, draw: RkrcDraw) -> Window:
+    axes = []
+    for n_in, n in zip((h, w), rkrc_size(h, w, size, draw.f_h, draw.f_w)):
+        if n >= size:
+            offset = round((n - size) / 2.0)
+            axes.append((n_in / n * offset, n_in / n * (offset + size), size, 0, 0))
+        else:
+            short = size - n
+            axes.append((0.0, float(n_in), n, short // 2, short - short // 2))
+    (y0, y1, kh, pt, pb), (x0, x1, kw, pl, pr) = axes
+    return Window((0, 0, h, w), (y0, x0, y1, x1), (kh, kw), (pt, pb, pl, pr), draw.interpolation, draw.flip)
+
+
+def _whole(crop: tuple[int, int, int, int], size: int, interpolation: str, flip: bool) -> Window:
+    box = (0.0, 0.0, float(crop[2]), float(crop[3]))
+    return Window(crop, box, (size, size), (0, 0, 0, 0), interpolation, flip)
+
+
+def window_rrc(size: int, draw: RrcDraw) -> Window:
+    return _whole((draw.top, draw.left, draw.height, draw.width), size, draw.interpolation, draw.flip)
+
+
+def window_eval(h: int, w: int, size: int) -> Window:
+    top, left, m = largest_center_square(h, w)
+    return _whole((top, left, m, m), size, "bilinear", False)
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

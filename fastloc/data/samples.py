@@ -1,0 +1,296 @@
+"""The host side of both loaders: one batch of the epoch order, read, checked, drawn and labelled.
+
+``SampleReader.batch(t)`` builds global batch ``t`` (epoch ``t // L``, position ``t % L``) of
+this rank: for each slot it reads the sample the order names (positioned reads), checks it
+(JPEG header and pixel limit, label PNG type and size, class index), draws its random
+parameters from ``sample_rng(seed, epoch, g)`` and gathers its label map; a sample that fails
+is replaced by the order's rule (``order.candidates``) and its slot marked not valid. The torch
+twin also decodes and transforms the pixels here, with PIL (``pixels=True``); the DALI loader
+takes the JPEG bytes and each image's ``Window`` and does the pixels on the GPU. Either way the
+keys, labels, classes and valid flags come from this one function.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastloc.data.config import LoaderConfig
+from fastloc.data.order import EpochPlan, candidates
+from fastloc.data.shards import ShardError, ShardSet
+from fastloc.data.transforms import (
+    Window,
+    draw_rkrc,
+    draw_rrc,
+    image_eval,
+    image_rkrc,
+    image_rrc,
+    label_eval,
+    label_rkrc,
+    label_rrc,
+    normalize,
+    sample_rng,
+    window_eval,
+    window_rkrc,
+    window_rrc,
+)
+from fastloc.shard.encode import decode_label, parse_jpeg_header
+
+INTERPOLATIONS = {"nearest": 0, "bilinear": 1, "bicubic": 2, "lanczos": 3}  # DALI's DALIInterpType values
+
+
+class SkippedSampleWarning(UserWarning):
+    """A sample could not be used and was replaced; the message names shard, key and reason."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    shard: str  # tar name
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One usable sample, ready for the pixel stage."""
+
+    g: int
+    key: str
+    jpg: bytes
+    window: Window  # the image geometry, for a tensor resize (DALI)
+    label: np.ndarray | None  # [S, S] uint8 / uint16, final
+    cls: int | None
+    image: torch.Tensor | None  # [3, S, S] uint8, final (pixels=True)
+
+
+@dataclass
+class HostBatch:
+    """One batch as it leaves a worker (tensors travel through shared memory)."""
+
+    t: int  # global batch number: epoch * batches per epoch + position
+    keys: list[str]
+    g: torch.Tensor  # [B] int64: the sample used in each slot
+    valid: torch.Tensor  # [B] bool: False for a replacement or a repeat
+    cls: torch.Tensor | None  # [B] int64
+    labels: torch.Tensor | None  # [B, S, S] uint8 or int32
+    images: torch.Tensor | None  # [B, 3, S, S] uint8 or float32 (pixels=True)
+    jpg: torch.Tensor | None  # [total bytes] uint8: the JPEGs back to back (pixels=False)
+    jpg_ends: torch.Tensor | None  # [B] int64: where each JPEG ends in ``jpg``
+    windows: dict[str, np.ndarray] | None  # DALI's per-sample geometry (pixels=False), see ``window_arrays``
+    skipped: list[Skipped]
+
+    def jpegs(self) -> list[np.ndarray]:
+        """[B] uint8 arrays: views into ``jpg``."""
+        flat, ends = self.jpg.numpy(), self.jpg_ends.tolist()
+        return [flat[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+
+
+def window_arrays(windows: list[Window]) -> dict[str, np.ndarray]:
+    """The windows as DALI inputs: crop [B, 4] int32 (top, left, height, width), box [B, 4] and out
+    [B, 2] float32 (y, x order), interpolation and flip [B] int32, and the reflect pads as slice
+    arguments [B, 8] int32: per axis (y, x) the start and length of the mirrored head and tail
+    (edge pixel not repeated; zero pads slice zero rows at 0: one graph for every sample)."""
+    pads = []
+    for w in windows:
+        row = []
+        for n, before, after in ((w.out[0], w.pad[0], w.pad[1]), (w.out[1], w.pad[2], w.pad[3])):
+            row += [1 if before else 0, before, n - 1 - after if after else 0, after]
+        pads.append(row)
+    return {
+        "crop": np.array([w.crop for w in windows], np.int32),
+        "box": np.array([w.box for w in windows], np.float32),
+        "out": np.array([w.out for w in windows], np.float32),
+        "pads": np.array(pads, np.int32),
+        "interp": np.array([INTERPOLATIONS[w.interpolation] for w in windows], np.int32),
+        "flip": np.array([int(w.flip) for w in windows], np.int32),
+    }
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """A JPEG member as a PIL RGB image (grayscale is replicated); raises on undecodable bytes."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")  # convert() loads the whole image: truncation raises here
+
+
+class SampleReader:
+    """Everything a worker needs to build batches (picklable)."""
+
+    def __init__(self, shards: ShardSet, cfg: LoaderConfig, plan: EpochPlan, labels: bool, cls: bool, pixels: bool):
+        if cfg.recipe not in ("train", "eval"):
+            raise ValueError(f"unknown recipe {cfg.recipe!r}")
+        if cfg.recipe == "train" and cfg.train.kind not in ("rkrc", "rrc"):
+            raise ValueError(f"unknown train recipe kind {cfg.train.kind!r}")
+        unknown = [n for n in cfg.train.interpolations if n not in INTERPOLATIONS]
+        if unknown or not cfg.train.interpolations:
+            raise ValueError(f"unknown interpolations {unknown or cfg.train.interpolations}; choose from {sorted(INTERPOLATIONS)}")
+        self.shards, self.cfg, self.plan, self.pixels = shards, cfg, plan, pixels
+        self.exts = ("jpg",) + (("seg.png",) if labels else ()) + (("cls",) if cls else ())
+        manifest = shards.manifest
+        self.label_dtype = np.dtype(manifest["label"]["dtype"]) if labels else None
+        self.num_classes = int(manifest["num_classes"])
+        self.max_pixels = cfg.max_pixels
+
+    # ------------------------------------------------------------ one sample
+
+    def prepare(self, epoch: int, g: int) -> Prepared | Skipped:
+        """Read and check sample ``g``, draw its parameters, gather its label (and, with
+        ``pixels``, decode and transform its image)."""
+        shard, key, data = self.shards.read(g, self.exts)  # ShardError (structural) propagates
+        problem = self._check(data)
+        if isinstance(problem, str):
+            return Skipped(shard, key, problem)
+        height, width, label, cls = problem
+        size, recipe = self.cfg.size, self.cfg.recipe
+        if recipe == "eval":
+            window, draw = window_eval(height, width, size), None
+            label = None if label is None else label_eval(label, size)
+        elif self.cfg.train.kind == "rkrc":
+            draw = draw_rkrc(sample_rng(self.cfg.seed, epoch, g), self.cfg.train)
+            window = window_rkrc(height, width, size, draw)
+            label = None if label is None else label_rkrc(label, size, draw)
+        else:
+            draw = draw_rrc(sample_rng(self.cfg.seed, epoch, g), height, width, self.cfg.train)
+            window = window_rrc(size, draw)
+            label = None if label is None else label_rrc(label, size, draw)
+        image = None
+        if self.pixels:
+            try:
+                pil = decode_image(data["jpg"])
+            except Exception as exc:  # noqa: BLE001 (PIL raises many types)
+                return Skipped(shard, key, f"jpg does not decode: {exc}")
+            if recipe == "eval":
+                image = image_eval(pil, size)
+            else:
+                image = image_rkrc(pil, size, draw) if self.cfg.train.kind == "rkrc" else image_rrc(pil, size, draw)
+        return Prepared(g, key, data["jpg"], window, label, cls, image)
+
+    def _check(self, data: dict[str, bytes]) -> str | tuple[int, int, np.ndarray | None, int | None]:
+        """(height, width, label [H, W] or None, cls or None), or why the sample cannot be used."""
+        try:
+            header = parse_jpeg_header(data["jpg"])
+        except ValueError as exc:
+            return f"jpg does not decode: {exc}"
+        height, width = header.height, header.width
+        if height * width > self.max_pixels:
+            return f"jpg is {width}x{height} = {width * height:,} pixels, over the limit of {self.max_pixels:,}"
+        if height == 0 or width == 0:
+            return f"jpg has an empty frame ({width}x{height})"
+        label = cls = None
+        if "seg.png" in data:
+            try:
+                label = decode_label(data["seg.png"])  # [H, W] uint8 or uint16, lossless
+            except Exception as exc:  # noqa: BLE001
+                return f"seg.png does not decode: {exc}"
+            if label.dtype != self.label_dtype or label.shape != (height, width):
+                return (
+                    f"seg.png is {label.dtype} {label.shape[1]}x{label.shape[0]}, "
+                    f"expected {self.label_dtype} {width}x{height}"
+                )
+        if "cls" in data:
+            text = data["cls"].decode("ascii", "replace").strip()
+            if not text.isdigit() or int(text) >= self.num_classes:
+                return f"cls {text!r} is not a class index"
+            cls = int(text)
+        return height, width, label, cls
+
+    # ------------------------------------------------------------ one batch
+
+    def fill(self, epoch: int, position: int, bad: dict[int, str]) -> tuple[Prepared, bool, list[Skipped]]:
+        """The sample of share position ``position``, or its replacement: (sample, valid, skipped)."""
+        share, valid = self.plan.share(epoch)
+        skipped = []
+        for pos in candidates(len(share), position):
+            g = int(share[pos])
+            if g in bad:  # known not to decode where the pixels are made (DALI)
+                skipped.append(Skipped(*self.shards.name(g), bad[g]))
+                continue
+            sample = self.prepare(epoch, g)
+            if isinstance(sample, Prepared):
+                return sample, bool(valid[position]) and pos == position, skipped
+            skipped.append(sample)
+        raise ShardError(
+            f"{self.shards.root}: no usable sample in rank {self.plan.rank}'s share of epoch {epoch} "
+            f"({len(share)} samples; first problem: {skipped[0].shard}:{skipped[0].key}: {skipped[0].reason})"
+        )
+
+    def batch(self, t: int, bad: dict[int, str] | None = None) -> HostBatch:
+        """Global batch ``t`` of this rank."""
+        epoch, position = divmod(t, len(self.plan))
+        samples, valid, skipped = [], [], []
+        for pos in self.plan.positions(position):
+            sample, ok, missed = self.fill(epoch, pos, bad or {})
+            samples.append(sample)
+            valid.append(ok)
+            skipped += missed
+        return self._collate(t, samples, valid, skipped)
+
+    def _collate(self, t: int, samples: list[Prepared], valid: list[bool], skipped: list[Skipped]) -> HostBatch:
+        labels = images = jpg = ends = windows = None
+        if self.label_dtype is not None:
+            stacked = np.stack([s.label for s in samples])  # [B, S, S]
+            labels = torch.from_numpy(stacked if stacked.dtype == np.uint8 else stacked.astype(np.int32))
+        if self.pixels:
+            images = torch.stack([s.image for s in samples])  # [B, 3, S, S] uint8
+            if self.cfg.normalize:
+                images = normalize(images, self.cfg.mean, self.cfg.std)  # float32
+        else:
+            jpg = torch.frombuffer(bytearray(b"".join(s.jpg for s in samples)), dtype=torch.uint8)
+            ends = torch.tensor(np.cumsum([len(s.jpg) for s in samples]), dtype=torch.int64)
+            windows = window_arrays([s.window for s in samples])
+        cls = None if samples[0].cls is None else torch.tensor([s.cls for s in samples], dtype=torch.int64)
+        return HostBatch(
+            t=t,
+            keys=[s.key for s in samples],
+            g=torch.tensor([s.g for s in samples], dtype=torch.int64),
+            valid=torch.tensor(valid, dtype=torch.bool),
+            cls=cls,
+            labels=labels,
+            images=images,
+            jpg=jpg,
+            jpg_ends=ends,
+            windows=windows,
+            skipped=skipped,
+        )
+
+
+@dataclass(frozen=True)
+class HostFailure:
+    """A structural error of the shards met in a worker, passed back as a value: the main process
+    raises it as a plain ``ShardError`` (not wrapped in the worker's traceback)."""
+
+    message: str
+
+    def raise_(self):
+        raise ShardError(self.message)
+
+
+class HostBatches(torch.utils.data.Dataset):
+    """Global batch number -> ``HostBatch`` (or ``HostFailure``): what the DataLoader workers run."""
+
+    def __init__(self, reader: SampleReader):
+        self.reader = reader
+
+    def __getitem__(self, t: int) -> HostBatch | HostFailure:
+        try:
+            return self.reader.batch(int(t))
+        except ShardError as exc:
+            return HostFailure(str(exc))
+
+
+def warn_skipped(skipped: Skipped, seen: dict[tuple[str, str], str]) -> None:
+    """Warn once per sample (``seen`` remembers)."""
+    if (skipped.shard, skipped.key) not in seen:
+        seen[(skipped.shard, skipped.key)] = skipped.reason
+        warnings.warn(
+            f"{skipped.shard}: sample {skipped.key} replaced: {skipped.reason}", SkippedSampleWarning, stacklevel=4
+        )
+
+
+def identity(x: Any) -> Any:
+    return x

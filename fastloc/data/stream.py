@@ -1,0 +1,157 @@
+"""What both loaders share around the host stage: the plan, the resumable state, the workers.
+
+``EpochLoader`` opens the shard set, builds the ``EpochPlan`` and keeps ``(epoch, position)``;
+``host_batches(t)`` runs ``SampleReader.batch`` for ``t, t + 1, ...`` in DataLoader worker
+processes that live across epochs (batches come back in order, so the output does not depend
+on the number of workers). A subclass turns each ``HostBatch`` into a ``Batch`` in ``__iter__``.
+
+Typical use (a trainer)::
+
+    loader = make_loader(cfg)
+    loader.load_state_dict(ckpt["loader"])          # optional: resume mid-epoch
+    for epoch in range(loader.epoch, epochs):
+        loader.set_epoch(epoch)                     # keeps the position when it is the restored epoch
+        for batch in loader:
+            ...
+            ckpt["loader"] = loader.state_dict()    # after a restore, the next batch is the next one here
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from fastloc.data.batch import Batch
+from fastloc.data.config import LoaderConfig
+from fastloc.data.order import EpochPlan
+from fastloc.data.samples import HostBatch, HostBatches, HostFailure, SampleReader, Skipped, identity, warn_skipped
+from fastloc.data.shards import ShardSet, open_shards
+
+PREFETCH = 2  # host batches each worker prepares ahead
+
+
+@dataclass
+class LoaderState:
+    """Where a loader stands: ``position`` batches of ``epoch`` already yielded."""
+
+    epoch: int = 0
+    position: int = 0
+
+
+class EpochLoader:
+    """The state and host stage of a loader; subclasses set ``pixels`` and implement ``__iter__``."""
+
+    pixels: bool  # the workers decode and transform the images too (the torch twin)
+
+    def __init__(self, cfg: LoaderConfig):
+        self.cfg = cfg
+        self.shards: ShardSet = open_shards(cfg.shards)  # ShardError now for missing or truncated shards
+        manifest = self.shards.manifest
+        self.has_labels = bool(cfg.labels and manifest.get("label") and "seg.png" in manifest["keys"])
+        self.has_cls = bool(manifest.get("cls") and "cls" in manifest["keys"])
+        try:
+            self.plan = EpochPlan(
+                num_samples=self.shards.num_samples,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                shuffle=cfg.shuffle,
+                rank=cfg.rank,
+                world_size=cfg.world_size,
+                drop_last=cfg.drop_last,
+            )
+        except ValueError as exc:
+            raise ValueError(f"{self.shards.root}: {exc}") from None
+        self.reader = SampleReader(self.shards, cfg, self.plan, self.has_labels, self.has_cls, self.pixels)
+        self.state = LoaderState()
+        self.replaced = 0  # replacement events (a bad sample counts again in every epoch that meets it)
+        self.skipped_samples: dict[tuple[str, str], str] = {}  # (shard, key) -> reason, each warned once
+
+    # ------------------------------------------------------------ position
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch, the same on every rank; every batch has ``batch_size`` samples."""
+        return len(self.plan)
+
+    @property
+    def next_batch(self) -> int:
+        """Global number of the next batch (epoch * len + position)."""
+        return self.state.epoch * len(self.plan) + self.state.position
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch, unless it is the current epoch (a restored position stays)."""
+        if epoch != self.state.epoch:
+            self.state = LoaderState(epoch, 0)
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch, position and the plan's fingerprint, as plain ints (``weights_only``-safe). The
+        same format for both loaders: a state saved by one restores in the other."""
+        epoch, position = self.state.epoch, self.state.position
+        if position >= len(self.plan):  # an exhausted epoch is saved as the next one's start
+            epoch, position = epoch + 1, 0
+        return {"epoch": epoch, "position": position, **self.plan.fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position; refuses one saved with another order or batching."""
+        expected = self.plan.fingerprint()
+        differ = {k: (state[k], v) for k, v in expected.items() if k in state and int(state[k]) != v}
+        if differ:
+            raise ValueError(f"loader state was saved with other settings (saved, now): {differ}")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if not 0 <= position <= len(self.plan) or epoch < 0:
+            raise ValueError(f"saved position {epoch}:{position} is outside the epoch's {len(self.plan)} batches")
+        self.close()
+        self.state = LoaderState(epoch, position)
+
+    def close(self) -> None:
+        """Stop the workers (and pipelines); the next iteration starts them again."""
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 -- at interpreter shutdown modules may be gone
+            pass
+
+    # ------------------------------------------------------------ host stage
+
+    def host_batches(self, t: int) -> Iterator[HostBatch | HostFailure]:
+        """``HostBatch`` ``t``, ``t + 1``, ... without end, from ``cfg.workers`` worker processes
+        (a ``HostFailure`` where the shards are broken: the consumer raises it)."""
+        workers = max(0, int(self.cfg.workers))
+        if workers:
+            gc.collect()  # garbage left in this process (a dropped pipeline) must not be collected in a fork
+        loader = DataLoader(
+            HostBatches(self.reader),
+            batch_size=None,
+            sampler=itertools.count(t),
+            num_workers=workers,
+            collate_fn=identity,
+            prefetch_factor=PREFETCH if workers else None,
+        )
+        return iter(loader)
+
+    def batch(self, host: HostBatch, images: torch.Tensor, device: torch.device) -> Batch:
+        """The ``Batch`` of a host batch whose images are ready on ``device``; notes replacements."""
+        self._note(host.skipped)
+        labels = None if host.labels is None else host.labels.to(device, non_blocking=True).to(torch.int64)
+        return Batch(
+            images=images,
+            labels=labels,
+            cls=None if host.cls is None else host.cls.to(device, non_blocking=True),
+            keys=host.keys,
+            valid=host.valid.to(device, non_blocking=True),
+        )
+
+    def _note(self, skipped: list[Skipped]) -> None:
+        for s in skipped:
+            self.replaced += 1
+            warn_skipped(s, self.skipped_samples)
