@@ -1,69 +1,185 @@
-"""The benchmark runs end to end on tiny sizes and records what it measured (timings not checked)."""
+"""The benchmark CLI and the benchmarks, run end to end on tiny sizes (timings never checked)."""
 
+import ast
+import dataclasses
+import inspect
+import itertools
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
+import torch
 
-from fastloc.bench.__main__ import main
+from fastloc.bench.__main__ import BENCHMARKS, main
+from fastloc.bench.common import MissingRow, print_table, write_results
 
 
 def test_shard_benchmark_writes_table_and_json(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "shard.json"
-    assert main(["shard", "--images", "24", "--synthetic", "8", "--repeats", "2",
-                 "--processes", "2", "--out", str(out), "--workdir", str(tmp_path)]) == 0  # fmt: skip
+    args = ["--images", "24", "--synthetic", "8", "--repeats", "2", "--processes", "2"]
+    assert main(["shard", *args, "--out", str(out), "--workdir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    for method in ("fastloc pass-through", "--no-fsync", "PIL decode+re-encode", "cp -r", "cp -r; sync", "fastloc generate+encode"):
+    methods = ("fastloc pass-through", "--no-fsync", "PIL decode+re-encode", "cp -r", "cp -r; sync")
+    for method in (*methods, "fastloc generate+encode"):
         assert method in printed
     assert "of cp's rate" in printed and "from 1 to 2 processes" in printed
+    assert "missing:" not in printed
     record = json.loads(out.read_text())
     assert record["benchmark"] == "shard" and "fastloc.bench shard" in record["command"]
     assert record["device"]["cores"] >= 1 and record["versions"]["fastloc"]
+    assert record["missing"] == []  # every row runs on any machine
     rows = {(r["workload"], r["method"], r["processes"]): r for r in record["rows"]}
+    jpeg = "jpeg-folder"
     assert set(rows) == {
-        ("jpeg-folder", "fastloc pass-through", 1), ("jpeg-folder", "fastloc pass-through", 2),
-        ("jpeg-folder", "fastloc pass-through --no-fsync", 1), ("jpeg-folder", "fastloc pass-through --no-fsync", 2),
-        ("jpeg-folder", "PIL decode+re-encode", 1), ("jpeg-folder", "cp -r", 1), ("jpeg-folder", "cp -r; sync", 1),
-        ("synthetic", "fastloc generate+encode", 1), ("synthetic", "fastloc generate+encode", 2),
-    }  # fmt: skip
+        (jpeg, "fastloc pass-through", 1),
+        (jpeg, "fastloc pass-through", 2),
+        (jpeg, "fastloc pass-through --no-fsync", 1),
+        (jpeg, "fastloc pass-through --no-fsync", 2),
+        (jpeg, "PIL decode+re-encode", 1),
+        (jpeg, "cp -r", 1),
+        (jpeg, "cp -r; sync", 1),
+        ("synthetic", "fastloc generate+encode", 1),
+        ("synthetic", "fastloc generate+encode", 2),
+    }
     for row in rows.values():
         assert len(row["times_s"]) == 2 and all(t > 0 for t in row["times_s"])
         assert row["images_per_s"] == row["images"] / min(row["times_s"])
     assert [p.name for p in tmp_path.iterdir()] == ["shard.json"]  # scratch removed
 
 
-def test_bench_without_a_name_lists_the_benchmarks(capsys):
-    assert main([]) == 2
-    assert "shard" in capsys.readouterr().err
-
-
-def test_kernels_benchmark_on_cpu_reports_reference_paths(tmp_path, capsys):
+def test_kernels_benchmark_on_cpu_reports_reference_paths_and_missing_triton_rows(tmp_path, capsys):
     out = tmp_path / "kernels.json"
-    assert main(["kernels", "--batch", "2", "--size", "64", "--loop-batch", "1", "--repeats", "3",
-                 "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
+    args = ["--batch", "2", "--size", "64", "--loop-batch", "1", "--repeats", "3", "--device", "cpu"]
+    assert main(["kernels", *args, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "copy bandwidth" in printed and "triton" not in printed  # CPU: references only
+    assert "copy bandwidth" in printed
     record = json.loads(out.read_text())
     assert record["benchmark"] == "kernels" and record["copy_bandwidth_GBps"] > 0
     impls = {(r["op"], r["impl"]) for r in record["rows"]}
     assert impls == {
-        ("patch_mask", "eager reference"), ("patch_mask", "torch.compile(reference)"),
-        ("label_pool", "eager reference"), ("label_pool", "torch.compile(reference)"),
+        ("patch_mask", "eager reference"),
+        ("patch_mask", "torch.compile(reference)"),
+        ("label_pool", "eager reference"),
+        ("label_pool", "torch.compile(reference)"),
         ("label_pool", "per-patch torch.unique loop (original)"),
-    }  # fmt: skip
+    }
     for row in record["rows"]:
         assert row["GB_per_s"] == pytest.approx(row["bytes"] / (row["best_ms"] / 1e3) / 1e9)
         assert row["times_s"] and all(t > 0 for t in row["times_s"])
+    # CPU: the Triton rows are absent from the table, and said to be, with the reason
+    assert [m["row"] for m in record["missing"]] == ["patch_mask / triton", "label_pool / triton"]
+    for m in record["missing"]:
+        assert "CUDA" in m["reason"]
+        assert f"missing: {m['row']}: {m['reason']}" in printed
+    table = printed.split("missing:")[0]
+    assert "triton" not in table
 
 
-def test_loader_benchmark_compares_dali_cpu_with_the_torch_twin(tmp_path, capsys):
+def test_missing_rows_are_printed_and_recorded(tmp_path, capsys):
+    rows = [{"op": "a", "impl": "eager", "best_ms": 1.5}]
+    missing = [MissingRow("a / fast", "needs a CUDA device; torch sees none"), MissingRow("b / *", "no data")]
+    print_table(rows, ["op", "impl", "best_ms"], missing)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["op", "impl", "best_ms"] and printed[2].split() == ["a", "eager", "1.50"]
+    assert printed[3:] == ["missing: a / fast: needs a CUDA device; torch sees none", "missing: b / *: no data"]
+    path = write_results("demo", tmp_path / "demo.json", "cmd", {"rows": rows}, missing)
+    record = json.loads(path.read_text())
+    assert record["missing"] == [
+        {"row": "a / fast", "reason": "needs a CUDA device; torch sees none"},
+        {"row": "b / *", "reason": "no data"},
+    ]
+    assert record["rows"] == rows and record["command"] == "cmd"
+    record = json.loads(write_results("demo", tmp_path / "none.json", "cmd", {"rows": rows}).read_text())
+    assert record["missing"] == []
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> the docstring under it in the class source (what tyro shows as help)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value.value, str):
+            docs[node.target.id] = after.value.value
+    return docs
+
+
+def test_help_lists_every_benchmark_in_plain_text(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main(["--help"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert "usage: python -m fastloc.bench" in captured.out
+    for name, (cfg, _) in BENCHMARKS.items():
+        summary = " ".join(cfg.__doc__.split())
+        assert any(name in line and summary in line for line in captured.out.splitlines()), name
+    for markup in ("``", ":class:", ":func:", ".. "):
+        assert markup not in captured.out
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_every_option_has_help_as_flowing_text(name, capsys, monkeypatch):
+    """Each field's docstring is its --help text, on one line at a wide terminal (no hard breaks)."""
+    cfg = BENCHMARKS[name][0]
+    docs = field_docs(cfg)
+    fields = [f.name for f in dataclasses.fields(cfg)]
+    assert [f for f in fields if not docs.get(f, "").strip()] == [], f"{name}: options without help"
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main([name, "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for field in fields:
+        option = "--" + field.replace("_", "-")
+        assert any(option in line for line in lines), f"{name}: {option} not in --help"
+        text = " ".join(docs[field].split())
+        assert any(text in line for line in lines), f"{name} {option}: help broken over lines: {text!r}"
+
+
+def test_unknown_benchmark_is_a_clear_error(capsys):
+    assert main(["nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'nope'" in err and all(name in err for name in BENCHMARKS)
+    assert main(["kernel", "--batch", "2"]) == 2
+    assert "did you mean kernels?" in capsys.readouterr().err
+
+
+def test_command_line_exit_codes():
+    """The real entry point: help on stdout with status 0, an unknown name on stderr with 2."""
+    run = [sys.executable, "-m", "fastloc.bench"]
+    result = subprocess.run([*run, "nope"], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2 and "unknown benchmark" in result.stderr and result.stdout == ""
+    assert "Traceback" not in result.stderr
+    result = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0 and "kernels" in result.stdout
+
+
+def test_bench_without_a_name_lists_the_benchmarks(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in BENCHMARKS)
+
+
+def test_bad_option_values_are_refused(capsys):
+    assert main(["kernels", "--reduction", "mode"]) == 2
+    assert "mode" in capsys.readouterr().err
+
+
+def test_loader_benchmark_compares_dali_cpu_with_the_torch_twin_and_the_feed(tmp_path, capsys):
     out = tmp_path / "loader.json"
-    assert main(["loader", "--images", "24", "--batch-size", "4", "--batches", "2", "--size", "64",
-                 "--threads", "1", "--out", str(out), "--workdir", str(tmp_path)]) == 0  # fmt: skip
-    assert "DALI-CPU" in capsys.readouterr().out
+    args = ["loader", "--images", "24", "--batch-size", "4", "--batches", "2", "--size", "64", "--workers", "1"]
+    assert main([*args, "--out", str(out), "--workdir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "DALI-CPU" in printed and "host feed" in printed
     record = json.loads(out.read_text())
     rows = {(r["data"], r["recipe"], r["loader"]) for r in record["rows"]}
-    assert rows == {(d, r, loader) for d in ("synthetic", "imagenet-size JPEGs")
-                    for r in ("train", "eval") for loader in ("torch twin", "DALI cpu")}  # fmt: skip
+    loaders = ("host feed", "torch twin", "DALI cpu")
+    assert rows == {(d, r, name) for d in ("synthetic", "imagenet-size JPEGs") for r in ("train", "eval") for name in loaders}
     for row in record["rows"]:
-        assert row["images"] == 8 and row["images_per_s"] == row["images"] / row["seconds"]
+        assert row["workers"] == 1 and row["images"] == 8 and row["images_per_s"] == row["images"] / row["seconds"]
+    if not torch.cuda.is_available():  # the GPU rows are named as missing, with the reason
+        assert [m["row"] for m in record["missing"]] == ["DALI gpu (every data, recipe and worker count)"]
+        assert "missing: DALI gpu" in printed and "CUDA" in record["missing"][0]["reason"]

@@ -1,35 +1,61 @@
-"""``python -m fastloc.bench NAME [options]``: measured speed, printed as a table and saved as JSON.
+"""Measure fastloc's speed: each benchmark prints a table and saves a JSON record.
 
-Each benchmark records the device, the package versions, the command and every raw timing.
-``python -m fastloc.bench NAME --help`` explains a benchmark's options.
+The record holds the device, the package versions, the command, every raw timing, and the rows
+this machine could not produce with the reason (for instance the Triton rows without a GPU).
+
+Examples:
+    python -m fastloc.bench kernels
+    python -m fastloc.bench loader --threads 1 2 4
+    python -m fastloc.bench shard --images 4000
 """
 
 from __future__ import annotations
 
+import difflib
 import shlex
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Union
 
 import tyro
 
 from fastloc.bench import kernels, loader, shard
 
-# benchmark name -> (config class, runner)
-BENCHMARKS = {
+# benchmark name -> (config class, runner(config, command) -> JSON path)
+BENCHMARKS: dict[str, tuple[type, Callable[[Any, str], Path]]] = {
     "shard": (shard.ShardBench, shard.run),
     "kernels": (kernels.KernelBench, kernels.run),
     "loader": (loader.LoaderBench, loader.run),
 }
+PROG = "python -m fastloc.bench"
+
+
+def _subcommands():
+    options = [Annotated[cfg, tyro.conf.subcommand(name)] for name, (cfg, _) in BENCHMARKS.items()]
+    return Union[tuple(options)]  # noqa: UP007 (tyro needs a runtime Union)
+
+
+def unknown_benchmark(name: str) -> str | None:
+    """The error message for a benchmark name that does not exist, None for a known one."""
+    if name in BENCHMARKS:
+        return None
+    close = difflib.get_close_matches(name, BENCHMARKS, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    names = ", ".join(BENCHMARKS)
+    return f"error: unknown benchmark {name!r}{hint}; the benchmarks are {names} ({PROG} --help describes them)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in BENCHMARKS:
-        print(__doc__.strip(), file=sys.stderr)
-        for name, (cfg, _) in BENCHMARKS.items():
-            print(f"  {name:10s} {(cfg.__doc__ or '').strip()}", file=sys.stderr)
-        return 0 if argv[:1] in (["--help"], ["-h"]) else 2
-    cfg_class, runner = BENCHMARKS[argv[0]]
-    cfg = tyro.cli(cfg_class, args=argv[1:], prog=f"python -m fastloc.bench {argv[0]}")
+    if argv and not argv[0].startswith("-") and (message := unknown_benchmark(argv[0])):
+        print(message, file=sys.stderr)
+        return 2
+    try:
+        cfg = tyro.cli(_subcommands(), args=argv, prog=PROG, description=__doc__)
+    except SystemExit as exc:  # --help (0) or a usage error tyro has explained (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    runner = next(run for cls, run in BENCHMARKS.values() if isinstance(cfg, cls))
     print(f"results: {runner(cfg, shlex.join(['python', '-m', 'fastloc.bench', *argv]))}")
     return 0
 

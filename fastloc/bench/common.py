@@ -6,7 +6,8 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -58,13 +59,35 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+@dataclass(frozen=True)
+class MissingRow:
+    """Rows of a benchmark's table that this machine cannot produce, and why."""
+
+    row: str  # the rows as the table would name them, e.g. "patch_mask / triton"
+    reason: str  # e.g. "needs a CUDA device; torch sees none"
+
+
+def cuda_missing_reason() -> str | None:
+    """Why CUDA rows cannot run here (no GPU, or a CPU-only torch); None when a GPU is usable."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return f"needs a CUDA device; this torch {torch.__version__} is a CPU-only build"
+    return "needs a CUDA device; torch sees none on this machine"
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str], missing: Sequence[MissingRow] = ()) -> None:
+    """The rows as aligned columns, then one line per missing row with its reason."""
     cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("  ".join("-" * w for w in widths))
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    for m in missing:
+        print(f"missing: {m.row}: {m.reason}")
 
 
 def _fmt(value: Any) -> str:
@@ -75,8 +98,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_results(name: str, out: Path | None, command: str, payload: dict[str, Any]) -> Path:
-    """The JSON record: device, versions, command, date, and the benchmark's own payload."""
+def write_results(
+    name: str, out: Path | None, command: str, payload: dict[str, Any], missing: Sequence[MissingRow] = ()
+) -> Path:
+    """The JSON record: device, versions, command, date, the benchmark's own payload, and the
+    rows this machine could not produce (``missing``: a list of {row, reason}, empty when none)."""
     stamp = datetime.now(timezone.utc)
     path = out or Path("runs/bench") / f"{name}-{stamp.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +113,7 @@ def write_results(name: str, out: Path | None, command: str, payload: dict[str, 
         "device": device(),
         "versions": versions(),
         **payload,
+        "missing": [asdict(m) for m in missing],
     }
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path

@@ -3,8 +3,9 @@
 Both kernels are memory-bound, so each row reports the bytes the op must move (each input read
 once, each output written once), the achieved GB/s and its share of this device's copy
 bandwidth, measured in the same run (a large device-to-device copy, bytes read + written).
-Contenders: the Triton kernel (CUDA only), the eager torch reference, ``torch.compile`` of the
-reference, and for pooling the original per-patch ``torch.unique`` loop of Patch-Seg.
+Contenders: the Triton kernel (CUDA only: elsewhere its rows are listed as missing, with the
+reason), the eager torch reference, ``torch.compile`` of the reference, and for pooling the
+original per-patch ``torch.unique`` loop of Patch-Seg.
 Aims on an H100: >= 80% of copy bandwidth and >= 5x over the eager reference.
 """
 
@@ -14,11 +15,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from fastloc.bench.common import print_table, write_results
+from fastloc.bench.common import MissingRow, cuda_missing_reason, print_table, write_results
 from fastloc.kernels.label_pool import label_pool_loop, label_pool_reference, label_pool_triton
 from fastloc.kernels.patch_mask import patch_mask_reference, patch_mask_triton
 
@@ -47,8 +48,8 @@ class KernelBench:
     classes: int = 183
     """Classes of the pooling benchmark (COCO-Stuff)."""
 
-    reduction: str = "union"
-    """Pooling reduction: union, majority or global-union."""
+    reduction: Literal["union", "majority", "global-union"] = "union"
+    """Pooling reduction (Patch-Seg's multi-label, multi-class or image-level labels)."""
 
     loop_batch: int = 8
     """Label maps timed with the per-patch torch.unique loop (it is slow); scaled to --batch."""
@@ -66,12 +67,13 @@ class KernelBench:
 def run(cfg: KernelBench, command: str) -> Path:
     # torch.compile(label_pool_reference) graph-breaks at the value check, by design: keep it quiet
     torch._logging.set_logs(dynamo=logging.ERROR)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)  # fmt: skip
+    device = _pick_device(cfg.device)
     repeats = cfg.repeats if device.type == "cuda" else max(3, cfg.repeats // 5)
     gen = torch.Generator(device="cpu").manual_seed(0)
     copy_gbs, copy_times = _copy_bandwidth(device, repeats)
     rows: list[dict[str, Any]] = []
+    missing: list[MissingRow] = []
+    triton_reason = _triton_missing_reason(device)
 
     # --- masking: uint8 images -> M masked, normalized bf16 copies
     b, s, m, p = cfg.batch, cfg.size, cfg.masks, cfg.mask_patch
@@ -79,11 +81,15 @@ def run(cfg: KernelBench, command: str) -> Path:
     keep = (torch.rand(b, m, (s // p) ** 2, generator=gen) < 0.5).to(device)
     args = (images, keep, MEAN, STD, p, torch.bfloat16)
     mask_bytes = images.numel() + keep.numel() + b * m * 3 * s * s * 2
-    contenders = {"eager reference": patch_mask_reference,
-                  "torch.compile(reference)": torch.compile(patch_mask_reference)}  # fmt: skip
-    if device.type == "cuda":
-        contenders = {"triton": patch_mask_triton, **contenders}
+    contenders = {
+        "triton": patch_mask_triton,
+        "eager reference": patch_mask_reference,
+        "torch.compile(reference)": torch.compile(patch_mask_reference),
+    }
     for name, fn in contenders.items():
+        if name == "triton" and triton_reason:
+            missing.append(MissingRow(f"patch_mask / {name}", triton_reason))
+            continue
         rows.append(_row("patch_mask", name, fn, args, mask_bytes, device, repeats, copy_gbs))
 
     # --- label pooling: uint8 label maps -> per-patch multi-hot
@@ -93,17 +99,22 @@ def run(cfg: KernelBench, command: str) -> Path:
     n = (s // p) ** 2
     out_bytes = {"union": b * n * c * 4, "majority": b * n * 8, "global-union": b * c * 4}[cfg.reduction]
     pool_bytes = labels.numel() + out_bytes
-    contenders = {"eager reference": label_pool_reference,
-                  "torch.compile(reference)": torch.compile(label_pool_reference)}  # fmt: skip
-    if device.type == "cuda":
-        contenders = {"triton": label_pool_triton, **contenders}
+    contenders = {
+        "triton": label_pool_triton,
+        "eager reference": label_pool_reference,
+        "torch.compile(reference)": torch.compile(label_pool_reference),
+    }
     for name, fn in contenders.items():
+        if name == "triton" and triton_reason:
+            missing.append(MissingRow(f"label_pool / {name}", triton_reason))
+            continue
         rows.append(_row("label_pool", name, fn, args, pool_bytes, device, repeats, copy_gbs))
     few = labels[: cfg.loop_batch].cpu()
-    loop = _row("label_pool", "per-patch torch.unique loop (original)", label_pool_loop,
-                (few, p, c, cfg.reduction), pool_bytes, torch.device("cpu"), 1, copy_gbs,
-                scale=b / len(few))  # fmt: skip
-    rows.append(loop)
+    loop_args = (few, p, c, cfg.reduction)
+    scale = b / len(few)
+    loop_name = "per-patch torch.unique loop (original)"
+    cpu = torch.device("cpu")
+    rows.append(_row("label_pool", loop_name, label_pool_loop, loop_args, pool_bytes, cpu, 1, copy_gbs, scale))
 
     for op in ("patch_mask", "label_pool"):
         eager = next(r["best_ms"] for r in rows if r["op"] == op and r["impl"] == "eager reference")
@@ -111,20 +122,44 @@ def run(cfg: KernelBench, command: str) -> Path:
             if r["op"] == op:
                 r["speedup_vs_eager"] = eager / r["best_ms"]
     print(f"device: {_device_name(device)}; copy bandwidth {copy_gbs:,.0f} GB/s (read + write)")
-    print_table(rows, ["op", "impl", "best_ms", "GB_per_s", "of_copy_bw", "speedup_vs_eager"])
-    return write_results("kernels", cfg.out, command, {
+    print_table(rows, ["op", "impl", "best_ms", "GB_per_s", "of_copy_bw", "speedup_vs_eager"], missing)
+    payload = {
         "config": {k: str(v) for k, v in cfg.__dict__.items()},
         "device_used": _device_name(device),
-        "copy_bandwidth_GBps": copy_gbs, "copy_times_s": copy_times, "rows": rows,
-    })  # fmt: skip
+        "copy_bandwidth_GBps": copy_gbs,
+        "copy_times_s": copy_times,
+        "rows": rows,
+    }
+    return write_results("kernels", cfg.out, command, payload, missing)
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _triton_missing_reason(device: torch.device) -> str | None:
+    """Why the Triton rows cannot be timed on ``device`` (compiled Triton runs on CUDA only)."""
+    if device.type == "cuda":
+        return None
+    return cuda_missing_reason() or "Triton kernels run on CUDA only; --device cpu was given"
 
 
 def _row(op, impl, fn, args, nbytes, device, repeats, copy_gbs, scale=1.0) -> dict[str, Any]:
     times = [t * scale for t in _time(fn, args, device, repeats)]
     best = min(times)
     gbs = nbytes / best / 1e9
-    return {"op": op, "impl": impl, "bytes": nbytes, "best_ms": best * 1e3, "GB_per_s": gbs,
-            "of_copy_bw": gbs / copy_gbs, "times_s": times, "scaled_from_subset": scale != 1.0}  # fmt: skip
+    return {
+        "op": op,
+        "impl": impl,
+        "bytes": nbytes,
+        "best_ms": best * 1e3,
+        "GB_per_s": gbs,
+        "of_copy_bw": gbs / copy_gbs,
+        "times_s": times,
+        "scaled_from_subset": scale != 1.0,
+    }
 
 
 def _time(fn, args, device: torch.device, repeats: int) -> list[float]:

@@ -1,11 +1,16 @@
-"""``python -m fastloc.bench loader``: images/s of each loader and recipe at several thread counts.
+"""``python -m fastloc.bench loader``: images/s of each loader and recipe at several worker counts.
 
 Data: the synthetic set (192-320 px scenes with labels) and a set of real JPEGs of ImageNet size
 (the ImageNet excerpt in the shared fixtures, replicated; without it, generated 500x375 JPEGs),
-both converted to shards first (untimed). Each row times one pass over ``--batches`` batches
-after one warm-up batch, at ``--size`` px. On a CPU machine the contenders are the DALI pipeline
-with CPU operators and the torch twin at the same thread / worker count (aim: DALI-CPU >= 1.5x);
-on a GPU machine the DALI GPU pipeline too (aim on one H100: >= 5,000 images/s with `train`).
+both converted to shards first (untimed). Each row times ``--batches`` batches after one warm-up
+batch, at ``--size`` px, with ``workers`` host processes (and as many DALI threads). Rows:
+
+- ``host feed``: DALI's input side alone: the host stage (read, check, draw, label) in the
+  workers and DALI's external source, with a pass-through graph instead of decoding. Its rate
+  is the ceiling of the DALI GPU path on this machine's cores (aim: >= 5,000 images/s on a
+  GPU node's cores, so the GPU is never starved);
+- ``torch twin`` and ``DALI cpu``: the two loaders on the CPU (aim: DALI-CPU >= 1.5x the twin);
+- ``DALI gpu`` (CUDA only): nvJPEG and GPU resize (aim on one H100: >= 5,000 images/s, train).
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from fastloc.bench.common import print_table, write_results
+from fastloc.bench.common import MissingRow, cuda_missing_reason, print_table, write_results
 from fastloc.bench.shard import ShardBench, _build_jpeg_folder
 from fastloc.data.config import LoaderConfig
 from fastloc.data.dali_loader import DaliLoader
+from fastloc.data.dali_pipeline import build_pipeline
 from fastloc.data.torch_loader import TorchLoader
 from fastloc.shard.convert import convert
 from fastloc.shard.sources.imagenet import ImagenetConfig
@@ -45,8 +51,8 @@ class LoaderBench:
     size: int = 224
     """Output side in pixels."""
 
-    threads: tuple[int, ...] = (1, 2)
-    """Thread / worker counts to compare (0 would mean the main process for the torch twin)."""
+    workers: tuple[int, ...] = (1, 2)
+    """Host worker process counts to compare (DALI gets as many CPU threads); 0 is the main process."""
 
     workdir: Path | None = None
     """Scratch folder for the shard sets (default: a temporary folder, deleted afterwards)."""
@@ -55,31 +61,55 @@ class LoaderBench:
     """JSON results path (default: runs/bench/loader-DATE.json)."""
 
 
+def _pass_through(spec, jpg, crop, box, out, pads, interp, flip):
+    """The feed-only graph: consumes every input, decodes nothing."""
+    from nvidia.dali import fn, types
+
+    def f(x):
+        return fn.cast(x, dtype=types.FLOAT)
+
+    return fn.cat(f(jpg.shape()), f(crop), box, out, f(pads), f(fn.stack(interp, flip)))
+
+
+class FeedOnly(DaliLoader):
+    """The DALI loader with its graph replaced by a pass-through: what feeding alone costs."""
+
+    def _build(self):
+        return build_pipeline(self.spec, self._feeder, self.cfg.batch_size, self.threads, self.device_id,
+                              graph=_pass_through)  # fmt: skip
+
+
+LOADERS = {
+    "host feed": lambda c: FeedOnly(c, device="cpu"),
+    "torch twin": TorchLoader,
+    "DALI cpu": lambda c: DaliLoader(c, device="cpu"),
+    "DALI gpu": lambda c: DaliLoader(c, device="gpu"),
+}
+
+
 def run(cfg: LoaderBench, command: str) -> Path:
     rows = []
+    no_cuda = cuda_missing_reason()
+    names = [n for n in LOADERS if n != "DALI gpu" or no_cuda is None]
+    missing = [MissingRow("DALI gpu (every data, recipe and worker count)", no_cuda)] if no_cuda else []
     with tempfile.TemporaryDirectory(dir=cfg.workdir) as scratch:
-        work = Path(scratch)
-        sets = _make_sets(work, cfg)
-        backends = [("torch twin", lambda c: TorchLoader(c)), ("DALI cpu", lambda c: DaliLoader(c, device="cpu"))]
-        if torch.cuda.is_available():
-            backends.append(("DALI gpu", lambda c: DaliLoader(c, device="gpu")))
+        sets = _make_sets(Path(scratch), cfg)
         for data, shards in sets.items():
             for recipe in ("train", "eval"):
-                for threads in cfg.threads:
-                    for name, build in backends:
-                        loader_cfg = LoaderConfig(shards=shards, batch_size=cfg.batch_size, size=cfg.size,
-                                                  recipe=recipe, workers=threads, shuffle=True)  # fmt: skip
-                        samples, seconds = _time_epoch(build(loader_cfg), cfg.batches)
-                        rows.append({"data": data, "recipe": recipe, "loader": name, "threads": threads,
+                for workers in cfg.workers:
+                    for name in names:
+                        loader_cfg = LoaderConfig(shards=shards, batch_size=cfg.batch_size, size=cfg.size, recipe=recipe,
+                                                  workers=workers, threads=max(1, workers), shuffle=True)  # fmt: skip
+                        samples, seconds = _time_epoch(LOADERS[name](loader_cfg), cfg.batches)
+                        rows.append({"data": data, "recipe": recipe, "loader": name, "workers": workers,
                                      "images": samples, "seconds": seconds,
                                      "images_per_s": samples / seconds})  # fmt: skip
     summary = _summary(rows)
-    print_table(rows, ["data", "recipe", "loader", "threads", "images", "seconds", "images_per_s"])
+    print_table(rows, ["data", "recipe", "loader", "workers", "images", "seconds", "images_per_s"], missing)
     for line in summary:
         print(line)
-    return write_results("loader", cfg.out, command, {
-        "config": {k: str(v) for k, v in cfg.__dict__.items()}, "rows": rows, "summary": summary,
-    })  # fmt: skip
+    payload = {"config": {k: str(v) for k, v in cfg.__dict__.items()}, "rows": rows, "summary": summary}
+    return write_results("loader", cfg.out, command, payload, missing)
 
 
 def _make_sets(work: Path, cfg: LoaderBench) -> dict[str, Path]:
@@ -104,13 +134,16 @@ def _time_epoch(loader, batches: int) -> tuple[int, float]:
 
 def _summary(rows: list[dict]) -> list[str]:
     lines = []
-    rate = {(r["data"], r["recipe"], r["loader"], r["threads"]): r["images_per_s"] for r in rows}
-    for (data, recipe, loader, threads), value in rate.items():
+    rate = {(r["data"], r["recipe"], r["loader"], r["workers"]): r["images_per_s"] for r in rows}
+    for (data, recipe, loader, workers), value in rate.items():
         if loader == "DALI cpu":
-            twin = rate[(data, recipe, "torch twin", threads)]
-            lines.append(f"{data}, {recipe}, {threads} thread(s): DALI-CPU {value / twin:.2f}x the torch "
-                         f"twin (aim >= 1.5x)")  # fmt: skip
+            twin = rate[(data, recipe, "torch twin", workers)]
+            lines.append(f"{data}, {recipe}, {workers} worker(s): DALI-CPU {value / twin:.2f}x the torch twin (aim >= 1.5x)")
+        if loader == "host feed" and workers >= 1:
+            need = -(-5000 * workers // max(1, int(value)))
+            lines.append(f"{data}, {recipe}, host feed: {value:,.0f} images/s with {workers} worker(s) "
+                         f"(aim >= 5,000: about {need} workers at this rate per worker)")  # fmt: skip
         if loader == "DALI gpu" and recipe == "train":
-            lines.append(f"{data}, train, DALI-GPU: {value:,.0f} images/s (aim >= 5,000 on one H100)")
+            lines.append(f"{data}, train, DALI-GPU, {workers} worker(s): {value:,.0f} images/s (aim >= 5,000 on one H100)")
     return lines
 

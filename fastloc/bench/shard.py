@@ -46,8 +46,7 @@ class ShardBench:
     """Samples of the synthetic set (default image sizes, 192-320 px)."""
 
     jpeg_source: Path | None = None
-    """Folder of real JPEGs to build the folder from (default: the ImageNet excerpt in
-    $FASTLOC_FIXTURES or ../shared/fixtures; without one, generated 500x375 JPEG photos)."""
+    """Folder of real JPEGs to copy (default: the fixtures' ImageNet excerpt; without it, generated JPEGs)."""
 
     processes: int = 0
     """Process count of the parallel runs (0 = all cores)."""

@@ -19,7 +19,6 @@ saved by one resumes in the other.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,10 +33,7 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.nd
     return np.arange(num_samples, dtype=np.int64)
 
 
-@functools.lru_cache(maxsize=2)  # the current epoch and the one the prefetch has reached
-def _share(
-    n: int, seed: int, epoch: int, shuffle: bool, rank: int, world: int, slots: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _share(n: int, seed: int, epoch: int, shuffle: bool, rank: int, world: int, slots: int) -> tuple[np.ndarray, np.ndarray]:
     order = epoch_order(n, seed, epoch, shuffle)
     if slots <= n:  # training: the last n mod world of the order are left out
         taken, valid = order[:slots], np.ones(slots, bool)
@@ -61,6 +57,7 @@ class EpochPlan:
     drop_last: bool = True
 
     def __post_init__(self):
+        object.__setattr__(self, "_shares", {})  # epoch -> share: the current epoch and the next
         n, b, world = self.num_samples, self.batch_size, self.world_size
         if b < 1 or world < 1 or not 0 <= self.rank < world:
             raise ValueError(
@@ -86,11 +83,22 @@ class EpochPlan:
         """This rank's share of ``epoch``: global indices [n] int64 and valid [n] bool (read-only).
         Batch ``p`` takes positions ``[p * batch_size, (p + 1) * batch_size)``; the positions
         after the last batch (training) serve only as replacements."""
-        if self.drop_last:
-            slots = (self.num_samples // self.world_size) * self.world_size
-        else:
-            slots = len(self) * self.world_size * self.batch_size
-        return _share(self.num_samples, self.seed, epoch, self.shuffle, self.rank, self.world_size, slots)
+        if epoch not in self._shares:
+            if self.drop_last:
+                slots = (self.num_samples // self.world_size) * self.world_size
+            else:
+                slots = len(self) * self.world_size * self.batch_size
+            share = _share(self.num_samples, self.seed, epoch, self.shuffle, self.rank, self.world_size, slots)
+            self._shares.update({e: v for e, v in self._shares.items() if e == epoch - 1} | {epoch: share})
+            for stale in [e for e in self._shares if e not in (epoch - 1, epoch)]:
+                del self._shares[stale]
+        return self._shares[epoch]
+
+    def __getstate__(self) -> dict:  # pickled without the cached shares
+        return {k: v for k, v in self.__dict__.items() if k != "_shares"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _shares={})
 
     def positions(self, position: int) -> range:
         """Share positions of batch ``position``."""

@@ -1,36 +1,22 @@
-"""The two recipes, applied identically to an image and its label map (the torch twin's version).
+"""The two recipes (MaskEmbed's rkrc or RandomResizedCrop for training, Patch-Seg's centre square
+for evaluation), applied identically to an image and its label map.
 
-Every recipe is split into three parts, so the DALI twin can reuse the first two as they are:
+Each recipe comes in parts, so that both loaders share all but the image resampling:
 
-1. **Draws** (``draw_rkrc``, ``draw_rrc``): the random parameters of one sample, from
-   ``sample_rng(seed, epoch, g)`` (g = global sample index). They depend on nothing but the
-   sample, so not on the rank or the worker that decodes it.
+1. **Draws** (``draw_rkrc``, ``draw_rrc``): one sample's random parameters, from
+   ``sample_rng(seed, epoch, g)`` (g = global sample index): independent of rank and worker.
 2. **Geometry** (``rkrc_size``, ``center_crop_or_pad``, ``largest_center_square``,
-   ``pil_nearest_indices``): pure integer arithmetic.
-3. **Pixels** (``apply_rkrc``, ``apply_rrc``, ``apply_eval``): PIL resizes for images (the
-   reference pipelines, timm's and Patch-Seg's, run on PIL images) and index gathers for label maps.
-
-Exact resizes:
-
-- **Images** use ``PIL.Image.resize(size, filter)`` with no ``box`` and no ``reducing_gap``:
-  PIL's convolution resampling, antialiased when shrinking (support scaled by the ratio),
-  bicubic with a = -0.5, rounded to uint8. That is what torchvision's ``Resize`` and timm's
-  ``ResizeKeepRatio`` do on PIL images (tests check both). Tensor resizes (torch antialias,
-  DALI) match it only within a few grey levels.
-- **Label maps** are never interpolated: ``out[i, j] = label[ys[i], xs[j]]`` with
-  ``ys = pil_nearest_indices(H, out_h)`` and ``xs = pil_nearest_indices(W, out_w)``, which is
-  exactly ``PIL.Image.resize(size, NEAREST)`` (tests check it). PIL accumulates the source
-  coordinate in float64 (``x = a / 2``, then ``x += a`` per pixel, a = in / out) and truncates;
-  ``floor((i + 0.5) * a)`` and torch's ``nearest-exact`` differ from it wherever
-  ``(i + 0.5) * a`` is an exact integer (e.g. 36 -> 33), so a twin must gather with these tables.
-- **Reflect padding** (rkrc) is ``numpy.pad(mode="reflect")`` (edge pixel not repeated; torch's
-  and DALI's "reflect_101"), the same for image and label map, so it copies label values.
-- **Rounding** is Python's ``round`` (half to even), as in timm: resize sizes
-  ``round(H * f_h / r)`` and centre-crop offsets ``round((size - S) / 2)``.
-
-Outputs: image ``uint8 [3, S, S]`` and label ``int64 [S, S]`` (or None); ``normalize`` turns a
-uint8 batch into float32.
+   ``pil_nearest_indices``): integer arithmetic, rounded half to even as timm does.
+3. **Label maps** (``label_rkrc``, ``label_rrc``, ``label_eval``): index gathers that equal
+   ``PIL.Image.resize(NEAREST)`` exactly (PIL accumulates the source coordinate in float64, so
+   ``floor((i + 0.5) * a)`` and torch's ``nearest-exact`` differ from it at ties, e.g. 36 -> 33),
+   then crop, reflect pad (edge not repeated) and flip. Both loaders use these.
+4. **Image pixels**: PIL for the torch twin (``image_rkrc``, ``image_rrc``, ``image_eval``:
+   the reference pipelines, timm's and Patch-Seg's, on PIL images, bit for bit), or a
+   ``Window`` (crop, box, size, pads, flip) that DALI's tensor resize applies on the GPU, within
+   a few grey levels of PIL.
 """
+
 
 from __future__ import annotations
 
