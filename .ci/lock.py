@@ -52,8 +52,19 @@ def resolve(reqs: list[str]) -> dict:
     """pip's installation report for ``reqs``, resolved as if nothing were installed."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
-                   "--quiet", "--disable-pip-version-check", "--report", str(report), *reqs]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--report",
+            str(report),
+            *reqs,
+        ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0 or not report.is_file():
             raise SystemExit(f"error: pip could not resolve the requirements:\n{result.stderr}")
@@ -69,8 +80,10 @@ def pins(report: dict) -> list[str]:
 def render(report: dict, extras: list[str]) -> str:
     """The lock file's text: header, then the sorted pins (deterministic for one resolution)."""
     env = report["environment"]
-    target = (f"{env['platform_python_implementation']} {env['python_version']} on "
-              f"{env['sys_platform']} {env['platform_machine']}")  # fmt: skip
+    target = (
+        f"{env['platform_python_implementation']} {env['python_version']} on "
+        f"{env['sys_platform']} {env['platform_machine']}"
+    )
     header = [
         "# The lock of fastloc's whole dependency set: every distribution that",
         '# `pip install -e ".[dev]"` installs, transitive ones included. Use it as constraints:',

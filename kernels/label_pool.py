@@ -50,16 +50,18 @@ OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.b
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_args(labels: torch.Tensor, patch_size: int, num_classes: int, reduction: str,
-                out_dtype: torch.dtype) -> None:  # fmt: skip
+def _check_args(
+    labels: torch.Tensor, patch_size: int, num_classes: int, reduction: str, out_dtype: torch.dtype
+) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if labels.dim() != 3 or labels.dtype not in LABEL_DTYPES:
-        raise ValueError(f"labels must be [B, H, W] of {LABEL_DTYPES}, got {labels.dtype} "
-                         f"{tuple(labels.shape)}")  # fmt: skip
+        raise ValueError(f"labels must be [B, H, W] of {LABEL_DTYPES}, got {labels.dtype} {tuple(labels.shape)}")
     if patch_size < 1 or labels.shape[1] < patch_size or labels.shape[2] < patch_size:
-        raise ValueError(f"patch size {patch_size} must be >= 1 and fit the {labels.shape[1]}x"
-                         f"{labels.shape[2]} label map at least once")  # fmt: skip
+        raise ValueError(
+            f"patch size {patch_size} must be >= 1 and fit the {labels.shape[1]}x"
+            f"{labels.shape[2]} label map at least once"
+        )
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if out_dtype not in OUT_DTYPES:
@@ -72,8 +74,7 @@ def _check_values(labels: torch.Tensor, num_classes: int) -> None:
         return
     lo, hi = (int(v) for v in torch.aminmax(labels))
     if lo < 0 or hi >= num_classes:
-        raise ValueError(f"label values must lie in [0, num_classes) = [0, {num_classes}); "
-                         f"found min {lo}, max {hi}")  # fmt: skip
+        raise ValueError(f"label values must lie in [0, num_classes) = [0, {num_classes}); found min {lo}, max {hi}")
 
 
 def _out_shape(labels: torch.Tensor, p: int, num_classes: int, reduction: str) -> tuple[int, ...]:
@@ -86,9 +87,13 @@ def _out_shape(labels: torch.Tensor, p: int, num_classes: int, reduction: str) -
 # ----------------------------------------------------------------------------- reference
 
 
-def label_pool_reference(labels: torch.Tensor, patch_size: int, num_classes: int,
-                         reduction: str = "union", out_dtype: torch.dtype = torch.float32,
-                         ) -> torch.Tensor:  # fmt: skip
+def label_pool_reference(
+    labels: torch.Tensor,
+    patch_size: int,
+    num_classes: int,
+    reduction: str = "union",
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The spec, vectorized: per-patch class counts by ``scatter_add_``, then each rule."""
     _check_args(labels, patch_size, num_classes, reduction, out_dtype)
     _check_values(labels, num_classes)
@@ -111,9 +116,13 @@ def label_pool_reference(labels: torch.Tensor, patch_size: int, num_classes: int
     return present.to(out_dtype)
 
 
-def label_pool_loop(labels: torch.Tensor, patch_size: int, num_classes: int,
-                    reduction: str = "union", out_dtype: torch.dtype = torch.float32,
-                    ) -> torch.Tensor:  # fmt: skip
+def label_pool_loop(
+    labels: torch.Tensor,
+    patch_size: int,
+    num_classes: int,
+    reduction: str = "union",
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The original Patch-Seg reduction: a Python loop with ``torch.unique`` per patch.
 
     Faithful to ``ReduceAnnotation`` except majority, where ``torch.mode`` (tie-break
@@ -158,8 +167,7 @@ def label_pool_loop(labels: torch.Tensor, patch_size: int, num_classes: int,
 
 
 @triton.jit
-def _load_tile(labels_ptr, H, W, HC, WC, GW,
-               P: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):  # fmt: skip
+def _load_tile(labels_ptr, H, W, HC, WC, GW, P: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
     """This program's tile: labels (int32), image b, patch index n and the in-region mask."""
     b = tl.program_id(0).to(tl.int64)
     y = tl.program_id(1) * BLOCK_Y + tl.arange(0, BLOCK_Y)  # [BLOCK_Y] rows
@@ -175,9 +183,17 @@ def _load_tile(labels_ptr, H, W, HC, WC, GW,
 def _union_kernel(
     labels_ptr,  # [B, H, W] uint8 / int16 / int32 / int64, contiguous
     out_ptr,  # [B, N, C], pre-filled: 0 everywhere, 1 at class 0
-    H, W, HC, WC, GW, N, C,  # HC x WC: the whole-patch region; GW patches per row
-    P: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
-):  # fmt: skip
+    H,
+    W,
+    HC,
+    WC,
+    GW,
+    N,
+    C,  # HC x WC: the whole-patch region; GW patches per row
+    P: tl.constexpr,
+    BLOCK_Y: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+):
     lab, b, n, inside = _load_tile(labels_ptr, H, W, HC, WC, GW, P, BLOCK_Y, BLOCK_X)
     row = out_ptr + (b * N + n) * C  # [BLOCK_Y, BLOCK_X] each pixel's patch row
     one = tl.full([BLOCK_Y, BLOCK_X], 1, out_ptr.dtype.element_ty)
@@ -191,9 +207,16 @@ def _union_kernel(
 def _global_union_kernel(
     labels_ptr,  # [B, H, W] uint8 / int16 / int32 / int64, contiguous
     out_ptr,  # [B, C], pre-filled with 0
-    H, W, HC, WC, GW, C,
-    P: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
-):  # fmt: skip
+    H,
+    W,
+    HC,
+    WC,
+    GW,
+    C,
+    P: tl.constexpr,
+    BLOCK_Y: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+):
     lab, b, _, _ = _load_tile(labels_ptr, H, W, HC, WC, GW, P, BLOCK_Y, BLOCK_X)
     one = tl.full([BLOCK_Y, BLOCK_X], 1, out_ptr.dtype.element_ty)
     tl.store(out_ptr + b * C + lab, one, mask=(lab >= 0) & (lab < C))
@@ -203,9 +226,17 @@ def _global_union_kernel(
 def _count_kernel(
     labels_ptr,  # [B, H, W] uint8 / int16 / int32 / int64, contiguous
     counts_ptr,  # [B, N, C] int32, pre-filled with 0
-    H, W, HC, WC, GW, N, C,
-    P: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
-):  # fmt: skip
+    H,
+    W,
+    HC,
+    WC,
+    GW,
+    N,
+    C,
+    P: tl.constexpr,
+    BLOCK_Y: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+):
     lab, b, n, _ = _load_tile(labels_ptr, H, W, HC, WC, GW, P, BLOCK_Y, BLOCK_X)
     one = tl.full([BLOCK_Y, BLOCK_X], 1, tl.int32)
     cell = counts_ptr + (b * N + n) * C + lab  # [BLOCK_Y, BLOCK_X]
@@ -216,9 +247,11 @@ def _count_kernel(
 def _argmax_kernel(
     counts_ptr,  # [R, C] int32, R = B * N patches
     out_ptr,  # [R] int64
-    R, C,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+    R,
+    C,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] patches
     # Per lane (class id modulo BLOCK_C) the best count so far and its id; only a strictly
     # greater count replaces it, so each lane keeps its smallest id among ties.
@@ -248,9 +281,7 @@ _union_tuned = triton.autotune(_pixel_configs(), key=["WC", "C"])(_union_kernel)
 _global_union_tuned = triton.autotune(_pixel_configs(), key=["WC", "C"])(_global_union_kernel)
 # Benchmarking adds into counts again and again; reset_to_zero clears them (and any leftover
 # would only scale every count, which leaves the argmax unchanged).
-_count_tuned = triton.autotune(_pixel_configs(), key=["WC", "C"], reset_to_zero=["counts_ptr"])(
-    _count_kernel
-)
+_count_tuned = triton.autotune(_pixel_configs(), key=["WC", "C"], reset_to_zero=["counts_ptr"])(_count_kernel)
 _argmax_tuned = triton.autotune(
     [
         triton.Config({"BLOCK_R": br, "BLOCK_C": bc}, num_warps=nw)
@@ -265,9 +296,14 @@ _CPU_PIXEL_TILE = {"BLOCK_Y": 64, "BLOCK_X": 128}
 _CPU_ARGMAX_TILE = {"BLOCK_R": 128, "BLOCK_C": 64}
 
 
-def label_pool_triton(labels: torch.Tensor, patch_size: int, num_classes: int,
-                      reduction: str = "union", out_dtype: torch.dtype = torch.float32,
-                      check: bool = False) -> torch.Tensor:  # fmt: skip
+def label_pool_triton(
+    labels: torch.Tensor,
+    patch_size: int,
+    num_classes: int,
+    reduction: str = "union",
+    out_dtype: torch.dtype = torch.float32,
+    check: bool = False,
+) -> torch.Tensor:
     """Launch the Triton kernels (CUDA tensors; CPU tensors need TRITON_INTERPRET=1).
 
     ``check=True`` raises ValueError for labels outside [0, C), at the cost of a host sync.
@@ -318,8 +354,9 @@ def label_pool_triton(labels: torch.Tensor, patch_size: int, num_classes: int,
 
 
 @torch.library.custom_op("fastloc::label_pool", mutates_args=())
-def _label_pool_op(labels: torch.Tensor, patch_size: int, num_classes: int, reduction: str,
-                   out_dtype: torch.dtype, check: bool) -> torch.Tensor:  # fmt: skip
+def _label_pool_op(
+    labels: torch.Tensor, patch_size: int, num_classes: int, reduction: str, out_dtype: torch.dtype, check: bool
+) -> torch.Tensor:
     # Any device without its own kernel (the CPU): the reference, which always checks values.
     return label_pool_reference(labels, patch_size, num_classes, reduction, out_dtype)
 
@@ -336,8 +373,14 @@ def _label_pool_fake(labels, patch_size, num_classes, reduction, out_dtype, chec
     return labels.new_empty(_out_shape(labels, patch_size, num_classes, reduction), dtype=dtype)
 
 
-def label_pool(labels: torch.Tensor, patch_size: int, num_classes: int, reduction: str = "union",
-               out_dtype: torch.dtype = torch.float32, check: bool = False) -> torch.Tensor:  # fmt: skip
+def label_pool(
+    labels: torch.Tensor,
+    patch_size: int,
+    num_classes: int,
+    reduction: str = "union",
+    out_dtype: torch.dtype = torch.float32,
+    check: bool = False,
+) -> torch.Tensor:
     """Pool label maps [B, H, W] per patch via the ``fastloc::label_pool`` op (see module doc).
 
     Returns union [B, N, C] / global-union [B, C] in ``out_dtype``, majority [B, N] int64.

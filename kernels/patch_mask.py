@@ -122,9 +122,18 @@ def _patch_mask_kernel(
     img_ptr,  # [B, 3, H, W] contiguous, uint8 or float
     mask_ptr,  # [B, M, N] contiguous, integer (bool viewed as uint8)
     out_ptr,  # [B * M, 3, H, W] contiguous, output dtype
-    off0, off1, off2,  # float32 per-channel offset
-    sc0, sc1, sc2,  # float32 per-channel scale
-    M, H, W, N, GH, GW,  # runtime sizes; GH, GW = H // P, W // P
+    off0,
+    off1,
+    off2,  # float32 per-channel offset
+    sc0,
+    sc1,
+    sc2,  # float32 per-channel scale
+    M,
+    H,
+    W,
+    N,
+    GH,
+    GW,  # runtime sizes; GH, GW = H // P, W // P
     P: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -159,8 +168,7 @@ def _patch_mask_kernel(
 # last batch. Argument dtypes (uint8 vs float in, fp32 vs bf16 out) are part of the key anyway.
 _patch_mask_kernel_tuned = triton.autotune(
     configs=[
-        triton.Config({"BLOCK": block}, num_warps=warps)
-        for block, warps in ((512, 4), (1024, 4), (2048, 8), (4096, 8))
+        triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in ((512, 4), (1024, 4), (2048, 8), (4096, 8))
     ],
     key=["H", "W"],
 )(_patch_mask_kernel)
@@ -197,8 +205,10 @@ def patch_mask_triton(
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=images.device)
     elif out.shape != shape or out.dtype != out_dtype or out.device != images.device:
-        raise ValueError(f"out must be {list(shape)} {out_dtype} on {images.device}, "
-                         f"got {list(out.shape)} {out.dtype} on {out.device}")  # fmt: skip
+        raise ValueError(
+            f"out must be {list(shape)} {out_dtype} on {images.device}, "
+            f"got {list(out.shape)} {out.dtype} on {out.device}"
+        )
     elif not out.is_contiguous():
         raise ValueError("out must be contiguous")
     if out.numel() == 0:
@@ -206,7 +216,10 @@ def patch_mask_triton(
     offset, scale = normalization_coefficients(mean, std, images.dtype)
     args = (images, masks, out, *offset.tolist(), *scale.tolist(), M, H, W, N, H // p, W // p)
     if images.is_cuda:
-        grid = lambda meta: (B * 3, triton.cdiv(H * W, meta["BLOCK"]))
+
+        def grid(meta):
+            return (B * 3, triton.cdiv(H * W, meta["BLOCK"]))
+
         with torch.cuda.device(images.device):
             _patch_mask_kernel_tuned[grid](*args, P=p)
     else:

@@ -11,10 +11,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import shutil  # noqa: E402
-from pathlib import Path  # noqa: E402
+import shutil
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,8 +43,11 @@ def synthetic(tmp_path_factory) -> Path:
     from fastloc.shard.sources.synthetic import SyntheticConfig
 
     out = tmp_path_factory.mktemp("synthetic")
-    convert(SyntheticConfig(out=out, num_samples=40, shard_samples=7, processes=1, progress=False,
-                            min_size=48, max_size=96, fsync=False))  # fmt: skip
+    convert(
+        SyntheticConfig(
+            out=out, num_samples=40, shard_samples=7, processes=1, progress=False, min_size=48, max_size=96, fsync=False
+        )
+    )
     return out / "synthetic" / "train"
 
 

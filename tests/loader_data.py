@@ -15,7 +15,9 @@ from fastloc.shard.manifest import index_name, write_manifest
 from fastloc.shard.tario import ShardWriter
 
 
-def write_set(root: Path, samples: list[tuple[str, np.ndarray, np.ndarray, int]], num_classes: int, per_shard: int = 6) -> Path:
+def write_set(
+    root: Path, samples: list[tuple[str, np.ndarray, np.ndarray, int]], num_classes: int, per_shard: int = 6
+) -> Path:
     """A shard set of (key, pixels [H, W, 3] uint8, label [H, W], cls) in the fastloc format."""
     root.mkdir(parents=True)
     shards = []
@@ -25,24 +27,50 @@ def write_set(root: Path, samples: list[tuple[str, np.ndarray, np.ndarray, int]]
         chunk = samples[start : start + per_shard]
         for key, pixels, label, cls in chunk:
             h, w = label.shape
-            writer.write(key, [("jpg", encode_jpeg(Image.fromarray(pixels), 95, full_chroma=True)),
-                               ("seg.png", encode_label(key, label, num_classes, (w, h))),
-                               ("cls", str(cls).encode())])  # fmt: skip
+            writer.write(
+                key,
+                [
+                    ("jpg", encode_jpeg(Image.fromarray(pixels), 95, full_chroma=True)),
+                    ("seg.png", encode_label(key, label, num_classes, (w, h))),
+                    ("cls", str(cls).encode()),
+                ],
+            )
         nbytes, sha = writer.close()
         (root / index_name(name)).write_text(writer.index_text())
         shards.append({"tar": name, "index": index_name(name), "samples": len(chunk), "bytes": nbytes, "sha256": sha})
-    write_manifest(root, {
-        "format": "fastloc-shards", "format_version": 1, "dataset": "t", "split": "train",
-        "num_samples": len(samples), "num_shards": len(shards), "shards": shards, "keys": ["jpg", "seg.png", "cls"],
-        "num_classes": num_classes, "classes": [None] * num_classes,
-        "label": {"key": "seg.png", "dtype": str(label_dtype(num_classes)), "unlabeled": 0},
-        "cls": {"key": "cls"}, "txt": None,
-    })  # fmt: skip
+    write_manifest(
+        root,
+        {
+            "format": "fastloc-shards",
+            "format_version": 1,
+            "dataset": "t",
+            "split": "train",
+            "num_samples": len(samples),
+            "num_shards": len(shards),
+            "shards": shards,
+            "keys": ["jpg", "seg.png", "cls"],
+            "num_classes": num_classes,
+            "classes": [None] * num_classes,
+            "label": {"key": "seg.png", "dtype": str(label_dtype(num_classes)), "unlabeled": 0},
+            "cls": {"key": "cls"},
+            "txt": None,
+        },
+    )
     return root
 
 
-PALETTE = np.array([[0, 0, 0], [230, 30, 30], [30, 230, 30], [30, 30, 230], [230, 230, 30], [30, 230, 230],
-                    [230, 30, 230], [240, 240, 240]])  # fmt: skip
+PALETTE = np.array(
+    [
+        [0, 0, 0],
+        [230, 30, 30],
+        [30, 230, 30],
+        [30, 30, 230],
+        [230, 230, 30],
+        [30, 230, 230],
+        [230, 30, 230],
+        [240, 240, 240],
+    ]
+)
 
 
 def block_sample(rng: np.random.Generator, i: int) -> tuple[str, np.ndarray, np.ndarray, int]:

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from loader_data import mean_image_difference, run_epochs, same_samples, spoil
 from PIL import Image
 
 from fastloc.data.config import LoaderConfig, TrainRecipe
@@ -25,7 +26,6 @@ from fastloc.data.transforms import (
     window_rkrc,
     window_rrc,
 )
-from loader_data import mean_image_difference, run_epochs, same_samples, spoil
 
 S = 32
 

@@ -53,7 +53,9 @@ def test_every_rank_gets_the_same_full_batches(n, b, world, seed, epoch, shuffle
 
 
 def test_configurations_that_yield_nothing_are_refused():
-    with pytest.raises(ValueError, match=r"batch_size 8 is larger than each rank's share of 5 samples \(10 samples over 2 ranks\)"):
+    with pytest.raises(
+        ValueError, match=r"batch_size 8 is larger than each rank's share of 5 samples \(10 samples over 2 ranks\)"
+    ):
         EpochPlan(10, 8, world_size=2)
     with pytest.raises(ValueError, match="3 samples cannot be shared by 4 ranks"):
         EpochPlan(3, 1, world_size=4, drop_last=False)

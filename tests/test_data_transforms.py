@@ -39,7 +39,13 @@ S = 32
 
 
 def test_label_resize_is_pil_nearest():
-    for h, w, out_h, out_w in [(36, 79, 33, 33), (288, 298, 33, 50), (5, 7, 32, 32), (224, 224, 224, 100), (301, 97, 37, 518)]:
+    for h, w, out_h, out_w in [
+        (36, 79, 33, 33),
+        (288, 298, 33, 50),
+        (5, 7, 32, 32),
+        (224, 224, 224, 100),
+        (301, 97, 37, 518),
+    ]:
         label = np.arange(h * w, dtype=np.int32).reshape(h, w)
         pil = np.asarray(Image.fromarray(label, mode="I").resize((out_w, out_h), Image.Resampling.NEAREST))
         assert np.array_equal(resize_label(label, out_h, out_w), pil)
@@ -59,8 +65,13 @@ def test_rkrc_size_and_crop_match_timm(monkeypatch):
         h, w, size = (int(v) for v in rng.integers(8, 300, 3))
         u, log_a = float(rng.uniform(0.08, 1.0)), float(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         draws = iter([u, log_a])  # timm draws uniform(scale) first, then uniform(log ratio)
-        monkeypatch.setattr(tt, "random", type("R", (), {"random": staticmethod(lambda: 0.0),
-                            "uniform": staticmethod(lambda lo, hi, d=draws: next(d))}))  # fmt: skip
+        monkeypatch.setattr(
+            tt,
+            "random",
+            type(
+                "R", (), {"random": staticmethod(lambda: 0.0), "uniform": staticmethod(lambda lo, hi, d=draws: next(d))}
+            ),
+        )
         img = Image.new("RGB", (w, h))
         timm_size = tt.ResizeKeepRatio.get_params(img, (size, size), 0.0, 1.0, (0.08, 1.0), True, 1.0, (3 / 4, 4 / 3))
         f, s = 1.0 / math.sqrt(u), math.sqrt(math.exp(log_a))
@@ -73,8 +84,15 @@ def test_rkrc_size_and_crop_match_timm(monkeypatch):
         assert np.array_equal(padded[ours.top : ours.top + S, ours.left : ours.left + S], theirs)
 
 
-@pytest.mark.parametrize("draw", [RkrcDraw(1.0, 1.0, "bilinear", False), RkrcDraw(2.7, 2.7, "bicubic", True),
-                                  RkrcDraw(1.0 / 1.12, 1.12, "bilinear", True), RkrcDraw(1.3 * 1.1, 1.3 / 1.1, "bicubic", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "draw",
+    [
+        RkrcDraw(1.0, 1.0, "bilinear", False),
+        RkrcDraw(2.7, 2.7, "bicubic", True),
+        RkrcDraw(1.0 / 1.12, 1.12, "bilinear", True),
+        RkrcDraw(1.3 * 1.1, 1.3 / 1.1, "bicubic", False),
+    ],
+)
 def test_rkrc_pixels_match_timm(draw):
     """Image and label go through timm's exact PIL pipeline (ResizeKeepRatio's resize, reflect
     CenterCropOrPad, flip), the label with NEAREST; the third case pads the height."""
@@ -88,7 +106,10 @@ def test_rkrc_pixels_match_timm(draw):
         image_t, label_t = apply_rkrc(Image.fromarray(pixels), label, S, draw)
         rh, rw = rkrc_size(h, w, S, draw.f_h, draw.f_w)
         expected = []
-        for im, interp in [(Image.fromarray(pixels), draw.interpolation), (Image.fromarray(label, mode="I"), "nearest")]:
+        for im, interp in [
+            (Image.fromarray(pixels), draw.interpolation),
+            (Image.fromarray(label, mode="I"), "nearest"),
+        ]:
             im = F.resize(im, [rh, rw], F.InterpolationMode(interp))
             im = tt.center_crop_or_pad(im, S, padding_mode="reflect")
             expected.append(np.asarray(F.hflip(im) if draw.flip else im))
@@ -105,12 +126,15 @@ def test_rrc_matches_torchvision_resized_crop():
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         label = np.arange(h * w, dtype=np.int32).reshape(h, w)
         d = draw_rrc(sample_rng(0, 0, h), h, w, recipe)
-        assert 0 <= d.top and d.top + d.height <= h and 0 <= d.left and d.left + d.width <= w
+        assert d.top >= 0 and d.top + d.height <= h and d.left >= 0 and d.left + d.width <= w
         d = RrcDraw(d.top, d.left, d.height, d.width, "bicubic", False)
         image_t, label_t = apply_rrc(Image.fromarray(pixels), label, S, d)
-        ref = F.resized_crop(Image.fromarray(pixels), d.top, d.left, d.height, d.width, [S, S], F.InterpolationMode.BICUBIC)
-        ref_label = F.resized_crop(Image.fromarray(label, mode="I"), d.top, d.left, d.height, d.width, [S, S],
-                                   F.InterpolationMode.NEAREST)  # fmt: skip
+        ref = F.resized_crop(
+            Image.fromarray(pixels), d.top, d.left, d.height, d.width, [S, S], F.InterpolationMode.BICUBIC
+        )
+        ref_label = F.resized_crop(
+            Image.fromarray(label, mode="I"), d.top, d.left, d.height, d.width, [S, S], F.InterpolationMode.NEAREST
+        )
         assert np.array_equal(image_t.permute(1, 2, 0).numpy(), np.asarray(ref))
         assert np.array_equal(label_t.numpy(), np.asarray(ref_label))
 
@@ -138,7 +162,9 @@ def test_rkrc_draws_follow_the_recipe():
     zoom = np.array([math.sqrt(d.f_h * d.f_w) for d in draws])  # f (the aspect factor cancels)
     aspect = np.array([d.f_w / d.f_h for d in draws])  # s^2 = r
     assert 0.4 < np.mean(zoom > 1 + 1e-9) < 0.6 and zoom.max() <= 1 / math.sqrt(0.08) + 1e-9
-    assert 0.4 < np.mean(np.abs(aspect - 1) > 1e-9) < 0.6 and 3 / 4 - 1e-9 <= aspect.min() and aspect.max() <= 4 / 3 + 1e-9
+    assert (
+        0.4 < np.mean(np.abs(aspect - 1) > 1e-9) < 0.6 and aspect.min() >= 3 / 4 - 1e-9 and aspect.max() <= 4 / 3 + 1e-9
+    )
     assert 0.4 < np.mean([d.flip for d in draws]) < 0.6
     assert 0.4 < np.mean([d.interpolation == "bicubic" for d in draws]) < 0.6
     assert draw_rkrc(sample_rng(0, 0, 7), recipe) == draws[7] != draw_rkrc(sample_rng(0, 1, 7), recipe)
@@ -148,8 +174,18 @@ def test_rkrc_draws_follow_the_recipe():
 def test_eval_label_gather_is_pil_nearest(dtype):
     """Awkward sizes, including exact ties where DALI's INTERP_NN and PIL differ (e.g. 36 -> 33)."""
     rng = np.random.default_rng(0)
-    for h, w, size in [(36, 40, 33), (148, 150, 125), (12, 59, 21), (10, 162, 75), (184, 12, 249), (7, 7, 7),
-                       (5, 300, 224), (333, 500, 224), (480, 640, 518), (1, 9, 3)]:  # fmt: skip
+    for h, w, size in [
+        (36, 40, 33),
+        (148, 150, 125),
+        (12, 59, 21),
+        (10, 162, 75),
+        (184, 12, 249),
+        (7, 7, 7),
+        (5, 300, 224),
+        (333, 500, 224),
+        (480, 640, 518),
+        (1, 9, 3),
+    ]:
         label = rng.integers(0, 256 if dtype == np.uint8 else 4096, (h, w), dtype=dtype)
         m = min(h, w)
         left, top = (w - m) // 2, (h - m) // 2

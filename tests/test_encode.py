@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastloc.shard.encode import decode_label, encode_label, parse_jpeg_header, prepare_image
+from fastloc.shard.encode import (
+    MAX_PIXELS_DEFAULT,
+    decode_label,
+    encode_label,
+    jpeg_size,
+    parse_jpeg_header,
+    prepare_image,
+)
 from fastloc.shard.errors import SampleError
 
 
@@ -107,3 +114,33 @@ def test_label_checks():
         encode_label("x", label, 10, (40, 30))
     with pytest.raises(SampleError, match="shape"):
         encode_label("x", np.zeros((30, 40, 3), np.uint8), 10, (40, 30))
+
+
+def _with_size(data: bytes, width: int, height: int) -> bytes:
+    sof = data.index(b"\xff\xc0")
+    return data[: sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[sof + 9 :]
+
+
+def test_pixel_limit_is_checked_from_the_header():
+    small = jpeg()  # 40x30
+    assert jpeg_size(small) == (40, 30) and jpeg_size(b"not a jpeg") is None
+    for width, height in ((50000, 50000), (12000, 12000)):
+        huge = _with_size(small, width, height)
+        assert jpeg_size(huge) == (width, height)
+        for check in ("header", "decode"):
+            with pytest.raises(SampleError, match=f"{width}x{height}.*--max-pixels"):
+                prepare_image("x.jpg", huge, None, check=check)
+    assert MAX_PIXELS_DEFAULT >= 8000 * 8000
+    assert prepare_image("x.jpg", small, None, max_pixels=1200).data == small  # exactly at the limit
+    with pytest.raises(SampleError, match="40x30"):
+        prepare_image("x.jpg", small, None, max_pixels=1199)
+    png = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(png, format="PNG")  # not a JPEG: checked before decoding too
+    with pytest.raises(SampleError, match="9000x9000"):
+        prepare_image("x.jpg", png.getvalue(), None)
+    with pytest.raises(SampleError, match="40x30"):
+        prepare_image("gen", None, np.zeros((30, 40, 3), np.uint8), max_pixels=100)
+    label = encode_label("l.png", np.zeros((30, 40), np.uint8), 5, (40, 30))
+    assert decode_label(label, max_pixels=1200).shape == (30, 40)
+    with pytest.raises(ValueError, match="label PNG is 40x30"):
+        decode_label(label, max_pixels=1000)

@@ -115,8 +115,7 @@ def test_reference_equals_loop(dtype, seed):
     c = [2, 37, 183][seed]
     labels = blocky_labels((2, 45, 38), c, dtype, seed=seed, noise=[0.5, 0.05, 0.0][seed])
     for reduction in REDUCTIONS:
-        assert torch.equal(label_pool_reference(labels, 7, c, reduction),
-                           label_pool_loop(labels, 7, c, reduction))  # fmt: skip
+        assert torch.equal(label_pool_reference(labels, 7, c, reduction), label_pool_loop(labels, 7, c, reduction))
 
 
 def test_union_class_zero_rule_matches_the_original_wording():
@@ -135,9 +134,7 @@ def test_union_class_zero_rule_matches_the_original_wording():
 
 def test_small_examples_by_hand():
     # Two 2x2 patches side by side plus a 1 px border (class 3) on the right and bottom.
-    labels = torch.tensor([[[0, 0, 0, 1, 3],
-                            [0, 0, 2, 2, 3],
-                            [3, 3, 3, 3, 3]]], dtype=torch.uint8)  # fmt: skip
+    labels = torch.tensor([[[0, 0, 0, 1, 3], [0, 0, 2, 2, 3], [3, 3, 3, 3, 3]]], dtype=torch.uint8)
     union = torch.tensor([[[1, 0, 0, 0], [0, 1, 1, 0]]], dtype=torch.float32)  # [B, N, C]
     majority = torch.tensor([[0, 2]])  # patch 2 holds 0, 1, 2, 2: majority 2
     global_union = torch.tensor([[1, 1, 1, 0]], dtype=torch.float32)  # border 3 dropped
@@ -150,8 +147,7 @@ def test_small_examples_by_hand():
 def test_majority_ties_go_to_the_smallest_id():
     assert int(torch.tensor([1, 5, 5, 2], dtype=torch.int32).argmax()) == 1  # first maximum
     # Patches with a two-way tie (3 vs 1, 0 vs 2), a four-way tie, and one with a clear winner.
-    labels = torch.tensor([[[3, 3, 0, 2, 3, 2, 4, 4],
-                            [1, 1, 0, 2, 1, 0, 4, 2]]])  # fmt: skip
+    labels = torch.tensor([[[3, 3, 0, 2, 3, 2, 4, 4], [1, 1, 0, 2, 1, 0, 4, 2]]])
     want = torch.tensor([[1, 0, 0, 4]])
     for fn in (label_pool_reference, label_pool_loop, label_pool_triton):
         assert torch.equal(fn(labels, 2, 5, "majority"), want)
@@ -218,10 +214,12 @@ def test_random_shapes(b, p, h_extra, w_extra, c, dtype, seed, noise):
 def test_out_of_range_labels_raise(dtype, bad):
     labels = torch.zeros(1, 8, 8, dtype=dtype)
     labels[0, 3, 4] = bad
-    calls = [lambda: label_pool_reference(labels, 4, 37, "union"),
-             lambda: label_pool_loop(labels, 4, 37, "majority"),
-             lambda: label_pool(labels, 4, 37, "global-union"),  # the op's CPU path: always
-             lambda: label_pool_triton(labels, 4, 37, "union", check=True)]  # fmt: skip
+    calls = [
+        lambda: label_pool_reference(labels, 4, 37, "union"),
+        lambda: label_pool_loop(labels, 4, 37, "majority"),
+        lambda: label_pool(labels, 4, 37, "global-union"),  # the op's CPU path: always
+        lambda: label_pool_triton(labels, 4, 37, "union", check=True),
+    ]
     for call in calls:
         with pytest.raises(ValueError, match=rf"\[0, 37\).*{bad}"):
             call()
@@ -251,15 +249,16 @@ def test_bad_arguments_raise():
 def test_opcheck(reduction):
     labels = blocky_labels((2, 20, 17), 11, torch.uint8, seed=3)
     for out_dtype in (torch.float32, torch.bool):
-        torch.library.opcheck(torch.ops.fastloc.label_pool.default,
-                              (labels, 4, 11, reduction, out_dtype, False))  # fmt: skip
+        torch.library.opcheck(torch.ops.fastloc.label_pool.default, (labels, 4, 11, reduction, out_dtype, False))
 
 
 def test_compiled_equals_eager():
     def pool(labels):
-        return (label_pool(labels, 7, 37, "union") * 2,
-                label_pool(labels, 7, 37, "majority") + 1,
-                label_pool(labels, 7, 37, "global-union", torch.bool))  # fmt: skip
+        return (
+            label_pool(labels, 7, 37, "union") * 2,
+            label_pool(labels, 7, 37, "majority") + 1,
+            label_pool(labels, 7, 37, "global-union", torch.bool),
+        )
 
     labels = blocky_labels((2, 30, 23), 37, torch.int64, seed=4)
     compiled = torch.compile(pool, fullgraph=True, backend="inductor")

@@ -184,8 +184,7 @@ def test_op_on_cpu_is_the_reference():
     assert torch.equal(patch_mask(images, masks, CLIP_MEAN, CLIP_STD, 14), ref)
     mean_t, std_t = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)  # tensors are accepted too
     assert torch.equal(patch_mask(images, masks, mean_t, std_t, 14), ref)
-    direct = torch.ops.fastloc.patch_mask(images, masks, list(CLIP_MEAN), list(CLIP_STD), 14,
-                                          torch.float32)  # fmt: skip
+    direct = torch.ops.fastloc.patch_mask(images, masks, list(CLIP_MEAN), list(CLIP_STD), 14, torch.float32)
     assert torch.equal(direct, ref)
 
 
@@ -251,8 +250,7 @@ def test_launcher_rejects_wrong_out_buffer():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("B, M, H, W, p", [(256, 3, 224, 224, 16), (5, 3, 384, 384, 14),
-                                           (1, 1, 61, 45, 8)])  # fmt: skip
+@pytest.mark.parametrize("B, M, H, W, p", [(256, 3, 224, 224, 16), (5, 3, 384, 384, 14), (1, 1, 61, 45, 8)])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=["uint8", "float32"])
 def test_gpu_kernel_matches_reference(B, M, H, W, p, dtype, out_dtype):
     """On CUDA: the autotuned kernel (and the op, which dispatches to it) == the reference."""
@@ -262,5 +260,4 @@ def test_gpu_kernel_matches_reference(B, M, H, W, p, dtype, out_dtype):
     out = patch_mask_triton(images, masks, CLIP_MEAN, CLIP_STD, p, out_dtype)
     assert torch.equal(out, ref)
     assert torch.equal(patch_mask(images, masks, CLIP_MEAN, CLIP_STD, p, out_dtype), ref)
-    assert torch.equal(ref.cpu(), patch_mask_reference(images.cpu(), masks.cpu(), CLIP_MEAN,
-                                                       CLIP_STD, p, out_dtype))  # fmt: skip
+    assert torch.equal(ref.cpu(), patch_mask_reference(images.cpu(), masks.cpu(), CLIP_MEAN, CLIP_STD, p, out_dtype))

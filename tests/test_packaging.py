@@ -1,7 +1,8 @@
 """The installed package is the repository's: every subpackage is listed, none leaks to top level."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -37,8 +37,11 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
 def cli_subprocess(*argv, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fastloc.shard", *map(str, argv)],
-        capture_output=True, text=True, timeout=120, cwd=cwd,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
 
 
 def files_under(path: Path) -> list[Path]:
@@ -67,9 +70,11 @@ def imagenet_layout(fixtures: Path, src: Path) -> dict:
     for wnid in (A, B):
         (src / wnid).mkdir(parents=True)
     good = [
-        (A, "n01514668_cock.JPEG"), (A, "n01514859_hen.JPEG"),
-        (B, "n01518878_ostrich.JPEG"), (B, "n01530575_brambling.JPEG"),
-    ]  # fmt: skip
+        (A, "n01514668_cock.JPEG"),
+        (A, "n01514859_hen.JPEG"),
+        (B, "n01518878_ostrich.JPEG"),
+        (B, "n01530575_brambling.JPEG"),
+    ]
     for wnid, name in good:
         (src / wnid / name).symlink_to(sample / name)
     gray = src / B / "n02096051_Airedale.JPEG"  # a real grayscale baseline JPEG
@@ -263,8 +268,9 @@ def ade20k_layout(fixtures: Path, root: Path) -> dict:
 def test_ade20k_label_problems_are_skipped_with_reasons(fixtures, tmp_path, capsys):
     root, out = tmp_path / "ADEChallengeData2016", tmp_path / "out"
     layout = ade20k_layout(fixtures, root)
-    code, stdout, stderr = cli(capsys, "ade20k", "--root", root, "--split", "val", "--out", out,
-                               "--no-progress", "--processes", 1)  # fmt: skip
+    code, stdout, stderr = cli(
+        capsys, "ade20k", "--root", root, "--split", "val", "--out", out, "--no-progress", "--processes", 1
+    )
     assert code == 0, stderr
     assert "Traceback" not in stderr
     split = out / "ade20k" / "val"
@@ -312,8 +318,9 @@ def test_coco_malformed_json_is_a_clean_error(fixtures, tmp_path, capsys, conten
     (root / "val2017").symlink_to(fixtures / "coco-val4" / "val2017")
     instances = root / "annotations" / "instances_val2017.json"
     instances.write_bytes(content)
-    code, _, stderr = cli(capsys, "coco", "--root", root, "--split", "val", "--labels", "json",
-                          "--out", out, "--no-progress")  # fmt: skip
+    code, _, stderr = cli(
+        capsys, "coco", "--root", root, "--split", "val", "--labels", "json", "--out", out, "--no-progress"
+    )
     assert code == 2
     assert stderr.startswith("error:") and str(instances) in stderr and says in stderr, stderr
     assert "Traceback" not in stderr
@@ -325,8 +332,9 @@ def test_coco_malformed_json_in_a_real_process(fixtures, tmp_path):
     (root / "annotations").mkdir(parents=True)
     (root / "val2017").symlink_to(fixtures / "coco-val4" / "val2017")
     (root / "annotations" / "instances_val2017.json").write_text('{"images": [')
-    result = cli_subprocess("coco", "--root", "coco", "--split", "val", "--labels", "json", "--no-progress",
-                            cwd=tmp_path)  # fmt: skip
+    result = cli_subprocess(
+        "coco", "--root", "coco", "--split", "val", "--labels", "json", "--no-progress", cwd=tmp_path
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: coco/annotations/instances_val2017.json"), result.stderr
     assert "Traceback" not in result.stderr
@@ -361,8 +369,24 @@ def test_missing_directory_is_a_clean_error(tmp_path, capsys, monkeypatch, argv)
 @pytest.fixture(scope="module")
 def synthetic_set(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
-    code = main(["synthetic", "--num-samples", "12", "--shard-samples", "4", "--min-size", "48",
-                 "--max-size", "64", "--no-progress", "--processes", "1", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "synthetic",
+            "--num-samples",
+            "12",
+            "--shard-samples",
+            "4",
+            "--min-size",
+            "48",
+            "--max-size",
+            "64",
+            "--no-progress",
+            "--processes",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out / "synthetic" / "train"
 
@@ -406,7 +430,7 @@ def test_verify_names_the_sample_whose_jpg_bytes_changed(shard_set, capsys):
 
 def test_verify_names_a_missing_tar(shard_set, capsys):
     (shard_set / "synthetic-train-000002.tar").unlink()
-    code, stdout, stderr = cli(capsys, "verify", shard_set)
+    code, _, stderr = cli(capsys, "verify", shard_set)
     assert code == 1
     assert any("synthetic-train-000002.tar" in line and "missing" in line for line in fail_lines(stderr)), stderr
 
@@ -417,7 +441,7 @@ def test_verify_names_the_shard_whose_count_differs(shard_set, capsys):
     assert manifest["shards"][1]["samples"] == 4
     manifest["shards"][1]["samples"] = 3
     path.write_text(json.dumps(manifest))
-    code, stdout, stderr = cli(capsys, "verify", shard_set)
+    code, _, stderr = cli(capsys, "verify", shard_set)
     assert code == 1
     lines = fail_lines(stderr)
     assert len(lines) == 1 and "synthetic-train-000001.tar" in lines[0] and "3" in lines[0], stderr
@@ -430,7 +454,7 @@ def test_verify_names_a_corrupt_index(shard_set, capsys):
     fields[1] = str(int(fields[1]) + 512)  # the second sample's jpg offset
     lines[2] = " ".join(fields)
     index.write_text("\n".join(lines) + "\n")
-    code, stdout, stderr = cli(capsys, "verify", shard_set)
+    code, _, stderr = cli(capsys, "verify", shard_set)
     assert code == 1
     lines = fail_lines(stderr)
     assert len(lines) == 1 and index.name in lines[0], stderr
@@ -439,7 +463,7 @@ def test_verify_names_a_corrupt_index(shard_set, capsys):
 def test_verify_rejects_a_malformed_manifest(shard_set, capsys):
     manifest = shard_set / "manifest.json"
     manifest.write_text(manifest.read_text()[:100])  # cut short: not valid JSON
-    code, stdout, stderr = cli(capsys, "verify", shard_set)
+    code, _, stderr = cli(capsys, "verify", shard_set)
     assert code == 2
     assert stderr.startswith("error:") and str(manifest) in stderr, stderr
     assert "Traceback" not in stderr

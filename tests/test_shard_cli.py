@@ -3,6 +3,7 @@
 import ast
 import dataclasses
 import inspect
+import itertools
 import os
 import re
 import shlex
@@ -30,7 +31,7 @@ def field_docstrings(cls) -> dict[str, str]:
             continue
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         body = tree.body[0].body
-        for node, after in zip(body, body[1:]):
+        for node, after in itertools.pairwise(body):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)
@@ -86,11 +87,31 @@ def test_subcommand_help_explains_every_field(name, capsys, monkeypatch):
     assert summary in flat
 
 
+@pytest.mark.parametrize("name", list(SUBCOMMANDS))
+def test_help_texts_flow_as_paragraphs(name, capsys, monkeypatch):
+    """Each field's help is one paragraph that the terminal wraps, not the docstring's source lines:
+    on a terminal wide enough for every text, each one sits on a single line."""
+    monkeypatch.setenv("COLUMNS", "700")
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    captured = capsys.readouterr()
+    rows = [" ".join(normalise(line).split()) for line in (captured.out + captured.err).splitlines()]
+    cls = SUBCOMMANDS[name]
+    for field, doc in field_docstrings(cls).items():
+        text = " ".join(doc.split())
+        assert any(text in row for row in rows), f"{name} --help breaks the text of {field} over lines"
+    summary = " ".join(inspect.getdoc(cls).split("Args:")[0].split())
+    assert any(summary in row for row in rows), f"{name} --help breaks its description over lines"
+
+
 def test_top_level_help_lists_all_subcommands():
     result = subprocess.run(
         [sys.executable, "-m", "fastloc.shard", "--help"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "usage: python -m fastloc.shard" in result.stdout
@@ -110,11 +131,11 @@ def readme_steps() -> list[list[str]]:
 def test_readme_main_job_runs(tmp_path):
     steps = readme_steps()
     assert [step[3] for step in steps] == ["synthetic", "verify", "inspect"]
+
     # The README's exact commands, with its default options: 512 synthetic samples convert in
     # about 5 s on 2 cores, so no smaller --num-samples is needed.
     def run(step):
-        result = subprocess.run([sys.executable, *step[1:]], cwd=tmp_path, capture_output=True, text=True,
-                                timeout=300)  # fmt: skip
+        result = subprocess.run([sys.executable, *step[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"{shlex.join(step)}\n{result.stdout}\n{result.stderr}"
         assert "Traceback" not in result.stderr
         return result

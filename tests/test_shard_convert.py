@@ -18,16 +18,15 @@ import webdataset as wds
 from PIL import Image
 
 from fastloc.shard.convert import convert
-from fastloc.shard.manifest import read_manifest
-from fastloc.shard.verify import verify
 from fastloc.shard.errors import ConversionError, SampleError
+from fastloc.shard.manifest import read_manifest
 from fastloc.shard.sources.synthetic import SyntheticConfig, SyntheticSource
 from fastloc.shard.tario import iter_samples
+from fastloc.shard.verify import verify
 
 
 def small(tmp_path, **kw) -> SyntheticConfig:
-    options = dict(out=tmp_path, num_samples=40, shard_samples=6, processes=1, progress=False,
-                   min_size=48, max_size=80)  # fmt: skip
+    options = dict(out=tmp_path, num_samples=40, shard_samples=6, processes=1, progress=False, min_size=48, max_size=80)
     options.update(kw)
     return SyntheticConfig(**options)
 
@@ -106,17 +105,18 @@ def test_dali_cpu_pipeline_reads_the_shards(tmp_path):
     split = tmp_path / "synthetic" / "train"
     tars = [str(split / s["tar"]) for s in manifest["shards"]]
     reference = {
-        key: {ext: data for ext, _, data in members}
-        for tar in tars for key, members in iter_samples(Path(tar))
-    }  # fmt: skip
+        key: {ext: data for ext, _, data in members} for tar in tars for key, members in iter_samples(Path(tar))
+    }
 
     def read(index_paths):
         @pipeline_def(batch_size=13, num_threads=1, device_id=None)
         def pipe():
             jpg, seg, meta = fn.readers.webdataset(
-                paths=tars, index_paths=index_paths, ext=["jpg", "seg.png", "json"],
+                paths=tars,
+                index_paths=index_paths,
+                ext=["jpg", "seg.png", "json"],
                 missing_component_behavior="error",
-            )  # fmt: skip
+            )
             image = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
             label = fn.decoders.image(seg, device="cpu", output_type=types.ANY_DATA, dtype=types.UINT8)
             return jpg, image, label, meta
@@ -199,8 +199,20 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
 
 def test_killed_process_resumes_to_the_uninterrupted_result(tmp_path):
     """SIGKILL a real conversion mid-way (no chance to clean up), then rerun the same command."""
-    args = ["synthetic", "--num-samples", "300", "--shard-samples", "10", "--processes", "2",
-            "--min-size", "96", "--max-size", "128", "--no-progress"]  # fmt: skip
+    args = [
+        "synthetic",
+        "--num-samples",
+        "300",
+        "--shard-samples",
+        "10",
+        "--processes",
+        "2",
+        "--min-size",
+        "96",
+        "--max-size",
+        "128",
+        "--no-progress",
+    ]
     run = [sys.executable, "-m", "fastloc.shard", *args, "--out", str(tmp_path / "run")]
     split = tmp_path / "run/synthetic/train"
     proc = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -214,8 +226,9 @@ def test_killed_process_resumes_to_the_uninterrupted_result(tmp_path):
     assert not (split / "manifest.json").exists()
 
     subprocess.run(run, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "fastloc.shard", *args, "--out", str(tmp_path / "ref")],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "fastloc.shard", *args, "--out", str(tmp_path / "ref")], check=True, capture_output=True
+    )
     assert tar_digests(split) == tar_digests(tmp_path / "ref/synthetic/train")
     assert stable(read_manifest(split)) == stable(read_manifest(tmp_path / "ref/synthetic/train"))
 

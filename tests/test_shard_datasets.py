@@ -18,10 +18,10 @@ from test_source_coco import coco_api, make_panoptic_layout, paint_expected
 from test_source_imagenet import make_folders, make_tars, wnid_of
 
 from fastloc.shard.convert import convert
-from fastloc.shard.verify import verify
 from fastloc.shard.sources.ade20k import Ade20kConfig
 from fastloc.shard.sources.coco import CocoConfig
 from fastloc.shard.sources.imagenet import ImagenetConfig
+from fastloc.shard.verify import verify
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -111,8 +111,9 @@ def test_ade20k_full_uint16_labels_through_dali(fixtures, tmp_path):
 
     @pipeline_def(batch_size=3, num_threads=1, device_id=None)
     def pipe():
-        seg, meta = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
-                                          ext=["seg.png", "json"])  # fmt: skip
+        seg, meta = fn.readers.webdataset(
+            paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["seg.png", "json"]
+        )
         return fn.decoders.image(seg, device="cpu", output_type=types.ANY_DATA, dtype=types.UINT16), meta
 
     p = pipe()

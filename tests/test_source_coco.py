@@ -88,8 +88,19 @@ def test_coco_stuff_table(fixtures):
     assert len(COCO_STUFF_CLASSES[92:]) == 91
     assert COCO_STUFF_CLASSES[92] == "banner" and COCO_STUFF_CLASSES[182] == "wood"
     assert COCO_STUFF_CLASSES[178:180] == ("water-other", "waterdrops")
-    unused = {12: "street sign", 26: "hat", 29: "shoe", 30: "eye glasses", 45: "plate", 66: "mirror",
-              68: "window", 69: "desk", 71: "door", 83: "blender", 91: "hair brush"}  # fmt: skip
+    unused = {
+        12: "street sign",
+        26: "hat",
+        29: "shoe",
+        30: "eye glasses",
+        45: "plate",
+        66: "mirror",
+        68: "window",
+        69: "desk",
+        71: "door",
+        83: "blender",
+        91: "hair brush",
+    }
     assert {i: COCO_STUFF_CLASSES[i] for i in unused} == unused
     # the official JSON categories agree with the table, id by id
     things = read_json(fixtures / "coco-excerpts/instances_val2017.json_samples.json")["categories"]

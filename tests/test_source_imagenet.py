@@ -164,9 +164,10 @@ def test_truncated_tar_member_is_a_sample_error(sample_files, tmp_path):
     info = source.info()
     assert [path for path, _ in info.unreachable] == [str(tar)]
     items = {i.key: i for i in source.items()}
-    assert source.load(items["n01728572_thunder_snake"]).jpg == (
-        sample_files[0].parent / "n01728572_thunder_snake.JPEG"
-    ).read_bytes()
+    assert (
+        source.load(items["n01728572_thunder_snake"]).jpg
+        == (sample_files[0].parent / "n01728572_thunder_snake.JPEG").read_bytes()
+    )
     with pytest.raises(SampleError) as err:
         source.load(items["n01728572_second"])
     assert err.value.path == f"{tar}::n01728572_second.JPEG" and "truncated" in err.value.reason

@@ -262,3 +262,12 @@ def test_splits_are_different_image_streams():
     train, val = syn.generate(0, 5, split="train"), syn.generate(0, 5, split="val")
     assert train.pixels.shape != val.pixels.shape or not np.array_equal(train.pixels, val.pixels)
     assert np.array_equal(syn.generate(0, 5, split="val").label, val.label)
+
+
+def test_captions_use_an_before_a_vowel():
+    captions = [syn.generate(0, i).caption() for i in range(60)]
+    assert any("an orange " in c for c in captions)  # the case that read "a orange"
+    for c in captions:
+        for article, word in zip(c.split()[:-1], c.split()[1:]):
+            if article in ("a", "an"):
+                assert (article == "an") == (word[0] in "aeiou"), c

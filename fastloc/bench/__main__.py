@@ -5,7 +5,7 @@ this machine could not produce with the reason (for instance the Triton rows wit
 
 Examples:
     python -m fastloc.bench kernels
-    python -m fastloc.bench loader --threads 1 2 4
+    python -m fastloc.bench loader --workers 1 2 4
     python -m fastloc.bench shard --images 4000
 """
 

@@ -20,12 +20,14 @@ from typing import Any, Literal
 import torch
 
 from fastloc.bench.common import MissingRow, cuda_missing_reason, print_table, write_results
+from fastloc.cli import flowing_help
 from fastloc.kernels.label_pool import label_pool_loop, label_pool_reference, label_pool_triton
 from fastloc.kernels.patch_mask import patch_mask_reference, patch_mask_triton
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet (timm's default)
 
 
+@flowing_help
 @dataclass(frozen=True, kw_only=True)
 class KernelBench:
     """Triton masking and label-pooling kernels vs eager / compiled torch references."""

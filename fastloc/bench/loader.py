@@ -22,10 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from fastloc.bench.common import MissingRow, cuda_missing_reason, print_table, write_results
 from fastloc.bench.shard import ShardBench, _build_jpeg_folder
+from fastloc.cli import flowing_help
 from fastloc.data.config import LoaderConfig
 from fastloc.data.dali_loader import DaliLoader
 from fastloc.data.dali_pipeline import build_pipeline
@@ -35,9 +34,10 @@ from fastloc.shard.sources.imagenet import ImagenetConfig
 from fastloc.shard.sources.synthetic import SyntheticConfig
 
 
+@flowing_help
 @dataclass(frozen=True, kw_only=True)
 class LoaderBench:
-    """Loader throughput: DALI (GPU and CPU operators) and the torch twin, per recipe."""
+    """Loader throughput: DALI (GPU and CPU operators), the torch twin and the host feed alone, per recipe."""
 
     images: int = 1024
     """Samples in each shard set (synthetic, and real JPEGs)."""
@@ -75,8 +75,9 @@ class FeedOnly(DaliLoader):
     """The DALI loader with its graph replaced by a pass-through: what feeding alone costs."""
 
     def _build(self):
-        return build_pipeline(self.spec, self._feeder, self.cfg.batch_size, self.threads, self.device_id,
-                              graph=_pass_through)  # fmt: skip
+        return build_pipeline(
+            self.spec, self._feeder, self.cfg.batch_size, self.threads, self.device_id, graph=_pass_through
+        )
 
 
 LOADERS = {
@@ -98,12 +99,27 @@ def run(cfg: LoaderBench, command: str) -> Path:
             for recipe in ("train", "eval"):
                 for workers in cfg.workers:
                     for name in names:
-                        loader_cfg = LoaderConfig(shards=shards, batch_size=cfg.batch_size, size=cfg.size, recipe=recipe,
-                                                  workers=workers, threads=max(1, workers), shuffle=True)  # fmt: skip
+                        loader_cfg = LoaderConfig(
+                            shards=shards,
+                            batch_size=cfg.batch_size,
+                            size=cfg.size,
+                            recipe=recipe,
+                            workers=workers,
+                            threads=max(1, workers),
+                            shuffle=True,
+                        )
                         samples, seconds = _time_epoch(LOADERS[name](loader_cfg), cfg.batches)
-                        rows.append({"data": data, "recipe": recipe, "loader": name, "workers": workers,
-                                     "images": samples, "seconds": seconds,
-                                     "images_per_s": samples / seconds})  # fmt: skip
+                        rows.append(
+                            {
+                                "data": data,
+                                "recipe": recipe,
+                                "loader": name,
+                                "workers": workers,
+                                "images": samples,
+                                "seconds": seconds,
+                                "images_per_s": samples / seconds,
+                            }
+                        )
     summary = _summary(rows)
     print_table(rows, ["data", "recipe", "loader", "workers", "images", "seconds", "images_per_s"], missing)
     for line in summary:
@@ -138,12 +154,17 @@ def _summary(rows: list[dict]) -> list[str]:
     for (data, recipe, loader, workers), value in rate.items():
         if loader == "DALI cpu":
             twin = rate[(data, recipe, "torch twin", workers)]
-            lines.append(f"{data}, {recipe}, {workers} worker(s): DALI-CPU {value / twin:.2f}x the torch twin (aim >= 1.5x)")
+            lines.append(
+                f"{data}, {recipe}, {workers} worker(s): DALI-CPU {value / twin:.2f}x the torch twin (aim >= 1.5x)"
+            )
         if loader == "host feed" and workers >= 1:
             need = -(-5000 * workers // max(1, int(value)))
-            lines.append(f"{data}, {recipe}, host feed: {value:,.0f} images/s with {workers} worker(s) "
-                         f"(aim >= 5,000: about {need} workers at this rate per worker)")  # fmt: skip
+            lines.append(
+                f"{data}, {recipe}, host feed: {value:,.0f} images/s with {workers} worker(s) "
+                f"(aim >= 5,000: about {need} workers at this rate per worker)"
+            )
         if loader == "DALI gpu" and recipe == "train":
-            lines.append(f"{data}, train, DALI-GPU, {workers} worker(s): {value:,.0f} images/s (aim >= 5,000 on one H100)")
+            lines.append(
+                f"{data}, train, DALI-GPU, {workers} worker(s): {value:,.0f} images/s (aim >= 5,000 on one H100)"
+            )
     return lines
-

@@ -28,6 +28,7 @@ from PIL import Image
 
 import fastloc
 from fastloc.bench.common import print_table, time_runs, write_results
+from fastloc.cli import flowing_help
 from fastloc.shard.convert import convert
 from fastloc.shard.sources.imagenet import ImagenetConfig
 from fastloc.shard.sources.synthetic import SyntheticConfig, draw_scene
@@ -35,6 +36,7 @@ from fastloc.shard.sources.synthetic import SyntheticConfig, draw_scene
 CLASSES = 10  # class folders in the generated ImageNet-style layout
 
 
+@flowing_help
 @dataclass(frozen=True, kw_only=True)
 class ShardBench:
     """Conversion throughput of python -m fastloc.shard against PIL re-encoding and cp."""
@@ -79,30 +81,70 @@ def run(cfg: ShardBench, command: str) -> Path:
 
         def row(workload, method, procs, count, times, size=None):
             best = min(times)
-            rows.append({"workload": workload, "method": method, "processes": procs, "images": count,
-                         "best_s": best, "images_per_s": count / best,
-                         "MB_per_s": size / best / 1e6 if size else None, "times_s": times})  # fmt: skip
+            rows.append(
+                {
+                    "workload": workload,
+                    "method": method,
+                    "processes": procs,
+                    "images": count,
+                    "best_s": best,
+                    "images_per_s": count / best,
+                    "MB_per_s": size / best / 1e6 if size else None,
+                    "times_s": times,
+                }
+            )
 
         for method, fsync in (("fastloc pass-through", True), ("fastloc pass-through --no-fsync", False)):
             for procs in sorted({1, processes}):
-                folder = ImagenetConfig(src=src, out=out, processes=procs, shard_samples=per_shard,
-                                        progress=False, fsync=fsync)  # fmt: skip
-                row("jpeg-folder", method, procs, cfg.images,
-                    time_runs(lambda c=folder: _quiet(convert, c), cfg.repeats, clear), nbytes)  # fmt: skip
-        row("jpeg-folder", "PIL decode+re-encode", 1, cfg.images,
-            time_runs(lambda: _pil_baseline(src, out), cfg.repeats, clear), nbytes)  # fmt: skip
+                folder = ImagenetConfig(
+                    src=src, out=out, processes=procs, shard_samples=per_shard, progress=False, fsync=fsync
+                )
+                row(
+                    "jpeg-folder",
+                    method,
+                    procs,
+                    cfg.images,
+                    time_runs(lambda c=folder: _quiet(convert, c), cfg.repeats, clear),
+                    nbytes,
+                )
+        row(
+            "jpeg-folder",
+            "PIL decode+re-encode",
+            1,
+            cfg.images,
+            time_runs(lambda: _pil_baseline(src, out), cfg.repeats, clear),
+            nbytes,
+        )
         copy = ["cp", "-r", str(src), str(out)]
-        row("jpeg-folder", "cp -r", 1, cfg.images,
-            time_runs(lambda: subprocess.run(copy, check=True), cfg.repeats, clear), nbytes)  # fmt: skip
+        row(
+            "jpeg-folder",
+            "cp -r",
+            1,
+            cfg.images,
+            time_runs(lambda: subprocess.run(copy, check=True), cfg.repeats, clear),
+            nbytes,
+        )
         # like for like: fastloc waits for its bytes to reach the disk (fsync), so does this one
-        row("jpeg-folder", "cp -r; sync", 1, cfg.images,
-            time_runs(lambda: (subprocess.run(copy, check=True), os.sync()), cfg.repeats, clear), nbytes)  # fmt: skip
+        row(
+            "jpeg-folder",
+            "cp -r; sync",
+            1,
+            cfg.images,
+            time_runs(lambda: (subprocess.run(copy, check=True), os.sync()), cfg.repeats, clear),
+            nbytes,
+        )
         synth_per_shard = max(1, math.ceil(cfg.synthetic / (4 * processes)))
         for procs in sorted({1, processes}):
-            synth = SyntheticConfig(num_samples=cfg.synthetic, out=out, processes=procs,
-                                    shard_samples=synth_per_shard, progress=False)  # fmt: skip
-            row("synthetic", "fastloc generate+encode", procs, cfg.synthetic,
-                time_runs(lambda c=synth: _quiet(convert, c), cfg.repeats, clear))  # fmt: skip
+            synth = SyntheticConfig(
+                num_samples=cfg.synthetic, out=out, processes=procs, shard_samples=synth_per_shard, progress=False
+            )
+            row(
+                "synthetic",
+                "fastloc generate+encode",
+                procs,
+                cfg.synthetic,
+                time_runs(lambda c=synth: _quiet(convert, c), cfg.repeats, clear),
+            )
 
     cp_rate = next(r["images_per_s"] for r in rows if r["method"] == "cp -r")
     for r in rows:
@@ -112,11 +154,18 @@ def run(cfg: ShardBench, command: str) -> Path:
     summary = _summary(rows, processes)
     for line in summary:
         print(line)
-    return write_results("shard", cfg.out, command, {
-        "config": {k: str(v) for k, v in cfg.__dict__.items()},
-        "jpeg_folder": {"files": cfg.images, "bytes": nbytes, "source": source_note},
-        "processes": processes, "rows": rows, "summary": summary,
-    })  # fmt: skip
+    return write_results(
+        "shard",
+        cfg.out,
+        command,
+        {
+            "config": {k: str(v) for k, v in cfg.__dict__.items()},
+            "jpeg_folder": {"files": cfg.images, "bytes": nbytes, "source": source_note},
+            "processes": processes,
+            "rows": rows,
+            "summary": summary,
+        },
+    )
 
 
 def _summary(rows: list[dict], processes: int) -> list[str]:
@@ -124,16 +173,22 @@ def _summary(rows: list[dict], processes: int) -> list[str]:
     cp = rate[("jpeg-folder", "cp -r", 1)]
     cp_sync = rate[("jpeg-folder", "cp -r; sync", 1)]
     lines = []
-    for method, baseline, name in (("fastloc pass-through", cp_sync, "cp + sync"),
-                                   ("fastloc pass-through --no-fsync", cp, "cp")):  # fmt: skip
+    for method, baseline, name in (
+        ("fastloc pass-through", cp_sync, "cp + sync"),
+        ("fastloc pass-through --no-fsync", cp, "cp"),
+    ):
         for procs in sorted({1, processes}):
             ratio = rate[("jpeg-folder", method, procs)]
-            lines.append(f"{method}, {procs} process(es): {ratio / cp:.0%} of cp's rate (aim >= 50%), "
-                         f"{ratio / baseline:.0%} of {name}")  # fmt: skip
+            lines.append(
+                f"{method}, {procs} process(es): {ratio / cp:.0%} of cp's rate (aim >= 50%), "
+                f"{ratio / baseline:.0%} of {name}"
+            )
     if processes > 1:
-        for workload, method in (("jpeg-folder", "fastloc pass-through"),
-                                 ("jpeg-folder", "fastloc pass-through --no-fsync"),
-                                 ("synthetic", "fastloc generate+encode")):  # fmt: skip
+        for workload, method in (
+            ("jpeg-folder", "fastloc pass-through"),
+            ("jpeg-folder", "fastloc pass-through --no-fsync"),
+            ("synthetic", "fastloc generate+encode"),
+        ):
             speedup = rate[(workload, method, processes)] / rate[(workload, method, 1)]
             lines.append(f"{workload}, {method}: {speedup:.2f}x from 1 to {processes} processes (aim >= 1.8x for 2)")
     return lines

@@ -28,7 +28,7 @@ from fastloc.data.batch import Batch
 from fastloc.data.config import LoaderConfig
 from fastloc.data.dali_pipeline import INPUTS, Spec, build_pipeline
 from fastloc.data.samples import HostBatch, HostFailure
-from fastloc.data.stream import EpochLoader, LoaderState
+from fastloc.data.stream import EpochLoader, LoaderState, release
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
@@ -98,6 +98,7 @@ class DaliLoader(EpochLoader):
 
     def close(self) -> None:
         if self._feeder is not None:  # stop the workers now: the pipeline (and its feeder) may live until a gc
+            release(self._feeder.host)
             self._feeder.host = None
         self._pipe, self._feeder, self._pipe_t = None, None, -1
 
@@ -129,7 +130,7 @@ class DaliLoader(EpochLoader):
         while True:
             try:
                 (images,) = self._run(self._pipe)
-            except Exception as exc:  # noqa: BLE001 -- a sample that does not decode fails its batch's run
+            except Exception as exc:
                 if feeder.failure is not None:
                     self.close()
                     feeder.failure.raise_()
@@ -172,7 +173,7 @@ class DaliLoader(EpochLoader):
                 pipe.feed_input(name, host.windows[name][i : i + 1])
             try:
                 self._run(pipe)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 found[g] = f"jpg does not decode ({self.device} DALI): {error_reason(exc)}"
                 pipe = None  # a failed pipeline is rebuilt
         return found

@@ -3,10 +3,11 @@
 Everything that decides *what* to compute (the order, the random draws, the geometry, the label
 maps) is done on the host by ``samples.py``, identically for both loaders; this graph only
 makes the pixels: decode each window's crop (``decoders.image_slice``: nvJPEG with
-``device="gpu"``, libjpeg-turbo with ``"cpu"``; rkrc's crop is the whole image), resize its box to its size (the drawn interpolation, antialiased), reflect-pad to S x S
-(slices, flips and a concatenation: the edge pixel is not repeated, torchvision's ``reflect``),
-and flip and normalize in ``crop_mirror_normalize``: (x - 255 mean) / (255 std), CHW float32,
-or CHW uint8 without normalization.
+``device="gpu"``, libjpeg-turbo with ``"cpu"``; rkrc's crop is the whole image), resize its
+box to its size (the drawn interpolation, antialiased), reflect-pad to S x S (slices, flips and
+a concatenation: the edge pixel is not repeated, torchvision's ``reflect``), and flip and
+normalize in ``crop_mirror_normalize``: (x - 255 mean) / (255 std), CHW float32, or CHW uint8
+without normalization.
 """
 
 from __future__ import annotations

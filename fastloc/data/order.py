@@ -33,7 +33,9 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.nd
     return np.arange(num_samples, dtype=np.int64)
 
 
-def _share(n: int, seed: int, epoch: int, shuffle: bool, rank: int, world: int, slots: int) -> tuple[np.ndarray, np.ndarray]:
+def _share(
+    n: int, seed: int, epoch: int, shuffle: bool, rank: int, world: int, slots: int
+) -> tuple[np.ndarray, np.ndarray]:
     order = epoch_order(n, seed, epoch, shuffle)
     if slots <= n:  # training: the last n mod world of the order are left out
         taken, valid = order[:slots], np.ones(slots, bool)

@@ -128,7 +128,9 @@ class SampleReader:
             raise ValueError(f"unknown train recipe kind {cfg.train.kind!r}")
         unknown = [n for n in cfg.train.interpolations if n not in INTERPOLATIONS]
         if unknown or not cfg.train.interpolations:
-            raise ValueError(f"unknown interpolations {unknown or cfg.train.interpolations}; choose from {sorted(INTERPOLATIONS)}")
+            raise ValueError(
+                f"unknown interpolations {unknown or cfg.train.interpolations}; choose from {sorted(INTERPOLATIONS)}"
+            )
         self.shards, self.cfg, self.plan, self.pixels = shards, cfg, plan, pixels
         self.exts = ("jpg",) + (("seg.png",) if labels else ()) + (("cls",) if cls else ())
         manifest = shards.manifest
@@ -162,7 +164,7 @@ class SampleReader:
         if self.pixels:
             try:
                 pil = decode_image(data["jpg"])
-            except Exception as exc:  # noqa: BLE001 (PIL raises many types)
+            except Exception as exc:
                 return Skipped(shard, key, f"jpg does not decode: {exc}")
             if recipe == "eval":
                 image = image_eval(pil, size)
@@ -185,7 +187,7 @@ class SampleReader:
         if "seg.png" in data:
             try:
                 label = decode_label(data["seg.png"])  # [H, W] uint8 or uint16, lossless
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 return f"seg.png does not decode: {exc}"
             if label.dtype != self.label_dtype or label.shape != (height, width):
                 return (

@@ -15,7 +15,7 @@ import torch
 from fastloc.data.batch import Batch
 from fastloc.data.config import LoaderConfig
 from fastloc.data.samples import HostFailure
-from fastloc.data.stream import EpochLoader, LoaderState
+from fastloc.data.stream import EpochLoader, LoaderState, release
 
 
 class TorchLoader(EpochLoader):
@@ -29,6 +29,7 @@ class TorchLoader(EpochLoader):
         self._host_t = -1
 
     def close(self) -> None:
+        release(self._host)
         self._host, self._host_t = None, -1  # the DataLoader iterator stops its workers when dropped
 
     def __iter__(self) -> Iterator[Batch]:

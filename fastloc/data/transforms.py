@@ -17,7 +17,6 @@ Each recipe comes in parts, so that both loaders share all but the image resampl
    a few grey levels of PIL.
 """
 
-
 from __future__ import annotations
 
 import functools

@@ -2,20 +2,25 @@
 
 The output of ``convert`` depends only on the source and the options, never on the number of
 processes: the plan fixes every shard's samples, each shard is written by one process, and the
-manifest lists shards in plan order. An interrupted run (Ctrl-C, SIGKILL, a requeued job)
-leaves only complete shards behind; rerunning the same command writes the missing ones.
+manifest lists shards in plan order. An interrupted run (Ctrl-C, SIGKILL, a requeued job, a full
+disk) leaves only complete shards behind; rerunning the same command writes the missing ones.
+
+Safety rules: the split folder never overlaps the input (it is refused before anything is
+written); one conversion at a time holds the split folder's lock; and fastloc deletes only the
+files it writes (the manifest, its work folder, and tar, index and partial files named like this
+split's shards), so nothing a user put there is ever removed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import multiprocessing as mp
 import os
 import platform
-import shutil
+import re
 import signal
-import sys
 import threading
 import time
 from collections import Counter
@@ -25,127 +30,378 @@ from typing import Any
 
 import numpy as np
 import PIL
-from tqdm import tqdm
 
 import fastloc
-from fastloc.shard.config import ConvertConfig
+from fastloc.shard.config import ConvertConfig, check_path_name
 from fastloc.shard.encode import label_dtype
 from fastloc.shard.errors import ConversionError
 from fastloc.shard.jsonfile import read_json_object
+from fastloc.shard.lock import split_lock
 from fastloc.shard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, write_manifest
 from fastloc.shard.plan import ShardPlan, cut_shards, fingerprint, order_items
+from fastloc.shard.progress import Progress
 from fastloc.shard.sources.base import SourceInfo
 from fastloc.shard.tario import atomic_write
+from fastloc.shard.words import plural
 from fastloc.shard.writer import (
-    WORK_DIR, ShardRecord, StrictStop, Ticker, partial_path, record_path, write_shard,
-)  # fmt: skip
+    WORK_DIR,
+    ShardRecord,
+    StrictStop,
+    Ticker,
+    partial_path,
+    record_path,
+    write_shard,
+)
 
-tqdm.monitor_interval = 0  # no monitor thread: worker pools are forked after bars existed
+PLAN_FILE = "plan.json"
 
 
 def convert(cfg: ConvertConfig, command: str | None = None) -> dict[str, Any]:
     """Convert the dataset ``cfg`` describes; returns the manifest (also written to disk)."""
     started = time.perf_counter()
+    cfg.validate()
     source = cfg.source()
     info = source.info()
     dataset = cfg.name or info.dataset
+    check_path_name("the dataset name", dataset)
+    check_path_name("--split", info.split)
     split_dir = Path(cfg.out) / dataset / info.split
+    refuse_overlap(split_dir, info.inputs)
     items = order_items(source.items(), cfg)
     if not items:
         raise ConversionError(f"{info.source}: no samples found")
     plans = cut_shards(items, cfg, dataset, info.split)
-    digest = fingerprint(cfg, info, plans)
+    run = _Run(cfg, source, info, dataset, split_dir, plans, fingerprint(cfg, info, plans), len(items), command)
+    run.started = started  # the report's time includes listing the source
 
-    done = _prepare_output(split_dir, digest, cfg, len(plans))
-    if done is None:
-        print(f"{split_dir}: already converted with these options (manifest present); nothing to do")
-        return read_manifest(split_dir)
-    pending = [p for p in plans if p.name not in done]
-    initial = sum(len(p.items) for p in plans if p.name in done)
-    if done:
-        print(f"{split_dir}: resuming, {len(done)} of {len(plans)} shards already complete")
-
+    created: list[Path] = []  # folders this run made: removed again if they end up empty
     try:
-        records = _run(pending, source, info, cfg, split_dir, len(items), initial)
-    except StrictStop as stop:
-        _remove_output(split_dir)
-        raise ConversionError(
-            f"--strict: {stop.path}: {stop.reason}; stopped and removed the partial output in {split_dir}"
-        ) from None
-    except KeyboardInterrupt:
-        for plan in pending:
-            partial_path(split_dir, plan.name).unlink(missing_ok=True)
-        finished = sum(1 for p in plans if record_path(split_dir, p.name).exists())
-        raise ConversionError(
-            f"interrupted with {finished} of {len(plans)} shards complete in {split_dir}; "
-            "rerun the same command to resume"
-        ) from None
-    done.update(records)
-    ordered = [done[p.name] for p in plans]
-    manifest = _manifest(dataset, info, cfg, ordered, digest, len(items), command)
-    write_manifest(split_dir, manifest)
-    shutil.rmtree(split_dir / WORK_DIR)
-    _print_report(manifest, ordered, split_dir, time.perf_counter() - started)
+        _make_dirs(split_dir, created)
+        with split_lock(split_dir, cfg.wait):
+            try:
+                manifest = run.locked()
+            except OSError as error:
+                run.discard_partials()
+                raise _output_error(error, run) from None
+    except OSError as error:  # making the folders or the lock file
+        raise _output_error(error, run) from None
+    finally:
+        _remove_empty(created)
     return manifest
 
 
-# --- output folder: fresh, resumed, finished or conflicting -------------------------------------
+# --- overlap, names, folders -------------------------------------------------------------------
 
 
-def _prepare_output(split_dir: Path, digest: str, cfg: ConvertConfig, num_shards: int) -> dict | None:
-    """Records of shards already complete (empty for a fresh start), or None if all is done."""
-    work = split_dir / WORK_DIR
-    plan_file = work / "plan.json"
-    if (split_dir / MANIFEST).exists() and not cfg.overwrite:
-        manifest = read_manifest(split_dir)
-        if manifest.get("conversion", {}).get("fingerprint") == digest:
-            return None
+def refuse_overlap(split_dir: Path, inputs: tuple[str, ...]) -> None:
+    """The split folder must not be, hold, or lie inside any input (symbolic links resolved):
+    writing or --overwrite there could destroy source data."""
+    out = Path(split_dir).resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        if out == src:
+            how = "is the input"
+        elif out.is_relative_to(src):
+            how = "lies inside the input"
+        elif src.is_relative_to(out):
+            how = "holds the input"
+        else:
+            continue
         raise ConversionError(
-            f"{split_dir} holds a finished conversion made with other options or data; "
-            "pass --overwrite to replace it, or choose another --out/--name"
+            f"the output split folder {split_dir} {how} {given}: writing there could overwrite or delete "
+            "source data; choose an --out (or --name) outside the input"
         )
-    if plan_file.exists() and not cfg.overwrite:
+
+
+class ShardNames:
+    """The names of the files a conversion of one split writes, and nothing else."""
+
+    def __init__(self, dataset: str, split: str):
+        stem = re.escape(f"{dataset}-{split}-")
+        self._shard = re.compile(rf"{stem}\d{{6,}}\.(?:tar|idx)")
+        self._partial = re.compile(rf"\.(?:{stem}\d{{6,}}\.(?:tar|idx)|{re.escape(MANIFEST)})\.partial")
+
+    def is_shard(self, name: str) -> bool:
+        return self._shard.fullmatch(name) is not None
+
+    def owns(self, name: str) -> bool:
+        return name == MANIFEST or self.is_shard(name) or self.is_partial(name)
+
+    def is_partial(self, name: str) -> bool:
+        return self._partial.fullmatch(name) is not None
+
+
+def _make_dirs(split_dir: Path, created: list[Path]) -> None:
+    missing = []
+    for folder in (split_dir, *split_dir.parents):
+        if folder.is_dir():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        created.append(folder)
+
+
+def _remove_empty(created: list[Path]) -> None:
+    for folder in reversed(created):  # deepest first
         try:
-            plan = read_json_object(plan_file, "work plan")
-        except ConversionError as exc:
-            raise ConversionError(f"{exc}; pass --overwrite to start again") from None
-        if plan.get("fingerprint") != digest:
-            raise ConversionError(
-                f"{split_dir} holds an unfinished conversion made with other options or data; "
-                "rerun it with its original options to resume, or pass --overwrite"
-            )
-    elif cfg.overwrite:
-        _remove_output(split_dir)
-    elif split_dir.exists() and any(split_dir.glob("*.tar")):
-        raise ConversionError(f"{split_dir} already holds tar files not made by this conversion; pass --overwrite")
-
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write(plan_file, json.dumps({"fingerprint": digest, "shards": num_shards}))
-    for stale in split_dir.glob(".*.partial"):  # left by a killed run
-        stale.unlink()
-    done = {}
-    for path in work.glob("*.tar.json"):
-        try:
-            record = ShardRecord.load(path)
-        except (OSError, ValueError, TypeError, KeyError):
-            continue  # an unreadable record: that shard is simply written again
-        tar = split_dir / record.name
-        if record.samples == 0 or (tar.exists() and tar.stat().st_size == record.bytes):
-            done[record.name] = record
-    return done
-
-
-def _remove_output(split_dir: Path) -> None:
-    """Delete what a conversion writes in ``split_dir`` (and nothing else)."""
-    if not split_dir.exists():
-        return
-    for pattern in ("*.tar", "*.idx", MANIFEST, ".*.partial"):
-        for path in split_dir.glob(pattern):
-            path.unlink()
-    shutil.rmtree(split_dir / WORK_DIR, ignore_errors=True)
-    for folder in (split_dir, split_dir.parent):  # the split folder, then the dataset folder
-        if folder.exists() and not any(folder.iterdir()):
             folder.rmdir()
+        except OSError:
+            break  # not empty (the conversion wrote something), or already gone
+
+
+def _remove_files(folder: Path, owned) -> None:
+    """Delete the plain files (or links) of ``folder`` whose name ``owned`` accepts."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if owned(path.name) and (path.is_symlink() or not path.is_dir()):
+            path.unlink(missing_ok=True)
+
+
+def _is_work_file(name: str) -> bool:
+    """What writer.py and this module keep in the work folder (records, plan, their partials)."""
+    return re.fullmatch(r"\.?(?:plan\.json|.+\.tar\.json)(?:\.partial)?", name) is not None
+
+
+def _remove_work(split_dir: Path) -> None:
+    work = split_dir / WORK_DIR
+    _remove_files(work, _is_work_file)
+    try:
+        work.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:  # it holds something fastloc did not write: leave it
+        pass
+
+
+def remove_output(split_dir: Path, names: ShardNames) -> None:
+    """Delete what a conversion of this split writes in ``split_dir``, and nothing else."""
+    _remove_files(split_dir, names.owns)
+    _remove_work(split_dir)
+
+
+# --- one conversion, holding the split folder's lock ------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Run:
+    cfg: ConvertConfig
+    source: Any
+    info: SourceInfo
+    dataset: str
+    split_dir: Path
+    plans: list[ShardPlan]
+    digest: str
+    planned: int
+    command: str | None
+
+    def __post_init__(self):
+        self.names = ShardNames(self.dataset, self.info.split)
+        self.started = time.perf_counter()
+
+    def locked(self) -> dict[str, Any]:
+        done = self.prepare()
+        if done is None:
+            return self.finished()
+        pending = [p for p in self.plans if p.name not in done]
+        initial = sum(len(p.items) for p in self.plans if p.name in done)
+        if done:
+            print(f"{self.split_dir}: resuming, {len(done)} of {plural(len(self.plans), 'shard')} already complete")
+        done.update(self.write(pending, initial))
+        ordered = [done[p.name] for p in self.plans]
+        manifest = _manifest(self.dataset, self.info, self.cfg, ordered, self.digest, self.planned, self.command)
+        if manifest["num_samples"] == 0:
+            _print_report(manifest, self.split_dir, time.perf_counter() - self.started)
+            remove_output(self.split_dir, self.names)  # a rerun starts afresh
+            raise ConversionError(_empty_result(manifest, self.split_dir))
+        write_manifest(self.split_dir, manifest)
+        _remove_work(self.split_dir)
+        _print_report(manifest, self.split_dir, time.perf_counter() - self.started)
+        return manifest
+
+    def prepare(self) -> dict[str, ShardRecord] | None:
+        """Records of the shards already complete (empty for a fresh start), or None when a finished
+        conversion with these options is there."""
+        cfg, split_dir, names = self.cfg, self.split_dir, self.names
+        work = split_dir / WORK_DIR
+        plan_file = work / PLAN_FILE
+        foreign = sorted(p.name for p in split_dir.glob("*.tar") if not names.is_shard(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ConversionError(
+                f"{split_dir} holds tar files that this conversion does not write ({shown}); fastloc leaves "
+                "them alone (--overwrite too): move them away or choose another --out or --name"
+            )
+        if cfg.overwrite:
+            remove_output(split_dir, names)
+        if (split_dir / MANIFEST).exists():
+            try:
+                manifest = read_manifest(split_dir)
+            except ConversionError as exc:
+                raise ConversionError(f"{exc}; pass --overwrite to convert this split again") from None
+            if manifest.get("conversion", {}).get("fingerprint") == self.digest:
+                return None
+            raise ConversionError(
+                f"{split_dir} holds a finished conversion made with other options or data; pass --overwrite "
+                "to replace it (only the files fastloc wrote are deleted), or choose another --out/--name"
+            )
+        if plan_file.exists():
+            try:
+                plan = read_json_object(plan_file, "work plan")
+            except ConversionError as exc:
+                raise ConversionError(f"{exc}; pass --overwrite to start again") from None
+            if plan.get("fingerprint") != self.digest:
+                raise ConversionError(
+                    f"{split_dir} holds an unfinished conversion made with other options or data; "
+                    "rerun it with its original options to resume, or pass --overwrite"
+                )
+        elif any(names.is_shard(p.name) for p in split_dir.glob("*.tar")):
+            raise ConversionError(
+                f"{split_dir} already holds shards of another, unrecorded conversion; pass --overwrite to "
+                "replace them (only files named like this split's shards and its manifest are deleted)"
+            )
+        return self.start_work()
+
+    def start_work(self) -> dict[str, ShardRecord]:
+        split_dir = self.split_dir
+        work = split_dir / WORK_DIR
+        work.mkdir(exist_ok=True)
+        atomic_write(work / PLAN_FILE, json.dumps({"fingerprint": self.digest, "shards": len(self.plans)}))
+        _remove_files(split_dir, self.names.is_partial)  # left by a killed run
+        done = {}
+        for path in work.glob("*.tar.json"):
+            try:
+                record = ShardRecord.load(path)
+            except (OSError, ValueError, TypeError, KeyError):
+                continue  # an unreadable record: that shard is simply written again
+            tar = split_dir / record.name
+            if record.samples == 0 or (tar.exists() and tar.stat().st_size == record.bytes):
+                done[record.name] = record
+        return done
+
+    def finished(self) -> dict[str, Any]:
+        """A finished set with these options: nothing to do, unless shards it lists are gone."""
+        manifest = read_manifest(self.split_dir)
+        if not manifest["shards"] or not manifest["num_samples"]:  # written by an older fastloc
+            raise ConversionError(
+                f"{self.split_dir}: the conversion there holds no samples (an empty result is not a result); "
+                "pass --overwrite to convert the split again"
+            )
+        damaged = [s for s in manifest["shards"] if _shard_damaged(self.split_dir, s)]
+        if not damaged:
+            print(f"{self.split_dir}: already converted with these options (manifest present); nothing to do")
+            return manifest
+        shown = ", ".join(s["tar"] for s in damaged[:5]) + (", ..." if len(damaged) > 5 else "")
+        print(
+            f"{self.split_dir}: already converted, but {plural(len(damaged), 'shard')} of the manifest "
+            f"{'is' if len(damaged) == 1 else 'are'} missing or not of the recorded size ({shown}); "
+            "writing them again"
+        )
+        by_name = {p.name: p for p in self.plans}
+        unknown = [s["tar"] for s in damaged if s["tar"] not in by_name]
+        if unknown:
+            raise ConversionError(
+                f"{self.split_dir}: the manifest lists shards this conversion does not plan "
+                f"({', '.join(unknown[:3])}); pass --overwrite to convert the split again"
+            )
+        todo = [by_name[s["tar"]] for s in damaged]
+        self.start_work()
+        records = self.write(todo, self.planned - sum(len(p.items) for p in todo))
+        _remove_work(self.split_dir)
+        changed = [
+            s["tar"]
+            for s in damaged
+            if (records[s["tar"]].samples, records[s["tar"]].bytes, records[s["tar"]].sha256)
+            != (s["samples"], s["bytes"], s["sha256"])
+        ]
+        if changed:
+            raise ConversionError(
+                f"{self.split_dir}: rewritten {', '.join(changed[:3])} differ{'s' if len(changed) == 1 else ''} "
+                "from the manifest: the source changed since the conversion; pass --overwrite to convert it again"
+            )
+        print(f"{self.split_dir}: {plural(len(todo), 'shard')} written again; the set matches its manifest")
+        return manifest
+
+    def write(self, pending: list[ShardPlan], initial: int) -> dict[str, ShardRecord]:
+        """Write the pending shards; Ctrl-C and --strict stops become ConversionErrors."""
+        split_dir = self.split_dir
+        try:
+            return _run(pending, self.source, self.info, self.cfg, split_dir, self.planned, initial)
+        except StrictStop as stop:
+            remove_output(split_dir, self.names)
+            raise ConversionError(
+                f"--strict: {stop.path}: {stop.reason}; stopped and removed the partial output in {split_dir}"
+            ) from None
+        except KeyboardInterrupt:
+            self.discard_partials()
+            finished = sum(1 for p in self.plans if record_path(split_dir, p.name).exists())
+            raise ConversionError(
+                f"interrupted with {finished} of {plural(len(self.plans), 'shard')} complete in {split_dir}; "
+                "rerun the same command to resume"
+            ) from None
+
+    def discard_partials(self) -> None:
+        """Delete the half-written shards of workers that were stopped (they also hold disk space)."""
+        for plan in self.plans:
+            try:
+                partial_path(self.split_dir, plan.name).unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+def _shard_damaged(split_dir: Path, shard: dict[str, Any]) -> bool:
+    try:
+        size = (split_dir / shard["tar"]).stat().st_size
+    except OSError:
+        return True
+    return size != shard["bytes"] or not (split_dir / shard["index"]).is_file()
+
+
+def _output_error(error: OSError, run: _Run) -> ConversionError:
+    """``PATH: PROBLEM`` of a failed write, what to do, and that a rerun resumes."""
+    where = error.filename or run.split_dir
+    problem = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = "free some space there"
+    elif error.errno == errno.EROFS:
+        todo = "choose another --out (or make it writable)"
+    elif error.errno in (errno.EACCES, errno.EPERM):
+        todo = "fix the permissions or choose another --out"
+    else:
+        todo = "fix this"
+    try:
+        complete = sum(1 for p in run.plans if record_path(run.split_dir, p.name).exists())
+    except OSError:
+        complete = 0
+    if complete:
+        resume = (
+            f"then rerun the same command to resume: the {complete} of {plural(len(run.plans), 'shard')} "
+            "already complete are kept"
+        )
+    else:
+        resume = "then rerun the same command"
+    return ConversionError(f"{where}: {problem}; {todo}, {resume}")
+
+
+def _empty_result(manifest: dict[str, Any], split_dir: Path) -> str:
+    report = manifest["report"]
+    skipped = report["skipped_samples"]
+    reasons = Counter(entry["reason"] for entry in skipped)
+    why = ""
+    if reasons:
+        reason, count = reasons.most_common(1)[0]
+        if count == len(skipped):
+            why = f", all for one reason: {reason}"
+        elif count > 1:
+            why = f"; the most common reason ({count} of {len(skipped)}): {reason}"
+        else:
+            why = f", each for its own reason, e.g. {skipped[0]['path']}: {skipped[0]['reason']}"
+    return (
+        f"{split_dir}: no sample could be converted: all {plural(report['planned'], 'planned sample')} "
+        f"were skipped{why}. Nothing was published (an empty set is not a result); the skipped samples are "
+        "listed above"
+    )
 
 
 # --- running the shards ------------------------------------------------------------------------
@@ -161,8 +417,7 @@ def _init_worker(source, info, cfg, split_dir, queue) -> None:
 def _work(plan: ShardPlan) -> ShardRecord:
     ticker = Ticker(_WORKER["queue"].put)
     try:
-        return write_shard(plan, _WORKER["source"], _WORKER["info"], _WORKER["cfg"],
-                           _WORKER["split_dir"], ticker)  # fmt: skip
+        return write_shard(plan, _WORKER["source"], _WORKER["info"], _WORKER["cfg"], _WORKER["split_dir"], ticker)
     finally:
         ticker.flush()
 
@@ -177,16 +432,15 @@ def _run(pending, source, info, cfg, split_dir, total, initial) -> dict[str, Sha
         ctx = mp.get_context("fork")
         queue = ctx.Queue()
         pool = ctx.Pool(processes, _init_worker, (source, info, cfg, split_dir, queue))
-    bar = tqdm(total=total, initial=initial, unit="img", desc=split_dir.name, file=sys.stderr,
-               disable=not cfg.progress, mininterval=0.5, smoothing=0.05)  # fmt: skip
+    progress = Progress(total, initial, f"{split_dir.parent.name}/{split_dir.name}", enabled=cfg.progress)
     try:
         if pool is None:
-            ticker = Ticker(bar.update)
+            ticker = Ticker(progress.update)
             for plan in pending:
                 records[plan.name] = write_shard(plan, source, info, cfg, split_dir, ticker)
             ticker.flush()
             return records
-        listener = threading.Thread(target=_listen, args=(queue, bar), daemon=True)
+        listener = threading.Thread(target=_listen, args=(queue, progress), daemon=True)
         listener.start()
         try:
             for record in pool.imap_unordered(_work, pending):
@@ -201,19 +455,26 @@ def _run(pending, source, info, cfg, split_dir, total, initial) -> dict[str, Sha
             listener.join()
         return records
     finally:
-        bar.close()
+        progress.close()
 
 
-def _listen(queue, bar) -> None:
+def _listen(queue, progress) -> None:
     while (n := queue.get()) is not None:
-        bar.update(n)
+        progress.update(n)
 
 
 # --- manifest and report -----------------------------------------------------------------------
 
 
-def _manifest(dataset: str, info: SourceInfo, cfg: ConvertConfig, records: list[ShardRecord],
-              digest: str, planned: int, command: str | None) -> dict[str, Any]:  # fmt: skip
+def _manifest(
+    dataset: str,
+    info: SourceInfo,
+    cfg: ConvertConfig,
+    records: list[ShardRecord],
+    digest: str,
+    planned: int,
+    command: str | None,
+) -> dict[str, Any]:
     published = [r for r in records if r.samples]
     keys = ["jpg"] + ["seg.png"] * info.has_label + ["cls"] * info.has_cls + ["txt"] * info.has_txt + ["json"]
     reencoded = [x for r in records for x in r.reencoded]
@@ -221,8 +482,7 @@ def _manifest(dataset: str, info: SourceInfo, cfg: ConvertConfig, records: list[
     label = None
     if info.has_label:
         dtype = label_dtype(info.num_classes).name
-        label = {"key": "seg.png", "format": f"single-channel {dtype} PNG", "dtype": dtype,
-                 **info.label_encoding}  # fmt: skip
+        label = {"key": "seg.png", "format": f"single-channel {dtype} PNG", "dtype": dtype, **info.label_encoding}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -265,11 +525,13 @@ def _manifest(dataset: str, info: SourceInfo, cfg: ConvertConfig, records: list[
     }
 
 
-def _print_report(manifest: dict[str, Any], records: list[ShardRecord], split_dir: Path, seconds: float) -> None:
+def _print_report(manifest: dict[str, Any], split_dir: Path, seconds: float) -> None:
     report = manifest["report"]
     size = sum(s["bytes"] for s in manifest["shards"])
-    print(f"{split_dir}: {manifest['num_samples']} samples in {manifest['num_shards']} shards "
-          f"({size / 1e6:.1f} MB) in {seconds:.1f} s")  # fmt: skip
+    print(
+        f"{split_dir}: {plural(manifest['num_samples'], 'sample')} in {plural(manifest['num_shards'], 'shard')} "
+        f"({size / 1e6:.1f} MB) in {seconds:.1f} s"
+    )
     print(f"  converted {report['converted']}, re-encoded {report['reencoded']}, skipped {report['skipped']}")
     for reason, count in report["reencoded_by_reason"].items():
         print(f"  re-encoded {count}: {reason}")

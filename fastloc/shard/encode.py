@@ -5,7 +5,8 @@ near copy speed. A JPEG passes through untouched when a GPU decoder takes it as 
 (or extended) Huffman coding, 8-bit, one (grayscale) or three (YCbCr) components, with its
 end-of-image marker present. Everything else that PIL can decode (CMYK/YCCK, progressive, 12-bit,
 arithmetic coding, PNG or other formats named .jpg) is re-encoded as a baseline JPEG, and the
-reason is counted in the report. What PIL cannot decode is a ``SampleError``.
+reason is counted in the report. What PIL cannot decode is a ``SampleError``, and so is an image
+whose header announces more than ``max_pixels`` pixels (checked before anything is decoded).
 """
 
 from __future__ import annotations
@@ -19,13 +20,32 @@ from PIL import Image, UnidentifiedImageError
 
 from fastloc.shard.errors import SampleError
 
+# The default pixel limit (width x height) of one image, applied from the header at conversion,
+# by verify and inspect, and by the loaders when they read shards: 64 Mpixels (8000 x 8000) is
+# generous for photographs (a 50-megapixel camera image fits; COCO's are at most 640 x 640,
+# ADE20K's few thousand pixels a side) and stops absurd headers (12000 x 12000 would decode to
+# 432 MB of RGB) before anything is decoded.
+MAX_PIXELS_DEFAULT = 64_000_000
+# Pillow refuses to open larger images at all (twice its decompression-bomb threshold): the
+# largest value a pixel limit may take.
+MAX_PIXELS_CAP = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+
 # Start-of-frame markers and the coding they announce (ITU T.81, table B.1).
 _SOF_NAMES = {
-    0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive", 0xC3: "lossless",
-    0xC5: "hierarchical", 0xC6: "hierarchical", 0xC7: "hierarchical",
-    0xC9: "arithmetic", 0xCA: "arithmetic", 0xCB: "arithmetic",
-    0xCD: "arithmetic", 0xCE: "arithmetic", 0xCF: "arithmetic",
-}  # fmt: skip
+    0xC0: "baseline",
+    0xC1: "extended",
+    0xC2: "progressive",
+    0xC3: "lossless",
+    0xC5: "hierarchical",
+    0xC6: "hierarchical",
+    0xC7: "hierarchical",
+    0xC9: "arithmetic",
+    0xCA: "arithmetic",
+    0xCB: "arithmetic",
+    0xCD: "arithmetic",
+    0xCE: "arithmetic",
+    0xCF: "arithmetic",
+}
 _STANDALONE = {0x01, 0xD8} | set(range(0xD0, 0xD8))  # markers without a length field
 
 
@@ -89,6 +109,19 @@ def parse_jpeg_header(data: bytes) -> JpegHeader:
     return JpegHeader(width, height, components, precision, coding, adobe)
 
 
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, or None when the data is no well-formed JPEG.
+
+    Read without Pillow, which refuses to even open images above its own limit: this lets a caller
+    name the size of an absurd header instead of reporting Pillow's error.
+    """
+    try:
+        header = parse_jpeg_header(data)
+    except ValueError:
+        return None
+    return header.width, header.height
+
+
 def reencode_reason(header: JpegHeader, keep_progressive: bool) -> str | None:
     """Why this JPEG cannot pass through, or None when it can."""
     if header.coding == "progressive" and not keep_progressive:
@@ -116,14 +149,31 @@ class EncodedImage:
     reencoded: str | None  # reason for re-encoding, None when passed through or generated
 
 
-def _decode(data: bytes, path: str) -> Image.Image:
-    """Fully decode with PIL; any failure is a SampleError naming the file."""
+def pixel_problem(width: int, height: int, max_pixels: int | None) -> str | None:
+    """Why an image of this size is refused, or None when it is within the limit."""
+    if max_pixels is None or width * height <= max_pixels:
+        return None
+    return (
+        f"image is {width}x{height} = {width * height / 1e6:.1f} Mpixels, over the limit of "
+        f"{max_pixels / 1e6:.1f} Mpixels (--max-pixels {max_pixels})"
+    )
+
+
+def _decode(data: bytes, path: str, max_pixels: int | None = MAX_PIXELS_DEFAULT) -> Image.Image:
+    """Fully decode with PIL after checking the size in the header; any failure is a SampleError."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides
             image = Image.open(io.BytesIO(data))
+            problem = pixel_problem(image.width, image.height, max_pixels)
+            if problem is not None:
+                raise SampleError(path, problem)
             image.load()
         return image
+    except SampleError:
+        raise
+    except Image.DecompressionBombError as exc:  # beyond what Pillow opens at all
+        raise SampleError(path, f"image too large to open: {exc}") from None
     except UnidentifiedImageError:  # its message shows the BytesIO object, not the problem
         raise SampleError(path, "cannot decode image: not in an image format Pillow can read") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
@@ -139,8 +189,9 @@ def encode_jpeg(image: Image.Image, quality: int, full_chroma: bool = False) -> 
     if image.mode not in ("L", "RGB"):
         image = image.convert("L" if image.mode in ("1", "I", "I;16", "F", "LA") else "RGB")
     out = io.BytesIO()
-    image.save(out, format="JPEG", quality=quality, progressive=False, optimize=False,
-               subsampling=0 if full_chroma else -1)  # fmt: skip
+    image.save(
+        out, format="JPEG", quality=quality, progressive=False, optimize=False, subsampling=0 if full_chroma else -1
+    )
     return out.getvalue()
 
 
@@ -152,9 +203,17 @@ def prepare_image(
     check: str = "header",
     keep_progressive: bool = False,
     quality: int = 95,
+    max_pixels: int | None = MAX_PIXELS_DEFAULT,
 ) -> EncodedImage:
-    """The `jpg` member of a sample: source bytes untouched where possible, else re-encoded."""
+    """The `jpg` member of a sample: source bytes untouched where possible, else re-encoded.
+
+    Images over ``max_pixels`` (width x height, read from the header) are a SampleError.
+    """
     if pixels is not None:
+        height, width = pixels.shape[:2]
+        problem = pixel_problem(width, height, max_pixels)
+        if problem is not None:
+            raise SampleError(path, problem)
         image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
         return EncodedImage(encode_jpeg(image, quality, full_chroma=True), image.width, image.height, None)
     if not data:
@@ -164,14 +223,17 @@ def prepare_image(
             header = parse_jpeg_header(data)
         except ValueError as exc:
             raise SampleError(path, f"corrupt JPEG: {exc}") from None
+        problem = pixel_problem(header.width, header.height, max_pixels)
+        if problem is not None:
+            raise SampleError(path, problem)
         reason = reencode_reason(header, keep_progressive)
         if reason is None:
             if check == "decode":
-                _decode(data, path)
+                _decode(data, path, max_pixels)
             return EncodedImage(data, header.width, header.height, None)
     else:
         reason = None  # decided below from what PIL finds
-    image = _decode(data, path)
+    image = _decode(data, path, max_pixels)
     if reason is None:
         reason = f"{image.format or 'unknown'} data named as JPEG"
     return EncodedImage(encode_jpeg(image, quality), image.width, image.height, reason)
@@ -192,9 +254,7 @@ def encode_label(path: str, label: np.ndarray, num_classes: int, size: tuple[int
     if label.ndim != 2:
         raise SampleError(path, f"label map has shape {label.shape}, expected [H, W]")
     if label.shape != (height, width):
-        raise SampleError(
-            path, f"label map is {label.shape[1]}x{label.shape[0]} but the image is {width}x{height}"
-        )
+        raise SampleError(path, f"label map is {label.shape[1]}x{label.shape[0]} but the image is {width}x{height}")
     if not np.issubdtype(label.dtype, np.integer):
         raise SampleError(path, f"label map has non-integer dtype {label.dtype}")
     lo, hi = int(label.min()), int(label.max())
@@ -208,9 +268,16 @@ def encode_label(path: str, label: np.ndarray, num_classes: int, size: tuple[int
     return out.getvalue()
 
 
-def decode_label(data: bytes) -> np.ndarray:
-    """[H, W] uint8 or uint16 from a label PNG written by ``encode_label``."""
+def decode_label(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """[H, W] uint8 or uint16 from a label PNG written by ``encode_label``.
+
+    With ``max_pixels``, a PNG whose header announces more pixels is a ValueError, raised before
+    anything is decoded.
+    """
     image = Image.open(io.BytesIO(data))
+    problem = pixel_problem(image.width, image.height, max_pixels)
+    if problem is not None:
+        raise ValueError(problem.replace("image is", "label PNG is", 1))
     if image.mode not in ("L", "I;16", "I"):
         raise ValueError(f"label PNG has mode {image.mode}, expected single-channel")
     array = np.asarray(image)

@@ -13,8 +13,7 @@ from fastloc.shard.tario import atomic_write
 FORMAT = "fastloc-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_REQUIRED = ("format", "format_version", "dataset", "split", "num_samples", "shards", "keys",
-             "classes", "num_classes")  # fmt: skip
+_REQUIRED = ("format", "format_version", "dataset", "split", "num_samples", "shards", "keys", "classes", "num_classes")
 _REQUIRED_SHARD = ("tar", "index", "samples", "bytes", "sha256")
 
 
@@ -50,7 +49,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{path}: format {manifest['format']!r} v{manifest['format_version']} "
             f"is not {FORMAT!r} <= v{FORMAT_VERSION}"
         )
+    if not isinstance(manifest["shards"], list):
+        raise ConversionError(f"{path}: 'shards' is not a list")
     for i, shard in enumerate(manifest["shards"]):
         if not isinstance(shard, dict) or any(k not in shard for k in _REQUIRED_SHARD):
             raise ConversionError(f"{path}: shard entry {i} lacks one of {_REQUIRED_SHARD}")
+        for key in ("tar", "index"):  # files of the split folder: never a path out of it
+            name = shard[key]
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise ConversionError(f"{path}: shard entry {i} names {key} {name!r}, not a file of the split folder")
+        if not all(isinstance(shard[k], int) and shard[k] >= 0 for k in ("samples", "bytes")):
+            raise ConversionError(f"{path}: shard entry {i} has a bad sample or byte count")
     return manifest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from fastloc.shard.manifest import shard_name
 from fastloc.shard.sources.base import Item, SourceInfo
 
 # Options that change how the work runs but not what it produces.
-_RUN_ONLY = ("processes", "progress", "overwrite", "strict", "out", "fsync")
+_RUN_ONLY = ("processes", "progress", "overwrite", "strict", "out", "fsync", "wait")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class ShardPlan:
 def order_items(items: list[Item], cfg: ConvertConfig) -> list[Item]:
     """Sorted by key, then (optionally) a seeded global shuffle, then the --limit prefix."""
     items = sorted(items, key=lambda item: item.key)
-    for a, b in zip(items, items[1:]):
+    for a, b in itertools.pairwise(items):
         if a.key == b.key:
             raise ConversionError(f"two samples share the key {a.key!r}: {a.ref!r} and {b.ref!r}")
         if "." in a.key or "/" in a.key:
@@ -57,9 +58,7 @@ def cut_shards(items: list[Item], cfg: ConvertConfig, dataset: str, split: str) 
     size = 0
     for item in items:
         full = (
-            len(current) >= cfg.shard_samples
-            if cfg.shard_samples is not None
-            else size + item.size > cfg.shard_bytes
+            len(current) >= cfg.shard_samples if cfg.shard_samples is not None else size + item.size > cfg.shard_bytes
         )
         if current and full:
             groups.append(current)
@@ -68,19 +67,20 @@ def cut_shards(items: list[Item], cfg: ConvertConfig, dataset: str, split: str) 
         size += item.size
     if current:
         groups.append(current)
-    return [
-        ShardPlan(i, shard_name(dataset, split, i), tuple(group)) for i, group in enumerate(groups)
-    ]
+    return [ShardPlan(i, shard_name(dataset, split, i), tuple(group)) for i, group in enumerate(groups)]
 
 
 def fingerprint(cfg: ConvertConfig, info: SourceInfo, plans: list[ShardPlan]) -> str:
     """A digest of everything that determines the output; a resume must match it."""
-    options = {
-        k: str(v) for k, v in dataclasses.asdict(cfg).items() if k not in _RUN_ONLY
-    }
+    options = {k: str(v) for k, v in dataclasses.asdict(cfg).items() if k not in _RUN_ONLY}
     h = hashlib.sha256()
-    h.update(json.dumps({"options": options, "config": type(cfg).__name__,
-                         "info": dataclasses.asdict(info)}, sort_keys=True, default=str).encode())  # fmt: skip
+    h.update(
+        json.dumps(
+            {"options": options, "config": type(cfg).__name__, "info": dataclasses.asdict(info)},
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     for plan in plans:
         h.update(f"{plan.name}\n".encode())
         for item in plan.items:

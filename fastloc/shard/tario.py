@@ -25,6 +25,13 @@ INDEX_VERSION = "v1.2"
 _BLOCK = tarfile.BLOCKSIZE  # 512
 
 
+def with_path(error: OSError, path: Path | str) -> OSError:
+    """The same error naming ``path`` (a failed write on an open file names no file)."""
+    if error.filename is None:
+        return OSError(error.errno, error.strerror or str(error), str(path))
+    return error
+
+
 class _HashingFile:
     """A write-only file that knows its position and hashes what passes through.
 
@@ -91,8 +98,9 @@ class ShardWriter:
     """Writes samples (lists of (extension, bytes)) to a tar, tracking the DALI index."""
 
     def __init__(self, path: Path, fsync: bool = True):
+        self.path = path
         self._fsync = fsync
-        self._raw = open(path, "wb")
+        self._raw = open(path, "wb")  # noqa: SIM115 -- held open across write() calls, closed by close()
         self._file = _HashingFile(self._raw)
         self.index_lines: list[str] = []
 
@@ -107,21 +115,31 @@ class ShardWriter:
             padding = -len(data) % _BLOCK
             chunks += (header, data, bytes(padding))
             pos += len(data) + padding
-        self._file.write(b"".join(chunks))
+        try:
+            self._file.write(b"".join(chunks))
+        except OSError as e:  # e.g. ENOSPC: name the file, which a write error does not
+            raise with_path(e, self.path) from None
         self.index_lines.append(" ".join(fields))
 
     def close(self) -> tuple[int, str]:
         """End the archive (two zero blocks), flush it to disk; returns (bytes, sha256 hex)."""
-        self._file.write(bytes(2 * _BLOCK))
-        self._raw.flush()
-        if self._fsync:
-            os.fsync(self._raw.fileno())
-        self._raw.close()
+        try:
+            self._file.write(bytes(2 * _BLOCK))
+            self._raw.flush()
+            if self._fsync:
+                os.fsync(self._raw.fileno())
+            self._raw.close()
+        except OSError as e:
+            raise with_path(e, self.path) from None
         return self._file.pos, self._file.hexdigest()
 
     def abort(self) -> None:
+        """Stop without finishing the tar; never raises (the caller deletes the file)."""
         self._file.hexdigest()  # stop the hashing thread
-        self._raw.close()
+        try:
+            self._raw.close()
+        except OSError:  # flushing the buffer failed again (a full disk): the file is discarded anyway
+            pass
 
     def index_text(self) -> str:
         return index_text(self.index_lines)
@@ -161,18 +179,28 @@ def iter_samples(path: Path) -> Iterator[tuple[str, list[tuple[str, int, bytes]]
 def build_index(samples: Iterable[tuple[str, list[tuple[str, int, bytes]]]]) -> str:
     """The index text of a tar from its samples (as ``iter_samples`` yields them)."""
     lines = [
-        " ".join(f"{ext} {offset} {len(data)} {key}.{ext}" for ext, offset, data in members)
-        for key, members in samples
+        " ".join(f"{ext} {offset} {len(data)} {key}.{ext}" for ext, offset, data in members) for key, members in samples
     ]
     return index_text(lines)
 
 
 def atomic_write(path: Path, data: bytes | str, fsync: bool = True) -> None:
-    """Write to a hidden temporary file, fsync, then rename: readers never see half a file."""
+    """Write to a hidden temporary file, fsync, then rename: readers never see half a file.
+
+    A failure (a full disk, a read-only folder) raises OSError naming the file and leaves no
+    temporary file behind.
+    """
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise with_path(e, tmp) from None

@@ -62,9 +62,14 @@ def partial_path(split_dir: Path, name: str) -> Path:
 def encode_sample(sample: Sample, info: SourceInfo, cfg: ConvertConfig) -> tuple[list[tuple[str, bytes]], str | None]:
     """The tar members of one sample, in fixed order: jpg, seg.png, cls, txt, json."""
     image = prepare_image(
-        sample.source, sample.jpg, sample.pixels,
-        check=cfg.check, keep_progressive=cfg.keep_progressive, quality=cfg.reencode_quality,
-    )  # fmt: skip
+        sample.source,
+        sample.jpg,
+        sample.pixels,
+        check=cfg.check,
+        keep_progressive=cfg.keep_progressive,
+        quality=cfg.reencode_quality,
+        max_pixels=cfg.max_pixels,
+    )
     members = [("jpg", image.data)]
     if info.has_label:
         if sample.label is None:
@@ -122,7 +127,10 @@ def write_shard(
         record.bytes, record.sha256 = writer.close()
     except BaseException:
         writer.abort()
-        partial.unlink(missing_ok=True)
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:
+            pass  # the error being raised says more
         raise
     if record.samples == 0:  # every sample was bad: publish nothing but the record
         partial.unlink()

@@ -22,6 +22,7 @@ and B encodes instances. The class table is built from the per-image JSON files 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -32,16 +33,26 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fastloc.shard.config import ConvertConfig
+from fastloc.cli import flowing_help
+from fastloc.shard.config import ConvertConfig, require
+from fastloc.shard.encode import MAX_PIXELS_DEFAULT
 from fastloc.shard.errors import ConversionError, SampleError
 from fastloc.shard.sources.base import Item, Sample, SourceInfo, sanitize_key
-from fastloc.shard.sources.files import check_unique_keys, file_size, read_bytes, read_label_png
+from fastloc.shard.sources.files import (
+    check_unique_keys,
+    file_size,
+    read_bytes,
+    read_label_png,
+    scan_folder,
+    walk_files,
+)
 
 SPLIT_DIRS = {"train": "training", "val": "validation"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 FULL_NUM_CLASSES = 3689  # 0 = unlabeled + the 3,688 named classes of ADE20K_2021_17_01
 
 
+@flowing_help
 @dataclass(frozen=True, kw_only=True)
 class Ade20kConfig(ConvertConfig):
     """Convert ADE20K: the SceneParsing benchmark (ADEChallengeData2016, what Patch-Seg uses:
@@ -60,8 +71,9 @@ class Ade20kConfig(ConvertConfig):
     SceneParsing."""
 
     num_classes: int = FULL_NUM_CLASSES
-    """Full release only: size of the class space, 0 (unlabeled) plus the 3,688 named classes of
-    ADE20K_2021_17_01. Raise it for a release with more classes; every name_ndx must lie below it."""
+    """Full release only: size of the class space (2 to 65536), 0 (unlabeled) plus the 3,688 named
+    classes of ADE20K_2021_17_01. Raise it for a release with more classes; every name_ndx must lie
+    below it."""
 
     index_pkl: Path | None = None
     """Full release only: also read class names from index_ade20k.pkl (its 'objectnames', 1-based),
@@ -75,7 +87,12 @@ class Ade20kConfig(ConvertConfig):
             layout=self.layout,
             num_classes=self.num_classes,
             index_pkl=self.index_pkl,
+            max_pixels=self.max_pixels,
         )
+
+    def validate(self) -> None:
+        super().validate()
+        require(2 <= self.num_classes <= 65536, "--num-classes", self.num_classes, "must be 2 to 65536 (uint16 labels)")
 
 
 def detect_layout(root: Path) -> Literal["sceneparsing", "full"]:
@@ -89,8 +106,7 @@ def detect_layout(root: Path) -> Literal["sceneparsing", "full"]:
         if (root / child).is_dir():
             hint = f" (did you mean {root / child}?)"
     raise ConversionError(
-        f"{root}: not an ADE20K root: neither images/ADE/ (full release) nor annotations/ "
-        f"(SceneParsing) found{hint}"
+        f"{root}: not an ADE20K root: neither images/ADE/ (full release) nor annotations/ (SceneParsing) found{hint}"
     )
 
 
@@ -104,6 +120,7 @@ class Ade20kSource:
         layout: Literal["auto", "sceneparsing", "full"] = "auto",
         num_classes: int = FULL_NUM_CLASSES,
         index_pkl: Path | None = None,
+        max_pixels: int | None = MAX_PIXELS_DEFAULT,
     ):
         if split not in SPLIT_DIRS:
             raise ConversionError(f"unknown ADE20K split {split!r}: expected one of {sorted(SPLIT_DIRS)}")
@@ -116,9 +133,11 @@ class Ade20kSource:
         self.layout = detect_layout(self.root) if layout == "auto" else layout
         self.num_classes = num_classes
         self.index_pkl = None if index_pkl is None else Path(index_pkl)
-        if self.layout == "full" and num_classes < 2:
-            raise ConversionError(f"num_classes must be at least 2, got {num_classes}")
+        if self.layout == "full" and not 2 <= num_classes <= 65536:
+            raise ConversionError(f"num_classes must be 2 to 65536, got {num_classes}")
+        self.max_pixels = max_pixels
         self._items: list[Item] | None = None
+        self._unlisted: list[tuple[str, str]] = []  # (path, reason) of what listing could not use
         self._info: SourceInfo | None = None
 
     # ---- the Source protocol ----
@@ -126,9 +145,14 @@ class Ade20kSource:
     def info(self) -> SourceInfo:
         if self._info is None:
             if self.layout == "sceneparsing":
-                self._info = self._sceneparsing_info()
+                info = self._sceneparsing_info()
             else:
-                self._info = self._full_info()
+                info = self._full_info()
+            self.items()  # listing records what it could not use
+            inputs = [self.root] + ([self.index_pkl] if self.index_pkl is not None else [])
+            self._info = dataclasses.replace(
+                info, unreachable=list(self._unlisted), inputs=tuple(os.path.abspath(p) for p in inputs)
+            )
         return self._info
 
     def items(self) -> list[Item]:
@@ -152,7 +176,7 @@ class Ade20kSource:
         return SourceInfo(
             dataset="ade20k",
             split=self.split,
-            source=str(self.root),
+            source=os.path.abspath(self.root),
             classes=["other", *names],
             has_label=True,
             label_encoding={"space": space, "unlabeled": 0, "rule": "label = png value"},
@@ -167,11 +191,12 @@ class Ade20kSource:
             if not folder.is_dir():
                 raise ConversionError(f"{folder}: folder not found (SceneParsing layout, split {self.split})")
         scenes = read_scene_categories(self.root / "sceneCategories.txt")
-        with os.scandir(image_dir) as entries:
-            # a broken symlink stays in the plan so that load() reports it
-            images = sorted(
-                (e.name, e.path) for e in entries if e.name.lower().endswith(IMAGE_SUFFIXES) and not e.is_dir()
-            )
+        try:
+            entries = scan_folder(image_dir)
+        except OSError as e:
+            raise ConversionError(f"{image_dir}: cannot list the image folder: {e.strerror or e}") from None
+        # a broken or looping link stays in the plan so that load() reports it
+        images = [(e.name, e.path) for e in entries if e.name.lower().endswith(IMAGE_SUFFIXES) and e.kind != "dir"]
         if not images:
             raise ConversionError(f"{image_dir}: no .jpg images")
         items = []
@@ -186,10 +211,16 @@ class Ade20kSource:
     def _sceneparsing_load(self, item: Item) -> Sample:
         image, label_path, scene = item.ref
         jpg = read_bytes(image)
-        label = read_label_png(label_path, ("L", "P"), "8-bit single-channel")
+        label = read_label_png(label_path, ("L", "P"), "8-bit single-channel", self.max_pixels)
         meta = {} if scene is None else {"scene": scene}
-        return Sample(key=item.key, source=image, jpg=jpg, label=label.astype(np.uint8, copy=False),
-                      label_source=label_path, meta=meta)  # fmt: skip
+        return Sample(
+            key=item.key,
+            source=image,
+            jpg=jpg,
+            label=label.astype(np.uint8, copy=False),
+            label_source=label_path,
+            meta=meta,
+        )
 
     # ---- Full release (ADE20K_2021_17_01) ----
 
@@ -238,7 +269,7 @@ class Ade20kSource:
         return SourceInfo(
             dataset="ade20k-full",
             split=self.split,
-            source=str(self.root),
+            source=os.path.abspath(self.root),
             classes=classes,
             has_label=True,
             label_encoding={
@@ -258,12 +289,10 @@ class Ade20kSource:
         split_dir = self.root / "images" / "ADE" / SPLIT_DIRS[self.split]
         if not split_dir.is_dir():
             raise ConversionError(f"{split_dir}: folder not found (full ADE20K layout, split {self.split})")
-        found = []  # (relative path, absolute path)
-        for dirpath, _dirnames, filenames in os.walk(split_dir, followlinks=True):
-            for name in filenames:
-                if name.lower().endswith(IMAGE_SUFFIXES):
-                    path = os.path.join(dirpath, name)
-                    found.append((os.path.relpath(path, split_dir), path))
+        # folder links are followed, each real folder once: a link loop is reported, not walked forever
+        paths, problems = walk_files(split_dir, lambda name: name.lower().endswith(IMAGE_SUFFIXES))
+        self._unlisted.extend(problems)
+        found = [(os.path.relpath(path, split_dir), path) for path in paths]  # (relative, absolute)
         if not found:
             raise ConversionError(f"{split_dir}: no .jpg images")
         found.sort()
@@ -281,8 +310,16 @@ class Ade20kSource:
     def _full_load(self, item: Item) -> Sample:
         image, seg_path, json_path, folder = item.ref
         jpg = read_bytes(image)
-        objects, scene = read_annotation(json_path)
-        rgb = read_label_png(seg_path, ("RGB",), "RGB (_seg.png)")
+        objects, scene, named, size = read_annotation_with_image(json_path)
+        if named is not None and named != os.path.basename(image):
+            raise SampleError(json_path, f"annotation is for {named}, not {os.path.basename(image)}")
+        rgb = read_label_png(seg_path, ("RGB",), "RGB (_seg.png)", self.max_pixels)
+        if size is not None and rgb.shape[:2] != size:
+            raise SampleError(
+                seg_path,
+                f"seg map is {rgb.shape[1]}x{rgb.shape[0]} but {os.path.basename(json_path)} gives imsize "
+                f"{size[1]}x{size[0]}",
+            )
         # [H, W] uint16: (R // 10) * 256 + G is at most 25 * 256 + 255 = 6655
         label = (rgb[..., 0] // 10).astype(np.uint16) * 256 + rgb[..., 1]
         present = np.flatnonzero(np.bincount(label.ravel()))
@@ -350,8 +387,7 @@ def read_scene_categories(path: Path) -> dict[str, str]:
     return scenes
 
 
-def read_annotation(path: str) -> tuple[list[tuple[int, str, int]], list[str]]:
-    """A full-release per-image JSON: its objects as (name_ndx, name, part_level), and its scene."""
+def _read_annotation_doc(path: str) -> dict:
     raw = read_bytes(path, what="annotation JSON")
     try:
         try:
@@ -363,7 +399,26 @@ def read_annotation(path: str) -> tuple[list[tuple[int, str, int]], list[str]]:
     ann = doc.get("annotation") if isinstance(doc, dict) else None
     if not isinstance(ann, dict) or not isinstance(ann.get("object"), list):
         raise SampleError(path, "malformed annotation: expected {'annotation': {'object': [...]}}")
+    return ann
+
+
+def read_annotation(path: str) -> tuple[list[tuple[int, str, int]], list[str]]:
+    """A full-release per-image JSON: its objects as (name_ndx, name, part_level), and its scene."""
+    objects, scene, _, _ = read_annotation_with_image(path)
+    return objects, scene
+
+
+def read_annotation_with_image(
+    path: str,
+) -> tuple[list[tuple[int, str, int]], list[str], str | None, tuple[int, int] | None]:
+    """Objects and scene as ``read_annotation``, plus the image the JSON describes: its ``filename``
+    and ``imsize`` as (height, width), each None when the JSON does not give it.
+
+    One class index has one name within a file: a second name makes the file malformed.
+    """
+    ann = _read_annotation_doc(path)
     objects = []
+    names: dict[int, str] = {}
     for i, obj in enumerate(ann["object"]):
         ndx = obj.get("name_ndx") if isinstance(obj, dict) else None
         name = obj.get("name") if isinstance(obj, dict) else None
@@ -374,11 +429,21 @@ def read_annotation(path: str) -> tuple[list[tuple[int, str, int]], list[str]]:
                 path,
                 f"malformed annotation: object {i} needs an integer name_ndx >= 1, a name and parts.part_level",
             )
+        if names.setdefault(ndx, name) != name:
+            raise SampleError(path, f"malformed annotation: name_ndx {ndx} is both {names[ndx]!r} and {name!r}")
         objects.append((ndx, name, level))
     scene = ann.get("scene", [])
     if not isinstance(scene, list) or not all(isinstance(s, str) for s in scene):
         raise SampleError(path, "malformed annotation: 'scene' must be a list of strings")
-    return objects, scene
+    filename = ann.get("filename")
+    if filename is not None and not isinstance(filename, str):
+        raise SampleError(path, "malformed annotation: 'filename' must be a string")
+    size = ann.get("imsize")
+    if size is not None:
+        if not isinstance(size, list) or len(size) < 2 or not all(_is_int(v) and v > 0 for v in size[:2]):
+            raise SampleError(path, "malformed annotation: 'imsize' must be [height, width, ...]")
+        size = (size[0], size[1])
+    return objects, scene, filename, size
 
 
 def read_index_objectnames(path: Path) -> list[str]:
@@ -390,7 +455,7 @@ def read_index_objectnames(path: Path) -> list[str]:
         raise ConversionError(f"{path}: index pickle not found")
     try:
         with open(path, "rb") as f:
-            index = pickle.load(f)  # noqa: S301 - opt-in, documented as trusted input only
+            index = pickle.load(f)
     except Exception as e:  # unpickling can raise anything
         raise ConversionError(f"{path}: cannot unpickle: {type(e).__name__}: {e}") from None
     names = index.get("objectnames") if isinstance(index, dict) else None
@@ -407,5 +472,3 @@ def read_index_objectnames(path: Path) -> list[str]:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-

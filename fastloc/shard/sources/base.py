@@ -52,7 +52,7 @@ class SourceInfo:
 
     dataset: str  # default dataset name (the folder under the output root)
     split: str
-    source: str  # the input path as given
+    source: str  # the input path, absolute (or a description, for generated data)
     classes: list[str | None]  # class names; index = label value or `cls`; None = unnamed
     has_label: bool = False  # samples carry `seg.png`
     has_cls: bool = False  # samples carry `cls`
@@ -62,6 +62,8 @@ class SourceInfo:
     # (path, reason) for data found while listing that cannot be reached, e.g. the unreadable
     # tail of a truncated tar: reported with the skipped samples, never dropped silently
     unreachable: list[tuple[str, str]] = field(default_factory=list)
+    # every folder and file the conversion reads (absolute paths): the output must not overlap them
+    inputs: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:

@@ -44,6 +44,7 @@ instead of copying the whole parsed annotation file page by page.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -51,7 +52,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fastloc.cli import flowing_help
 from fastloc.shard.config import ConvertConfig
+from fastloc.shard.encode import label_dtype
 from fastloc.shard.errors import ConversionError, SampleError
 from fastloc.shard.jsonfile import read_json_object
 from fastloc.shard.sources.base import Item, Sample, SourceInfo, sanitize_key
@@ -63,31 +66,190 @@ from fastloc.shard.sources.files import file_size, read_bytes, read_label_png
 COCO_STUFF_CLASSES: tuple[str, ...] = (
     "unlabeled",
     # things 1..91
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "street sign", "stop sign", "parking meter", "bench",
-    "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe",
-    "hat", "backpack", "umbrella", "shoe", "eye glasses", "handbag", "tie", "suitcase",
-    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
-    "skateboard", "surfboard", "tennis racket", "bottle", "plate", "wine glass", "cup", "fork",
-    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot",
-    "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "mirror",
-    "dining table", "window", "desk", "toilet", "door", "tv", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "blender",
-    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush", "hair brush",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "street sign",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "hat",
+    "backpack",
+    "umbrella",
+    "shoe",
+    "eye glasses",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "plate",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "mirror",
+    "dining table",
+    "window",
+    "desk",
+    "toilet",
+    "door",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "blender",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
+    "hair brush",
     # stuff 92..182
-    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage",
-    "cardboard", "carpet", "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds",
-    "counter", "cupboard", "curtain", "desk-stuff", "dirt", "door-stuff", "fence",
-    "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood", "flower", "fog",
-    "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill", "house",
-    "leaves", "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net",
-    "paper", "pavement", "pillow", "plant-other", "plastic", "platform", "playingfield",
-    "railing", "railroad", "river", "road", "rock", "roof", "rug", "salad", "sand", "sea",
-    "shelf", "sky-other", "skyscraper", "snow", "solid-other", "stairs", "stone", "straw",
-    "structural-other", "table", "tent", "textile-other", "towel", "tree", "vegetable",
-    "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile",
-    "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
-)  # fmt: skip
+    "banner",
+    "blanket",
+    "branch",
+    "bridge",
+    "building-other",
+    "bush",
+    "cabinet",
+    "cage",
+    "cardboard",
+    "carpet",
+    "ceiling-other",
+    "ceiling-tile",
+    "cloth",
+    "clothes",
+    "clouds",
+    "counter",
+    "cupboard",
+    "curtain",
+    "desk-stuff",
+    "dirt",
+    "door-stuff",
+    "fence",
+    "floor-marble",
+    "floor-other",
+    "floor-stone",
+    "floor-tile",
+    "floor-wood",
+    "flower",
+    "fog",
+    "food-other",
+    "fruit",
+    "furniture-other",
+    "grass",
+    "gravel",
+    "ground-other",
+    "hill",
+    "house",
+    "leaves",
+    "light",
+    "mat",
+    "metal",
+    "mirror-stuff",
+    "moss",
+    "mountain",
+    "mud",
+    "napkin",
+    "net",
+    "paper",
+    "pavement",
+    "pillow",
+    "plant-other",
+    "plastic",
+    "platform",
+    "playingfield",
+    "railing",
+    "railroad",
+    "river",
+    "road",
+    "rock",
+    "roof",
+    "rug",
+    "salad",
+    "sand",
+    "sea",
+    "shelf",
+    "sky-other",
+    "skyscraper",
+    "snow",
+    "solid-other",
+    "stairs",
+    "stone",
+    "straw",
+    "structural-other",
+    "table",
+    "tent",
+    "textile-other",
+    "towel",
+    "tree",
+    "vegetable",
+    "wall-brick",
+    "wall-concrete",
+    "wall-other",
+    "wall-panel",
+    "wall-stone",
+    "wall-tile",
+    "wall-wood",
+    "water-other",
+    "waterdrops",
+    "window-blind",
+    "window-other",
+    "wood",
+)
 assert len(COCO_STUFF_CLASSES) == 183
 THING_IDS = range(1, 92)  # COCO category ids of things (80 used + 11 unused)
 STUFF_IDS = range(92, 183)  # COCO-Stuff stuff ids
@@ -102,14 +264,12 @@ PAINT_RULE = (
     "then non-crowd, each group in descending 'area' with ties by ascending annotation id; "
     "later paint wins (masks decoded with pycocotools from polygons / RLE / crowd RLE)"
 )
-PANOPTIC_RULE = (
-    "segment id = R + 256*G + 256^2*B -> category -> contiguous index 1..{n} in category-id "
-    "order; VOID = 0"
-)
+PANOPTIC_RULE = "segment id = R + 256*G + 256^2*B -> category -> contiguous index 1..{n} in category-id order; VOID = 0"
 
 LabelMode = Literal["stuffthingmaps", "json", "panoptic", "none"]
 
 
+@flowing_help
 @dataclass(frozen=True, kw_only=True)
 class CocoConfig(ConvertConfig):
     """COCO 2017 (official layout): images with COCO-Stuff label maps (183 classes, from the
@@ -190,6 +350,8 @@ class CocoSource:
         self._captions: dict[str, str] = {}  # image file name -> txt
         self._caption_ids: dict[str, int] = {}  # image file name -> image id
         self._json_files: list[str] = []  # the label JSON file(s), named in errors
+        self._json_categories: list[set[int]] = []  # json mode: category ids each file lists
+        self._unreachable: list[tuple[str, str]] = []  # annotations no listed image owns
 
     # ------------------------------------------------------------------ protocol
 
@@ -197,7 +359,7 @@ class CocoSource:
         self._prepare()
         cfg, paths = self.config, self._paths
         assert paths is not None
-        inputs = {k: str(v) for k, v in vars(paths).items() if v is not None}
+        inputs = {k: os.path.abspath(v) for k, v in vars(paths).items() if v is not None}
         extra: dict[str, Any] = {"labels": cfg.labels, "inputs": inputs}
         if cfg.labels in ("stuffthingmaps", "json"):
             encoding: dict[str, Any] = {"space": "coco-stuff-183", "unlabeled": 0, "from": cfg.labels}
@@ -225,12 +387,14 @@ class CocoSource:
         return SourceInfo(
             dataset=dataset,
             split=cfg.split,
-            source=str(cfg.root),
+            source=os.path.abspath(cfg.root),
             classes=classes,
             has_label=cfg.labels != "none",
             has_txt=cfg.captions,
             label_encoding=encoding,
             extra=extra,
+            unreachable=list(self._unreachable),
+            inputs=(os.path.abspath(cfg.root), *inputs.values()),
         )
 
     def items(self) -> list[Item]:
@@ -272,8 +436,14 @@ class CocoSource:
             sample.label, image_id = self._load_panoptic(image, Path(label_str))
         if self.config.captions:
             sample.txt = self._captions.get(image.name, "")
+            caption_id = self._caption_ids.get(image.name)
             if image_id is None:
-                image_id = self._caption_ids.get(image.name)
+                image_id = caption_id
+            elif caption_id is not None and caption_id != image_id:
+                raise SampleError(
+                    str(self._paths.captions_json),
+                    f"{image.name} is image id {caption_id} there but {image_id} in {self._json_files[0]}",
+                )
         if image_id is None and image.stem.isdigit():
             image_id = int(image.stem)  # COCO file names are zero-padded image ids
         if image_id is not None:
@@ -306,9 +476,17 @@ class CocoSource:
         images = _pick_dir("image folder", cfg.images, [root / split, root / "images" / split])
         label_dir = instances = stuff = panoptic = captions = None
         if cfg.labels == "stuffthingmaps":
-            label_dir = _pick_dir(
-                "stuffthingmaps folder", cfg.stuffthingmaps, [root / "stuffthingmaps" / split, ann / split]
-            )
+            try:
+                label_dir = _pick_dir(
+                    "stuffthingmaps folder", cfg.stuffthingmaps, [root / "stuffthingmaps" / split, ann / split]
+                )
+            except ConversionError as e:
+                raise ConversionError(
+                    f"{e} (the COCO-Stuff label PNGs of stuffthingmaps_trainval2017.zip, the default --labels); "
+                    "without them use --labels json (the same 183 classes painted from "
+                    f"annotations/instances_{split}.json and stuff_{split}.json), --labels panoptic "
+                    f"(annotations/panoptic_{split}.json and its PNGs) or --labels none"
+                ) from None
         elif cfg.labels == "json":
             instances = _need_file("instance annotations", cfg.instances_json or ann / f"instances_{split}.json")
             if cfg.stuff_json is not None:
@@ -343,13 +521,13 @@ class CocoSource:
         images: dict[str, list] = {}  # file name -> [image id, h, w, [[file index, ann], ...], problem]
         for which, (path, allowed, kind) in enumerate(files):
             data = _read_json(path, ("images", "annotations", "categories"))
-            _check_categories(path, data["categories"], allowed, kind)
+            self._json_categories.append(_check_categories(path, data["categories"], allowed, kind))
             by_id: dict[int, list] = {}  # this file's image id -> entry
-            for image_id, name, h, w in _image_entries(path, data["images"]):
+            entries = _image_entries(path, data["images"])
+            listed = {image_id for image_id, _, _, _ in entries}
+            for image_id, name, h, w in entries:
                 entry = images.get(name)
                 if which == 0:
-                    if entry is not None:
-                        raise ConversionError(f"{path}: image {name} is listed twice")
                     entry = images[name] = [image_id, h, w, [], None]
                 elif entry is None:
                     continue  # only in the stuff file: the instances file decides what is converted
@@ -364,17 +542,28 @@ class CocoSource:
                 for entry in images.values():
                     if id(entry) not in in_stuff and entry[4] is None:
                         entry[4] = f"not listed in {path}"
+            orphans = []
             for i, ann in enumerate(data["annotations"]):
                 if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), int):
                     raise ConversionError(f"{path}: annotations[{i}] has no integer 'image_id'")
                 entry = by_id.get(ann["image_id"])
                 if entry is not None:
                     entry[3].append([which, ann])
+                elif ann["image_id"] not in listed:
+                    orphans.append(ann["image_id"])
+            self._report_orphans(path, orphans)
             del data, by_id
         self._index = {
             name: (e[0], e[1], e[2], json.dumps(e[3], separators=(",", ":")).encode(), e[4])
             for name, e in images.items()
         }
+
+    def _report_orphans(self, path: Path, image_ids: list[int]) -> None:
+        """Annotations whose image the file does not list cannot be used: say so in the report."""
+        if image_ids:
+            shown = ", ".join(map(str, sorted(set(image_ids))[:5])) + (", ..." if len(set(image_ids)) > 5 else "")
+            count = f"{len(image_ids)} annotation{'s' * (len(image_ids) != 1)}"
+            self._unreachable.append((str(path), f"{count} of image ids not in its 'images' list ({shown}): not used"))
 
     def _index_panoptic(self, path: Path) -> None:
         data = _read_json(path, ("images", "annotations", "categories"))
@@ -391,6 +580,9 @@ class CocoSource:
         self._panoptic_lut = {cid: i + 1 for i, (cid, _) in enumerate(self._panoptic_cats)}
         images = {image_id: (name, h, w) for image_id, name, h, w in _image_entries(path, data["images"])}
         index: dict[str, tuple] = {}
+        first_for_image: dict[int, int] = {}  # image id -> index of its annotation
+        first_for_png: dict[str, int] = {}  # PNG name -> index of its annotation
+        orphans = []
         for i, ann in enumerate(data["annotations"]):
             if (
                 not isinstance(ann, dict)
@@ -403,13 +595,24 @@ class CocoSource:
                     "and a list 'segments_info'"
                 )
             png = PurePosixPath(ann["file_name"]).name
+            image_id = ann["image_id"]
+            if image_id in first_for_image:
+                raise ConversionError(
+                    f"{path}: annotations[{first_for_image[image_id]}] and annotations[{i}] are both for "
+                    f"image id {image_id}: its segments could not be told apart"
+                )
+            if png in first_for_png:
+                raise ConversionError(
+                    f"{path}: annotations[{first_for_png[png]}] and annotations[{i}] both name the PNG {png}"
+                )
+            first_for_image[image_id], first_for_png[png] = i, i
+            if image_id not in images:
+                orphans.append(image_id)
+                continue
             segments = json.dumps(ann["segments_info"], separators=(",", ":")).encode()
-            if ann["image_id"] in images:
-                name, h, w = images[ann["image_id"]]
-                stem = PurePosixPath(name).stem
-                index[stem] = (ann["image_id"], h, w, png, segments)
-            # found by the PNG's stem too, when the image entry is missing or named otherwise
-            index.setdefault(PurePosixPath(png).stem, (ann["image_id"], None, None, png, segments))
+            name, h, w = images[image_id]
+            index[PurePosixPath(name).stem] = (image_id, h, w, png, segments)
+        self._report_orphans(path, orphans)
         self._index = index
         self._json_files = [str(path)]
 
@@ -417,28 +620,30 @@ class CocoSource:
         data = _read_json(path, ("images", "annotations"))
         names = {image_id: name for image_id, name, _, _ in _image_entries(path, data["images"])}
         per_image: dict[int, list[tuple[int, str]]] = {}
+        orphans = []
         for i, ann in enumerate(data["annotations"]):
             if (
                 not isinstance(ann, dict)
                 or not isinstance(ann.get("image_id"), int)
                 or not isinstance(ann.get("caption"), str)
             ):
-                raise ConversionError(
-                    f"{path}: annotations[{i}] needs an integer 'image_id' and a string 'caption'"
-                )
+                raise ConversionError(f"{path}: annotations[{i}] needs an integer 'image_id' and a string 'caption'")
+            if ann["image_id"] not in names:
+                orphans.append(ann["image_id"])
+                continue
             ann_id = ann.get("id") if isinstance(ann.get("id"), int) else i
             per_image.setdefault(ann["image_id"], []).append((ann_id, ann["caption"]))
+        self._report_orphans(path, orphans)
         self._caption_ids = {name: image_id for image_id, name in names.items()}
         self._captions = {
             names[image_id]: "\n".join(" ".join(c.splitlines()).strip() for _, c in sorted(caps))
             for image_id, caps in per_image.items()
-            if image_id in names
         }
 
     # ------------------------------------------------------------------ label readers
 
     def _load_stuffthingmap(self, png: Path) -> np.ndarray:
-        values = read_label_png(png, ("L", "P"), "a single-channel 8-bit PNG")
+        values = read_label_png(png, ("L", "P"), "a single-channel 8-bit PNG", self.config.max_pixels)
         label = (values.astype(np.int64) + 1) % 256
         bad = np.unique(label[label >= len(COCO_STUFF_CLASSES)])
         if bad.size:
@@ -456,6 +661,12 @@ class CocoSource:
         image_id, h, w, packed, problem = entry
         if problem is not None:
             raise SampleError(str(image), problem)
+        if h * w > self.config.max_pixels:  # the label map would be as large as the JSON says
+            raise SampleError(
+                self._json_files[0],
+                f"{image.name} is {w}x{h} = {w * h / 1e6:.1f} Mpixels there, over the limit of "
+                f"{self.config.max_pixels / 1e6:.1f} Mpixels (--max-pixels {self.config.max_pixels})",
+            )
         stuff, things = [], []
         for which, ann in json.loads(packed):
             where = f"annotation {ann.get('id')!r} of {image.name}"
@@ -473,6 +684,8 @@ class CocoSource:
                 things.append(ann)
             elif cat != STUFF_OTHER_ID:
                 raise SampleError(path, f"{where}: category {cat} is not in the COCO-Stuff 183-class space")
+            if cat not in self._json_categories[which]:
+                raise SampleError(path, f"{where}: category {cat} is not listed in the file's 'categories'")
         stuff.sort(key=lambda a: a["id"])
         things.sort(key=lambda a: (0 if a["iscrowd"] else 1, -float(a["area"]), a["id"]))
         label = np.zeros((h, w), np.uint8)
@@ -492,11 +705,9 @@ class CocoSource:
         if entry is None:
             raise SampleError(str(image), f"image has no annotation in {self._json_files[0]}")
         image_id, h, w, _, packed = entry
-        rgb = read_label_png(png, ("RGB",), "an RGB PNG")
+        rgb = read_label_png(png, ("RGB",), "an RGB PNG", self.config.max_pixels)
         if h is not None and rgb.shape[:2] != (h, w):
-            raise SampleError(
-                str(png), f"PNG is {rgb.shape[0]}x{rgb.shape[1]} but {self._json_files[0]} says {h}x{w}"
-            )
+            raise SampleError(str(png), f"PNG is {rgb.shape[0]}x{rgb.shape[1]} but {self._json_files[0]} says {h}x{w}")
         rgb = rgb.astype(np.uint32)
         ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]  # [H, W] segment ids
         segments: dict[int, int] = {}
@@ -512,15 +723,18 @@ class CocoSource:
                     self._json_files[0],
                     f"segment {seg['id']} of {image.name}: category {seg['category_id']} is not in 'categories'",
                 )
+            if seg["id"] in segments or seg["id"] == 0:
+                what = "is listed twice" if seg["id"] in segments else "is 0, the id of VOID pixels"
+                raise SampleError(
+                    self._json_files[0], f"segment id {seg['id']} in the segments_info of {image.name} {what}"
+                )
             segments[seg["id"]] = self._panoptic_lut[seg["category_id"]]
         segments[0] = 0  # VOID
         present, inverse = np.unique(ids, return_inverse=True)
         unknown = [int(s) for s in present if int(s) not in segments]
         if unknown:
-            raise SampleError(
-                str(png), f"segment ids {unknown[:8]} are not in the segments_info of {image.name}"
-            )
-        lut = np.array([segments[int(s)] for s in present], np.uint8)
+            raise SampleError(str(png), f"segment ids {unknown[:8]} are not in the segments_info of {image.name}")
+        lut = np.array([segments[int(s)] for s in present], label_dtype(len(self._panoptic_cats) + 1))
         return lut[inverse.reshape(ids.shape)], image_id
 
 
@@ -556,6 +770,8 @@ def _read_json(path: Path, keys: tuple[str, ...]) -> dict:
 def _image_entries(path: Path, images: list) -> list[tuple[int, str, int, int]]:
     """(id, file name, height, width) of each entry of a JSON 'images' list."""
     out = []
+    by_id: dict[int, int] = {}  # image id -> its index in the list
+    by_name: dict[str, int] = {}  # file name -> its index in the list
     for i, im in enumerate(images):
         ok = isinstance(im, dict) and isinstance(im.get("id"), int) and isinstance(im.get("file_name"), str)
         ok = ok and all(isinstance(im.get(k), int) and im[k] > 0 for k in ("height", "width"))
@@ -564,17 +780,32 @@ def _image_entries(path: Path, images: list) -> list[tuple[int, str, int, int]]:
                 f"{path}: images[{i}] needs an integer 'id', a string 'file_name' and positive "
                 "integer 'height' and 'width'"
             )
-        out.append((im["id"], PurePosixPath(im["file_name"]).name, im["height"], im["width"]))
+        name = PurePosixPath(im["file_name"]).name
+        # one id for two images would give one image's annotations to the other
+        if im["id"] in by_id:
+            raise ConversionError(
+                f"{path}: image id {im['id']} is listed twice (images[{by_id[im['id']]}] and images[{i}]): "
+                "its annotations cannot be told apart"
+            )
+        if name in by_name:
+            raise ConversionError(f"{path}: image {name} is listed twice (images[{by_name[name]}] and images[{i}])")
+        by_id[im["id"]], by_name[name] = i, i
+        out.append((im["id"], name, im["height"], im["width"]))
     return out
 
 
-def _check_categories(path: Path, categories: list, allowed: range, kind: str) -> None:
-    """The JSON's categories must be COCO-Stuff's (ids and names), or the labels mean something else."""
+def _check_categories(path: Path, categories: list, allowed: range, kind: str) -> set[int]:
+    """The JSON's categories must be COCO-Stuff's (ids and names), or the labels mean something else;
+    returns the ids listed."""
     problems = []
+    listed: set[int] = set()
     for i, c in enumerate(categories):
         if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
             raise ConversionError(f"{path}: categories[{i}] needs an integer 'id' and a string 'name'")
         cid, name = c["id"], c["name"]
+        if cid in listed:
+            raise ConversionError(f"{path}: category id {cid} is listed twice")
+        listed.add(cid)
         expected = "other" if cid == STUFF_OTHER_ID else COCO_STUFF_CLASSES[cid] if cid in allowed else None
         if cid not in allowed:
             problems.append(f"id {cid} ({name!r}) is not a {kind} id")
@@ -582,6 +813,7 @@ def _check_categories(path: Path, categories: list, allowed: range, kind: str) -
             problems.append(f"id {cid} is {name!r}, COCO-Stuff calls it {expected!r}")
     if problems:
         raise ConversionError(f"{path}: categories disagree with COCO-Stuff's: " + "; ".join(problems[:10]))
+    return listed
 
 
 def _rle_string_counts(s: str) -> list[int]:

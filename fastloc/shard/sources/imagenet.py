@@ -21,16 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from fastloc.cli import flowing_help
 from fastloc.shard.config import ConvertConfig
 from fastloc.shard.errors import ConversionError, SampleError
 from fastloc.shard.sources.base import Item, Sample, SourceInfo, sanitize_key
-from fastloc.shard.sources.files import check_unique_keys, file_size, read_bytes
+from fastloc.shard.sources.files import check_unique_keys, file_size, read_bytes, scan_folder
 
 # Images the writer can decode (and re-encode when they are not JPEG).
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CLS_ENCODING = "ASCII decimal class index into classes"
 
 
+@flowing_help
 @dataclass(frozen=True, kw_only=True)
 class ImagenetConfig(ConvertConfig):
     """Convert an ImageNet-style classification set (ImageNet-1k, ImageNet-21K-P, the ImageNet-21k
@@ -117,6 +119,7 @@ class ImagenetSource:
         self._classes: tuple[list[str], list[str | None]] | None = None
         self._items: list[Item] | None = None
         self._incomplete_tars: dict[str, str] = {}  # tar -> why its listing stopped early
+        self._unlisted: dict[str, str] = {}  # bad links and unreadable folders -> why
 
     # ---- the Source protocol ----
 
@@ -124,15 +127,17 @@ class ImagenetSource:
         wnids, names = self._class_table()
         self.items()  # lists every tar once, so that tars whose listing stopped early are recorded
         extra = {"layout": self.layout, "cls": CLS_ENCODING, "wnids": wnids, "names": names}
+        inputs = [self.src] + ([self.class_list] if self.class_list is not None else [])
         return SourceInfo(
             dataset="imagenet",
             split=self.split,
-            source=str(self.src),
+            source=os.path.abspath(self.src),
             classes=list(wnids),
             has_cls=True,
             label_encoding={},
             extra=extra,
-            unreachable=sorted(self._incomplete_tars.items()),
+            unreachable=sorted({**self._incomplete_tars, **self._unlisted}.items()),
+            inputs=tuple(os.path.abspath(p) for p in inputs),
         )
 
     def items(self) -> list[Item]:
@@ -161,6 +166,9 @@ class ImagenetSource:
 
     def _class_table(self) -> tuple[list[str], list[str | None]]:
         if self._classes is None:
+            for entry in _root_entries(self.src):
+                if entry.kind == "bad":  # a broken or looping link: neither a class folder nor a tar
+                    self._unlisted[entry.path] = f"not a class folder or tar: {entry.problem}"
             found = _class_dirs(self.src) if self.layout == "folders" else _class_tars(self.src)
             if not found:
                 kind = "class folders (<wnid>/)" if self.layout == "folders" else "class tars (<wnid>.tar)"
@@ -186,13 +194,13 @@ class ImagenetSource:
         folder = self.src / wnid
         if not folder.is_dir():
             return []  # a listed class without images
-        files = []
-        with os.scandir(folder) as entries:
-            for e in entries:
-                # a broken symlink stays in the plan (size 0) so that load() reports it
-                if _is_image_name(e.name) and not e.is_dir():
-                    files.append((e.name, e.path, file_size(e.path)))
-        files.sort()
+        try:
+            entries = scan_folder(folder)
+        except OSError as e:
+            self._unlisted[str(folder)] = f"cannot list the class folder: {e.strerror or e}"
+            return []
+        # a broken or looping link stays in the plan (size 0) so that load() reports it
+        files = [(e.name, e.path, file_size(e.path)) for e in entries if _is_image_name(e.name) and e.kind != "dir"]
         return [Item(key=_key(wnid, name), size=size, ref=(path, wnid, cls)) for name, path, size in files]
 
     def _tar_items(self, wnid: str, cls: int) -> list[Item]:
@@ -231,18 +239,20 @@ class ImagenetSource:
         ]
 
 
+def _root_entries(src: Path):
+    """The visible entries of the source folder, classified (links that loop are 'bad', not errors)."""
+    try:
+        return [e for e in scan_folder(src) if not e.name.startswith(".")]
+    except OSError as e:
+        raise ConversionError(f"{src}: cannot list the source folder: {e.strerror or e}") from None
+
+
 def _class_dirs(src: Path) -> list[str]:
-    with os.scandir(src) as entries:
-        return [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
+    return [e.name for e in _root_entries(src) if e.kind == "dir"]
 
 
 def _class_tars(src: Path) -> list[str]:
-    with os.scandir(src) as entries:
-        return [
-            e.name[: -len(".tar")]
-            for e in entries
-            if e.name.endswith(".tar") and not e.name.startswith(".") and e.is_file()
-        ]
+    return [e.name[: -len(".tar")] for e in _root_entries(src) if e.kind == "file" and e.name.endswith(".tar")]
 
 
 def _is_image_name(name: str) -> bool:

@@ -38,18 +38,28 @@ from typing import Any
 
 import numpy as np
 
-from fastloc.shard.config import ConvertConfig
-from fastloc.shard.errors import ConversionError, SampleError
+from fastloc.cli import flowing_help
+from fastloc.shard.config import ConvertConfig, require
+from fastloc.shard.errors import SampleError
 from fastloc.shard.sources.base import Item, Sample, SourceInfo
 
-# Bump when the images drawn for a given (data_seed, split, i, sizes) change; recorded in manifests.
-GENERATOR_VERSION = 1
+# Bump when the images or captions drawn for a given (data_seed, split, i, sizes) change; recorded
+# in manifests. 2: captions say "an orange" (was "a orange").
+GENERATOR_VERSION = 2
 
 TEXTURES = ["stripes", "checkerboard", "dots", "clouds", "grid"]
 SHAPES = [
-    "circle", "square", "triangle", "ring", "cross",
-    "star", "ellipse", "diamond", "hexagon", "crescent",
-]  # fmt: skip
+    "circle",
+    "square",
+    "triangle",
+    "ring",
+    "cross",
+    "star",
+    "ellipse",
+    "diamond",
+    "hexagon",
+    "crescent",
+]
 CLASSES: list[str] = ["background", *TEXTURES, *SHAPES]  # index = class id (label value)
 REGION_CLASSES = list(range(1 + len(TEXTURES)))  # 0 (background) and the textures
 OBJECT_CLASSES = list(range(1 + len(TEXTURES), len(CLASSES)))
@@ -262,8 +272,17 @@ def colour_name(rgb: np.ndarray) -> str:
         hue = 60.0 * ((r - g) / (hi - lo) + 4)
     if 15 <= hue < 45 and hi < 0.6:
         return "brown"
-    for limit, name in ((15, "red"), (45, "orange"), (70, "yellow"), (160, "green"), (200, "cyan"),
-                        (255, "blue"), (290, "purple"), (340, "pink"), (360, "red")):  # fmt: skip
+    for limit, name in (
+        (15, "red"),
+        (45, "orange"),
+        (70, "yellow"),
+        (160, "green"),
+        (200, "cyan"),
+        (255, "blue"),
+        (290, "purple"),
+        (340, "pink"),
+        (360, "red"),
+    ):
         if hue < limit:
             return name
     return "red"
@@ -300,12 +319,21 @@ class Scene:
         Visible objects by visible area (largest first), then the visible region classes by area.
         """
         order = sorted(range(len(self.objects)), key=lambda k: (-self.object_pixels[k], k))
-        things = [f"a {self.object_colours[k]} {CLASSES[self.objects[k]]}" for k in order if self.object_pixels[k] > 0]
+        things = [
+            f"{_article(self.object_colours[k])} {self.object_colours[k]} {CLASSES[self.objects[k]]}"
+            for k in order
+            if self.object_pixels[k] > 0
+        ]
         area = self.class_pixels
         names = {0: "a plain background", 2: "a checkerboard", 5: "a grid"}
         grounds = [names.get(c, CLASSES[c]) for c in sorted(self.regions, key=lambda c: (-area[c], c)) if area[c] > 0]
         text = _join(things)
         return f"{text} on {_join(grounds)}" if grounds else text
+
+
+def _article(word: str) -> str:
+    """'a' or 'an' before ``word`` (the colour names start with a vowel sound exactly when with a vowel)."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def _join(words: list[str]) -> str:
@@ -472,6 +500,7 @@ def generate(data_seed: int, index: int, min_size: int = 192, max_size: int = 32
 # ---------------------------------------------------------------- source
 
 
+@flowing_help
 @dataclass(frozen=True, kw_only=True)
 class SyntheticConfig(ConvertConfig):
     """Generate the built-in synthetic dataset: textured regions (stripes, checkerboard, dots,
@@ -480,7 +509,7 @@ class SyntheticConfig(ConvertConfig):
     crescent). Seeded and download-free; labels match the pixels exactly."""
 
     num_samples: int = 512
-    """Number of images to generate."""
+    """Number of images to generate (at least 1)."""
 
     split: str = "train"
     """Split name (the folder under OUT/NAME). Each split is its own stream of images (the name
@@ -491,16 +520,26 @@ class SyntheticConfig(ConvertConfig):
     numpy's default_rng([data_seed, crc32(split), i]), so it never depends on the other samples."""
 
     min_size: int = 192
-    """Smallest image height and width in pixels (each side is drawn uniformly per image)."""
+    """Smallest image height and width in pixels, at least 32 (each side is drawn uniformly per image)."""
 
     max_size: int = 320
-    """Largest image height and width in pixels."""
+    """Largest image height and width in pixels (at least --min-size; its square at most --max-pixels)."""
 
     captions: bool = True
     """Store a caption listing the visible objects and region textures in `txt`."""
 
     def source(self) -> SyntheticSource:
         return SyntheticSource(self)
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.num_samples >= 1, "--num-samples", self.num_samples, "must be at least 1")
+        require(self.data_seed >= 0, "--data-seed", self.data_seed, "must be 0 or more")
+        require(self.min_size >= 32, "--min-size", self.min_size, "must be at least 32")
+        at_least = f"must be at least --min-size {self.min_size}"
+        require(self.max_size >= self.min_size, "--max-size", self.max_size, at_least)
+        at_most = f"squared must be at most --max-pixels {self.max_pixels}"
+        require(self.max_size**2 <= self.max_pixels, "--max-size", self.max_size, at_most)
 
 
 class SyntheticSource:
@@ -510,13 +549,7 @@ class SyntheticSource:
         self.config = config
 
     def _check(self) -> None:
-        c = self.config
-        if c.num_samples < 0:
-            raise ConversionError(f"--num-samples must be >= 0, got {c.num_samples}")
-        if c.min_size < 32 or c.max_size < c.min_size:
-            raise ConversionError(f"need 32 <= --min-size <= --max-size, got {c.min_size} and {c.max_size}")
-        if c.data_seed < 0:
-            raise ConversionError(f"--data-seed must be >= 0, got {c.data_seed}")
+        self.config.validate()
 
     def info(self) -> SourceInfo:
         self._check()
