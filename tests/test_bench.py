@@ -182,6 +182,7 @@ def test_loader_benchmark_compares_dali_cpu_with_the_torch_twin_and_the_feed(tmp
     }
     for row in record["rows"]:
         assert row["workers"] == 1 and row["images"] == 8 and row["images_per_s"] == row["images"] / row["seconds"]
+        assert row["main_cpu_us_per_image"] > 0
     if not torch.cuda.is_available():  # the GPU rows are named as missing, with the reason
         assert [m["row"] for m in record["missing"]] == ["DALI gpu (every data, recipe and worker count)"]
         assert "missing: DALI gpu" in printed and "CUDA" in record["missing"][0]["reason"]

@@ -108,7 +108,7 @@ def run(cfg: LoaderBench, command: str) -> Path:
                             threads=max(1, workers),
                             shuffle=True,
                         )
-                        samples, seconds = _time_epoch(LOADERS[name](loader_cfg), cfg.batches)
+                        samples, seconds, main_cpu = _time_epoch(LOADERS[name](loader_cfg), cfg.batches)
                         rows.append(
                             {
                                 "data": data,
@@ -118,10 +118,12 @@ def run(cfg: LoaderBench, command: str) -> Path:
                                 "images": samples,
                                 "seconds": seconds,
                                 "images_per_s": samples / seconds,
+                                "main_cpu_us_per_image": 1e6 * main_cpu / samples,
                             }
                         )
     summary = _summary(rows)
-    print_table(rows, ["data", "recipe", "loader", "workers", "images", "seconds", "images_per_s"], missing)
+    columns = ["data", "recipe", "loader", "workers", "images", "seconds", "images_per_s", "main_cpu_us_per_image"]
+    print_table(rows, columns, missing)
     for line in summary:
         print(line)
     payload = {"config": {k: str(v) for k, v in cfg.__dict__.items()}, "rows": rows, "summary": summary}
@@ -136,21 +138,23 @@ def _make_sets(work: Path, cfg: LoaderBench) -> dict[str, Path]:
     return {"synthetic": work / "synthetic/train", "imagenet-size JPEGs": work / "imagenet/train"}
 
 
-def _time_epoch(loader, batches: int) -> tuple[int, float]:
-    """Samples and seconds of ``batches`` batches after one warm-up batch."""
+def _time_epoch(loader, batches: int) -> tuple[int, float, float]:
+    """Samples, wall seconds and this (main) process's CPU seconds of ``batches`` batches after one
+    warm-up batch. The main process's share is what more workers cannot take over."""
     iterator = iter(loader)
     next(iterator)
-    samples, start = 0, time.perf_counter()
+    samples, start, cpu = 0, time.perf_counter(), time.process_time()
     for i, batch in enumerate(iterator):
         samples += len(batch)
         if i + 1 == batches:
             break
-    return samples, time.perf_counter() - start
+    return samples, time.perf_counter() - start, time.process_time() - cpu
 
 
 def _summary(rows: list[dict]) -> list[str]:
     lines = []
     rate = {(r["data"], r["recipe"], r["loader"], r["workers"]): r["images_per_s"] for r in rows}
+    main = {(r["data"], r["recipe"], r["loader"], r["workers"]): r["main_cpu_us_per_image"] for r in rows}
     for (data, recipe, loader, workers), value in rate.items():
         if loader == "DALI cpu":
             twin = rate[(data, recipe, "torch twin", workers)]
@@ -159,9 +163,10 @@ def _summary(rows: list[dict]) -> list[str]:
             )
         if loader == "host feed" and workers >= 1:
             need = -(-5000 * workers // max(1, int(value)))
+            ceiling = 1e6 / max(main[(data, recipe, loader, workers)], 1e-9)
             lines.append(
-                f"{data}, {recipe}, host feed: {value:,.0f} images/s with {workers} worker(s) "
-                f"(aim >= 5,000: about {need} workers at this rate per worker)"
+                f"{data}, {recipe}, host feed: {value:,.0f} images/s with {workers} worker(s) (aim >= 5,000: about "
+                f"{need} workers at this rate per worker; the main process's share caps it at {ceiling:,.0f})"
             )
         if loader == "DALI gpu" and recipe == "train":
             lines.append(

@@ -26,7 +26,7 @@ import torch
 
 from fastloc.data.batch import Batch
 from fastloc.data.config import LoaderConfig
-from fastloc.data.dali_pipeline import INPUTS, Spec, build_pipeline
+from fastloc.data.dali_pipeline import INPUTS, PREFETCH, Spec, build_pipeline
 from fastloc.data.samples import HostBatch, HostFailure
 from fastloc.data.stream import EpochLoader, LoaderState, release
 
@@ -59,6 +59,7 @@ class Feeder:
         self.host, self.reader, self.bad = host, reader, bad
         self.inflight: deque[HostBatch] = deque()  # fed to the pipeline, not yet output; oldest first
         self.refeed: deque[HostBatch] = deque()  # to feed before the host stream, after a rebuild
+        self.retired: deque[HostBatch] = deque(maxlen=PREFETCH + 1)  # output, kept alive: DALI reads them in place
         self.failure: HostFailure | None = None  # the shards are broken: the loader raises it
 
     def __call__(self) -> tuple:
@@ -82,13 +83,9 @@ class DaliLoader(EpochLoader):
             raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
         if device == "gpu" and not torch.cuda.is_available():
             raise RuntimeError("DaliLoader(device='gpu') needs CUDA; use device='cpu' for DALI's CPU-only mode")
-        super().__init__(cfg)
         self.device = device
-        if device == "gpu":
-            self.device_id: int | None = torch.cuda.current_device()
-            self.torch_device = torch.device("cuda", self.device_id)
-        else:
-            self.device_id, self.torch_device = None, torch.device("cpu")
+        self.device_id: int | None = torch.cuda.current_device() if device == "gpu" else None
+        super().__init__(cfg, torch.device("cpu") if device == "cpu" else torch.device("cuda", self.device_id))
         self.spec = Spec(device=device, normalize=cfg.normalize, mean=tuple(cfg.mean), std=tuple(cfg.std))
         self.threads = max(1, int(cfg.threads))
         self.bad: dict[int, str] = {}  # global index -> why DALI cannot decode it
@@ -112,7 +109,7 @@ class DaliLoader(EpochLoader):
             host, images = self._next()
             self._pipe_t += 1
             self.state.position += 1  # counted when handed over: a checkpoint taken now resumes after it
-            yield self.batch(host, images, self.torch_device)
+            yield self.batch(host, images)
         self.state = LoaderState(epoch + 1, 0)
 
     # ------------------------------------------------------------ the pipeline
@@ -136,7 +133,9 @@ class DaliLoader(EpochLoader):
                     feeder.failure.raise_()
                 self._recover(exc)
                 continue
-            return feeder.inflight.popleft(), _to_torch(images, self.torch_device)
+            host = feeder.inflight.popleft()
+            feeder.retired.append(host)  # no_copy: its arrays may be read until later iterations are out
+            return host, _to_torch(images, self.torch_device)
 
     # ------------------------------------------------------------ samples that do not decode
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 INPUTS = ("crop", "box", "out", "pads", "interp", "flip")  # samples.window_arrays, after the JPEGs
+PREFETCH = 2  # batches DALI runs ahead of the one being output
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def build_pipeline(
     batch_size: int,
     threads: int,
     device_id: int | None,
-    prefetch: int = 2,
+    prefetch: int = PREFETCH,
     graph: Callable = transform,
 ):
     """A built pipeline. With ``source``, it pulls one batch per call, in order: a tuple of the
@@ -97,7 +98,9 @@ def build_pipeline(
     )
     def pipe():
         if source is not None:
-            inputs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, dtype=dtypes, ndim=ndims)
+            inputs = fn.external_source(  # no copy: the loader keeps each batch's arrays until its output
+                source=source, num_outputs=len(dtypes), batch=True, dtype=dtypes, ndim=ndims, no_copy=True
+            )
         else:
             names = ("jpg", *INPUTS)
             inputs = [fn.external_source(name=n, dtype=t, ndim=d) for n, t, d in zip(names, dtypes, ndims)]

@@ -71,17 +71,18 @@ class Prepared:
 
 @dataclass
 class HostBatch:
-    """One batch as it leaves a worker (tensors travel through shared memory)."""
+    """One batch as it leaves a worker. The large arrays are tensors (they travel through shared
+    memory, one handle each); the small ones are numpy arrays, pickled with the rest."""
 
     t: int  # global batch number: epoch * batches per epoch + position
     keys: list[str]
-    g: torch.Tensor  # [B] int64: the sample used in each slot
-    valid: torch.Tensor  # [B] bool: False for a replacement or a repeat
-    cls: torch.Tensor | None  # [B] int64
-    labels: torch.Tensor | None  # [B, S, S] uint8 or int32
+    g: np.ndarray  # [B] int64: the sample used in each slot
+    valid: np.ndarray  # [B] bool: False for a replacement or a repeat
+    cls: np.ndarray | None  # [B] int64
+    labels: torch.Tensor | None  # [B, S, S] int64 (wide_labels), else uint8 or int32
     images: torch.Tensor | None  # [B, 3, S, S] uint8 or float32 (pixels=True)
     jpg: torch.Tensor | None  # [total bytes] uint8: the JPEGs back to back (pixels=False)
-    jpg_ends: torch.Tensor | None  # [B] int64: where each JPEG ends in ``jpg``
+    jpg_ends: np.ndarray | None  # [B] int64: where each JPEG ends in ``jpg``
     windows: dict[str, np.ndarray] | None  # DALI's per-sample geometry (pixels=False), see ``window_arrays``
     skipped: list[Skipped]
 
@@ -121,7 +122,16 @@ def decode_image(data: bytes) -> Image.Image:
 class SampleReader:
     """Everything a worker needs to build batches (picklable)."""
 
-    def __init__(self, shards: ShardSet, cfg: LoaderConfig, plan: EpochPlan, labels: bool, cls: bool, pixels: bool):
+    def __init__(
+        self,
+        shards: ShardSet,
+        cfg: LoaderConfig,
+        plan: EpochPlan,
+        labels: bool,
+        cls: bool,
+        pixels: bool,
+        wide_labels: bool = True,
+    ):
         if cfg.recipe not in ("train", "eval"):
             raise ValueError(f"unknown recipe {cfg.recipe!r}")
         if cfg.recipe == "train" and cfg.train.kind not in ("rkrc", "rrc"):
@@ -131,7 +141,7 @@ class SampleReader:
             raise ValueError(
                 f"unknown interpolations {unknown or cfg.train.interpolations}; choose from {sorted(INTERPOLATIONS)}"
             )
-        self.shards, self.cfg, self.plan, self.pixels = shards, cfg, plan, pixels
+        self.shards, self.cfg, self.plan, self.pixels, self.wide_labels = shards, cfg, plan, pixels, wide_labels
         self.exts = ("jpg",) + (("seg.png",) if labels else ()) + (("cls",) if cls else ())
         manifest = shards.manifest
         self.label_dtype = np.dtype(manifest["label"]["dtype"]) if labels else None
@@ -236,21 +246,22 @@ class SampleReader:
         labels = images = jpg = ends = windows = None
         if self.label_dtype is not None:
             stacked = np.stack([s.label for s in samples])  # [B, S, S]
-            labels = torch.from_numpy(stacked if stacked.dtype == np.uint8 else stacked.astype(np.int32))
+            narrow = np.uint8 if stacked.dtype == np.uint8 else np.int32  # torch has no full uint16
+            labels = torch.from_numpy(stacked.astype(np.int64 if self.wide_labels else narrow, copy=False))
         if self.pixels:
             images = torch.stack([s.image for s in samples])  # [B, 3, S, S] uint8
             if self.cfg.normalize:
                 images = normalize(images, self.cfg.mean, self.cfg.std)  # float32
         else:
             jpg = torch.frombuffer(bytearray(b"".join(s.jpg for s in samples)), dtype=torch.uint8)
-            ends = torch.tensor(np.cumsum([len(s.jpg) for s in samples]), dtype=torch.int64)
+            ends = np.cumsum([len(s.jpg) for s in samples], dtype=np.int64)
             windows = window_arrays([s.window for s in samples])
-        cls = None if samples[0].cls is None else torch.tensor([s.cls for s in samples], dtype=torch.int64)
+        cls = None if samples[0].cls is None else np.array([s.cls for s in samples], np.int64)
         return HostBatch(
             t=t,
             keys=[s.key for s in samples],
-            g=torch.tensor([s.g for s in samples], dtype=torch.int64),
-            valid=torch.tensor(valid, dtype=torch.bool),
+            g=np.array([s.g for s in samples], np.int64),
+            valid=np.array(valid, bool),
             cls=cls,
             labels=labels,
             images=images,

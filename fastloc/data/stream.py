@@ -55,12 +55,13 @@ class LoaderState:
 
 
 class EpochLoader:
-    """The state and host stage of a loader; subclasses set ``pixels`` and implement ``__iter__``."""
+    """The state and host stage of a loader; subclasses set ``pixels`` and implement ``__iter__``.
+    Batches are delivered on ``device``."""
 
     pixels: bool  # the workers decode and transform the images too (the torch twin)
 
-    def __init__(self, cfg: LoaderConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: LoaderConfig, device: torch.device):
+        self.cfg, self.torch_device = cfg, device
         self.shards: ShardSet = open_shards(cfg.shards)  # ShardError now for missing or truncated shards
         manifest = self.shards.manifest
         self.has_labels = bool(cfg.labels and manifest.get("label") and "seg.png" in manifest["keys"])
@@ -77,7 +78,10 @@ class EpochLoader:
             )
         except ValueError as exc:
             raise ValueError(f"{self.shards.root}: {exc}") from None
-        self.reader = SampleReader(self.shards, cfg, self.plan, self.has_labels, self.has_cls, self.pixels)
+        # label maps leave the workers as int64 for a CPU batch; for a GPU, narrow (widened there)
+        self.reader = SampleReader(
+            self.shards, cfg, self.plan, self.has_labels, self.has_cls, self.pixels, wide_labels=device.type == "cpu"
+        )
         self.state = LoaderState()
         self.replaced = 0  # replacement events (a bad sample counts again in every epoch that meets it)
         self.skipped_samples: dict[tuple[str, str], str] = {}  # (shard, key) -> reason, each warned once
@@ -151,16 +155,17 @@ class EpochLoader:
         _LIVE.add(stream)
         return stream
 
-    def batch(self, host: HostBatch, images: torch.Tensor, device: torch.device) -> Batch:
-        """The ``Batch`` of a host batch whose images are ready on ``device``; notes replacements."""
+    def batch(self, host: HostBatch, images: torch.Tensor) -> Batch:
+        """The ``Batch`` of a host batch whose images are ready on the loader's device; notes replacements."""
         self._note(host.skipped)
+        device = self.torch_device
         labels = None if host.labels is None else host.labels.to(device, non_blocking=True).to(torch.int64)
         return Batch(
             images=images,
             labels=labels,
-            cls=None if host.cls is None else host.cls.to(device, non_blocking=True),
+            cls=None if host.cls is None else torch.from_numpy(host.cls).to(device, non_blocking=True),
             keys=host.keys,
-            valid=host.valid.to(device, non_blocking=True),
+            valid=torch.from_numpy(host.valid).to(device, non_blocking=True),
         )
 
     def _note(self, skipped: list[Skipped]) -> None:

@@ -24,7 +24,7 @@ class TorchLoader(EpochLoader):
     pixels = True
 
     def __init__(self, cfg: LoaderConfig):
-        super().__init__(cfg)
+        super().__init__(cfg, torch.device("cpu"))
         self._host = None  # the live worker stream, positioned at batch self._host_t
         self._host_t = -1
 
@@ -36,7 +36,6 @@ class TorchLoader(EpochLoader):
         epoch = self.state.epoch
         if self._host is None or self._host_t != self.next_batch:
             self._host, self._host_t = self.host_batches(self.next_batch), self.next_batch
-        cpu = torch.device("cpu")
         while self.state.position < len(self.plan):
             host = next(self._host)
             if isinstance(host, HostFailure):
@@ -44,5 +43,5 @@ class TorchLoader(EpochLoader):
                 host.raise_()
             self._host_t += 1
             self.state.position += 1  # counted when handed over: a checkpoint taken now resumes after it
-            yield self.batch(host, host.images, cpu)
+            yield self.batch(host, host.images)
         self.state = LoaderState(epoch + 1, 0)
