@@ -1,9 +1,9 @@
 """The DALI loader: the shared host stage feeds ``fn.external_source``; the pixels are made on the GPU.
 
-``device="gpu"`` decodes with nvJPEG (``decoders.image(device="mixed")``) and resizes, pads,
-flips and normalizes on the GPU; ``device="cpu"`` is the same graph with CPU operators (DALI's
-CPU-only mode, how the tests run it). The host batches come from the workers of ``stream.py``
-in the epoch order of ``order.py``; DALI pulls them (``_feed``, prefetching two ahead) and its
+``device="gpu"`` decodes with nvJPEG (``decoders.image_slice(device="mixed")``) and resizes,
+pads, flips and normalizes on the GPU; ``device="cpu"`` is the same graph with CPU operators
+(DALI's CPU-only mode, how the tests run it). The host batches come from the workers of
+``stream.py`` in the epoch order of ``order.py``; DALI pulls them (``Feeder``, two ahead) and its
 images are paired with the host batch's keys, labels, classes and valid flags in order. So
 the loader yields what the torch twin yields, but for the images' resampling, and shares its
 state format: there is no pipeline state to save.
