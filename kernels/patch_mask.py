@@ -11,18 +11,16 @@ grid), this writes ``[B * M, 3, H, W]`` in the compute dtype, rows ordered ``b *
 * a pixel right of or below the last whole patch (384 px at p = 14 leaves 6) -> 0, as in the
   original, which zero-pads the upsampled mask.
 
-Normalisation (``normalization_coefficients``, shared by the reference and the kernel, so the two
-agree bit for bit in float32)::
+Normalisation is the loaders' and timm's prefetcher's formula, in one place
+(``normalization_coefficients``, used by the reference, the kernel and ``fastloc.data``)::
 
-    offset[c] = mean[c] * 255  (uint8 input)   |  mean[c]  (float input)
-    scale[c]  = 1 / (std[c] * 255)             |  1 / std[c]
-    y = (x.float() - offset[c]) * scale[c]       then cast to the output dtype
+    offset[c] = 255 * mean[c]  (uint8 input)   |  mean[c]  (float input)
+    denom[c]  = 255 * std[c]                   |  std[c]
+    y = (x.float() - offset[c]) / denom[c]       then cast to the output dtype
 
-both coefficients rounded once to float32 on the host. This equals ``(x / 255 - mean) / std`` up
-to float32 rounding (a few ulps). Subtract-then-multiply, rather than ``x * scale - shift``, is
-deliberate: a multiply followed by an add may be contracted into one FMA by the GPU compiler
-(Triton allows it by default), which would make the kernel differ from the eager reference by one
-rounding; there is no fused subtract-multiply, so this form rounds identically everywhere.
+both coefficients computed in float64 and rounded once to float32. The kernel divides with
+``div_rn`` (correctly rounded, not the GPU's fast approximate division), so kernel, reference and
+loaders agree bit for bit in float32.
 
 Byte-count floor (read the input once, write the output once, no intermediate tensors): 256 x 3 x
 224^2 uint8 in, 3 masks, bf16 out = 38.5 MB + 231.2 MB = 270 MB, about 90 us at 3 TB/s on an H100.
@@ -49,22 +47,28 @@ __all__ = [
 
 IMAGE_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+MASK_DTYPES = (
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+) + OUT_DTYPES  # 0/1 floats too
 
 
 def normalization_coefficients(
     mean: Sequence[float], std: Sequence[float], image_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(offset, scale)``, float32 CPU tensors ``[3]``: ``y = (x - offset) * scale``.
+    """Per-channel ``(offset, denom)``, float32 CPU tensors ``[3]``: ``y = (x - offset) / denom``.
 
     The reference uses these tensors; the launcher passes their ``tolist()`` (Python floats that
     hold the float32 values exactly) as float32 kernel arguments: the same numbers either way.
     """
-    mean_t = torch.tensor([float(v) for v in mean], dtype=torch.float32)  # [3]
-    std_t = torch.tensor([float(v) for v in std], dtype=torch.float32)  # [3]
-    if image_dtype == torch.uint8:  # the decoder's 0..255 pixels
-        return mean_t * 255.0, 1.0 / (std_t * 255.0)
-    return mean_t, 1.0 / std_t  # float pixels, taken to be in [0, 1]
+    unit = 255.0 if image_dtype == torch.uint8 else 1.0  # the decoder's 0..255 pixels, or floats in [0, 1]
+    offset = torch.tensor([unit * float(v) for v in mean], dtype=torch.float32)  # [3], products in float64
+    denom = torch.tensor([unit * float(v) for v in std], dtype=torch.float32)  # [3]
+    return offset, denom
 
 
 def _check_inputs(images, masks, mean, std, patch_size, out_dtype) -> None:
@@ -80,7 +84,7 @@ def _check_inputs(images, masks, mean, std, patch_size, out_dtype) -> None:
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
     if masks.dtype not in MASK_DTYPES:
-        raise ValueError(f"masks must be bool or integer, got {masks.dtype}")
+        raise ValueError(f"masks must be bool, integer or float 0/1, got {masks.dtype}")
     B, _, H, W = images.shape
     n_patches = (H // patch_size) * (W // patch_size)
     if masks.dim() != 3 or masks.shape[0] != B or masks.shape[2] != n_patches:
@@ -94,7 +98,7 @@ def _check_inputs(images, masks, mean, std, patch_size, out_dtype) -> None:
 
 def patch_mask_reference(
     images: torch.Tensor,  # [B, 3, H, W] uint8 (0..255) or float ([0, 1])
-    masks: torch.Tensor,  # [B, M, N] bool / int, nonzero = keep
+    masks: torch.Tensor,  # [B, M, N] bool / int / float, nonzero = keep
     mean: Sequence[float],
     std: Sequence[float],
     patch_size: int,
@@ -105,10 +109,10 @@ def patch_mask_reference(
     B, _, H, W = images.shape
     M, p = masks.shape[1], patch_size
     gh, gw = H // p, W // p
-    offset, scale = normalization_coefficients(mean, std, images.dtype)
+    offset, denom = normalization_coefficients(mean, std, images.dtype)
     offset = offset.to(images.device).view(1, 3, 1, 1)
-    scale = scale.to(images.device).view(1, 3, 1, 1)
-    y = (images.float() - offset) * scale  # [B, 3, H, W] float32
+    denom = denom.to(images.device).view(1, 3, 1, 1)
+    y = (images.float() - offset) / denom  # [B, 3, H, W] float32
 
     keep_grid = (masks != 0).view(B, M, gh, gw)
     keep = torch.zeros(B, M, H, W, dtype=torch.bool, device=images.device)  # border stays False
@@ -125,9 +129,9 @@ def _patch_mask_kernel(
     off0,
     off1,
     off2,  # float32 per-channel offset
-    sc0,
-    sc1,
-    sc2,  # float32 per-channel scale
+    den0,
+    den1,
+    den2,  # float32 per-channel divisor
     M,
     H,
     W,
@@ -152,9 +156,9 @@ def _patch_mask_kernel(
     patch = (row // P) * GW + col // P  # [BLOCK] patch index n
 
     offset = tl.where(c == 0, off0, tl.where(c == 1, off1, off2))
-    scale = tl.where(c == 0, sc0, tl.where(c == 1, sc1, sc2))
+    denom = tl.where(c == 0, den0, tl.where(c == 1, den1, den2))
     x = tl.load(img_ptr + pid_bc.to(tl.int64) * HW + offs, mask=in_plane, other=0)
-    y = (x.to(tl.float32) - offset) * scale  # [BLOCK] float32, same rounding as the reference
+    y = tl.math.div_rn(x.to(tl.float32) - offset, denom)  # [BLOCK] float32, correctly rounded as torch
 
     for m in range(M):
         keep = tl.load(mask_ptr + (b * M + m).to(tl.int64) * N + patch, mask=in_grid, other=0)
@@ -191,7 +195,8 @@ def patch_mask_triton(
     """Launch the Triton kernel: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 
     Non-contiguous inputs are made contiguous first (a copy; the decoder's output and the mask
-    sampler's are contiguous already). Bool masks are reinterpreted as uint8 without a copy.
+    sampler's are contiguous already). Bool masks are reinterpreted as uint8 without a copy; float
+    masks become uint8 (``mask != 0``, a small copy).
     ``out``, when given, is overwritten entirely (every element, border and masked pixels too).
     """
     _check_inputs(images, masks, mean, std, patch_size, out_dtype)
@@ -199,6 +204,8 @@ def patch_mask_triton(
     M, N, p = masks.shape[1], masks.shape[2], patch_size
     images = images.contiguous()
     masks = masks.contiguous()
+    if masks.is_floating_point():
+        masks = masks != 0
     if masks.dtype == torch.bool:
         masks = masks.view(torch.uint8)
     shape = (B * M, 3, H, W)
@@ -213,8 +220,8 @@ def patch_mask_triton(
         raise ValueError("out must be contiguous")
     if out.numel() == 0:
         return out
-    offset, scale = normalization_coefficients(mean, std, images.dtype)
-    args = (images, masks, out, *offset.tolist(), *scale.tolist(), M, H, W, N, H // p, W // p)
+    offset, denom = normalization_coefficients(mean, std, images.dtype)
+    args = (images, masks, out, *offset.tolist(), *denom.tolist(), M, H, W, N, H // p, W // p)
     if images.is_cuda:
 
         def grid(meta):
@@ -256,7 +263,7 @@ def _patch_mask_op_fake(images, masks, mean, std, patch_size, out_dtype):
 
 def patch_mask(
     images: torch.Tensor,  # [B, 3, H, W] uint8 (0..255) or float ([0, 1])
-    masks: torch.Tensor,  # [B, M, N] bool / int, nonzero = keep
+    masks: torch.Tensor,  # [B, M, N] bool / int / float, nonzero = keep
     mean: Sequence[float] | torch.Tensor,
     std: Sequence[float] | torch.Tensor,
     patch_size: int,
@@ -266,7 +273,8 @@ def patch_mask(
 
     Calls ``torch.ops.fastloc.patch_mask`` (CUDA: the Triton kernel; CPU: the reference).
     Pass mean/std as Python floats (e.g. timm's ``pretrained_cfg``); a tensor is read back to the
-    host, which syncs, and breaks a ``torch.compile`` graph.
+    host (its float32 values, which differ from the floats it was made from), which syncs, and
+    breaks a ``torch.compile`` graph.
     """
     if isinstance(mean, torch.Tensor):
         mean = mean.tolist()

@@ -133,7 +133,7 @@ def test_reference_semantics_by_loop(dtype):
     images, masks = make_inputs(B, M, H, W, p, dtype, seed=7)
     out = patch_mask_reference(images, masks, CLIP_MEAN, CLIP_STD, p)
     assert out.shape == (B * M, 3, H, W) and out.dtype == torch.float32
-    offset, scale = normalization_coefficients(CLIP_MEAN, CLIP_STD, dtype)
+    offset, denom = normalization_coefficients(CLIP_MEAN, CLIP_STD, dtype)
     pixel_max = 255.0 if dtype == torch.uint8 else 1.0
     for b in range(B):
         for m in range(M):
@@ -146,18 +146,28 @@ def test_reference_semantics_by_loop(dtype):
                             assert got.item() == 0.0 and not got.signbit()
                             continue
                         x = images[b, c, i, j]
-                        exact = (x.float() - offset[c]) * scale[c]  # the defined rounding
+                        exact = (x.float() - offset[c]) / denom[c]  # the defined rounding
                         assert got.item() == exact.item()
                         textbook = (x.item() / pixel_max - CLIP_MEAN[c]) / CLIP_STD[c]
                         assert math.isclose(got.item(), textbook, rel_tol=1e-6, abs_tol=1e-6)
 
 
-def test_normalization_close_to_textbook_formula():
-    """(x - offset) * scale equals (x / 255 - mean) / std up to float32 rounding, all 256 values."""
+def test_normalization_is_the_loaders_and_close_to_the_textbook_formula():
+    """(x - offset) / denom is timm's prefetcher's (x - 255 mean) / (255 std) with float32
+    coefficients, the loaders' ``normalize`` bit for bit, and (x / 255 - mean) / std up to float32
+    rounding, for all 256 values."""
+    from fastloc.data.transforms import normalize
+
     for mean, std in ((CLIP_MEAN, CLIP_STD), (SIGLIP_MEAN, SIGLIP_STD)):
         x = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(3, 1, 256)
-        offset, scale = normalization_coefficients(mean, std, torch.uint8)
-        ours = (x.float() - offset.view(3, 1, 1)) * scale.view(3, 1, 1)
+        offset, denom = normalization_coefficients(mean, std, torch.uint8)
+        ours = (x.float() - offset.view(3, 1, 1)) / denom.view(1, 3, 1, 1)[0]
+        prefetcher = (x.float() - torch.tensor([v * 255 for v in mean]).view(3, 1, 1)) / torch.tensor(
+            [v * 255 for v in std]
+        ).view(3, 1, 1)  # timm.data.loader.PrefetchLoader
+        assert torch.equal(ours, prefetcher) and torch.equal(normalize(x[None], mean, std)[0], ours)
+        masked = patch_mask_reference(x.reshape(1, 3, 16, 16), torch.ones(1, 1, 1, dtype=torch.bool), mean, std, 16)
+        assert torch.equal(masked.reshape(3, 1, 256), ours)
         mean64 = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)
         std64 = torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
         textbook = (x.double() / 255 - mean64) / std64
@@ -182,8 +192,9 @@ def test_op_on_cpu_is_the_reference():
     images, masks = make_inputs(2, 3, 40, 44, 14, torch.uint8, seed=9)
     ref = patch_mask_reference(images, masks, CLIP_MEAN, CLIP_STD, 14)
     assert torch.equal(patch_mask(images, masks, CLIP_MEAN, CLIP_STD, 14), ref)
-    mean_t, std_t = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)  # tensors are accepted too
-    assert torch.equal(patch_mask(images, masks, mean_t, std_t, 14), ref)
+    mean_t, std_t = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)  # tensors are accepted: their float32 values
+    by_value = patch_mask_reference(images, masks, mean_t.tolist(), std_t.tolist(), 14)
+    assert torch.equal(patch_mask(images, masks, mean_t, std_t, 14), by_value)
     direct = torch.ops.fastloc.patch_mask(images, masks, list(CLIP_MEAN), list(CLIP_STD), 14, torch.float32)
     assert torch.equal(direct, ref)
 
@@ -261,3 +272,14 @@ def test_gpu_kernel_matches_reference(B, M, H, W, p, dtype, out_dtype):
     assert torch.equal(out, ref)
     assert torch.equal(patch_mask(images, masks, CLIP_MEAN, CLIP_STD, p, out_dtype), ref)
     assert torch.equal(ref.cpu(), patch_mask_reference(images.cpu(), masks.cpu(), CLIP_MEAN, CLIP_STD, p, out_dtype))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float_masks_are_keep_masks(mask_dtype):
+    """0/1 float masks, as the reference's sampler makes them, mask exactly as bool masks do."""
+    images, masks = make_inputs(2, 3, 24, 20, 4, torch.uint8, seed=12)
+    expect = patch_mask_reference(images, masks, CLIP_MEAN, CLIP_STD, 4)
+    floats = masks.to(mask_dtype)
+    assert torch.equal(patch_mask_reference(images, floats, CLIP_MEAN, CLIP_STD, 4), expect)
+    assert torch.equal(patch_mask(images, floats, CLIP_MEAN, CLIP_STD, 4), expect)
+    assert torch.equal(patch_mask_triton(images, floats, CLIP_MEAN, CLIP_STD, 4), expect)

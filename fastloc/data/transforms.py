@@ -316,7 +316,9 @@ def window_eval(h: int, w: int, size: int) -> Window:
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """[B, 3, H, W] uint8 -> float32 (x - 255 mean) / (255 std), DALI crop_mirror_normalize's form."""
-    m = torch.tensor([255.0 * v for v in mean], dtype=torch.float32).view(1, 3, 1, 1)  # products in float64
-    s = torch.tensor([255.0 * v for v in std], dtype=torch.float32).view(1, 3, 1, 1)
-    return (images.to(torch.float32) - m) / s
+    """[B, 3, H, W] uint8 -> float32 (x - 255 mean) / (255 std): timm's prefetcher's formula, the
+    masking kernel's (one definition, ``normalization_coefficients``), bit for bit."""
+    from fastloc.kernels.patch_mask import normalization_coefficients
+
+    offset, denom = normalization_coefficients(mean, std, torch.uint8)
+    return (images.to(torch.float32) - offset.view(1, 3, 1, 1)) / denom.view(1, 3, 1, 1)

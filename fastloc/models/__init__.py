@@ -1,0 +1,1 @@
+"""Backbones and the modules built from them: registry, teacher, student, decoder, attention."""
