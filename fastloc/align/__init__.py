@@ -1,0 +1,1 @@
+"""Post-training objectives (MaskEmbed first) and the one loop, checkpointer and CLI that run them."""

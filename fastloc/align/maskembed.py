@@ -1,0 +1,213 @@
+"""MaskEmbed (locality alignment), as the reference trains it (MASKEMBED.md sections 1-7).
+
+A frozen teacher (the backbone minus its last block) sees each image under M masks (a uniform
+mask, its complement, the full image: one call of the masking kernel); the trainable student
+sees the full image once, a zero-initialized head maps its tokens to the teacher's width, and a
+light decoder predicts each masked view's teacher output from the student's tokens times the
+mask. The loss compares them (MSE of sigma-scaled targets by default).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fastloc.align.masks import MaskConfig, sample_masks
+from fastloc.align.objective import Objective
+from fastloc.data.batch import Batch
+from fastloc.kernels.patch_mask import patch_mask
+from fastloc.models.decoder import Decoder
+from fastloc.models.encoders import Student, build_teacher
+from fastloc.models.registry import backbone, create_model, image_config
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskEmbedConfig:
+    """The method's knobs; the defaults are the reference's."""
+
+    backbone: str = "clip-vit-b"
+    """A registered backbone (python -m fastloc.align --help lists them) or any timm model id."""
+
+    weights: str = "pretrained"
+    """pretrained (timm's hub), random, or a weights file (safetensors or a timm checkpoint)."""
+
+    skip_blocks: int = 1
+    """Blocks removed from the end of the teacher (its final norm is kept)."""
+
+    soft_cap: float | None = 30.0
+    """Cap of the student's attention logits, cap * tanh(logit / cap); None turns it off (the
+    registry's plain students, EVA02 and BEiT, never have it)."""
+
+    loss: Literal["mse", "cosine", "l1", "masked_mse", "unmasked_mse"] = "mse"
+    """mse over all masks, tokens and features (targets scaled by 1/sigma); the others use unscaled targets."""
+
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    """The teacher's masked views."""
+
+    decoder_depth: int = 2
+    """Transformer blocks in the decoder."""
+
+
+class Trainable(nn.Module):
+    """Student and decoder: the part DDP wraps. (full images [B, 3, S, S], masks [B, M, N]) ->
+    predictions [B * M, T, D_teacher]."""
+
+    def __init__(self, student: Student, decoder: Decoder):
+        super().__init__()
+        self.student, self.decoder = student, decoder
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.student(images), masks)
+
+
+def per_image_loss(kind: str, pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[B * M, T, D] predictions and targets, [B, M, T] keep-masks (prefix counted as kept for
+    unmasked_mse, as masked for masked_mse, in training and validation alike) -> [B] float32."""
+    B = keep.shape[0]
+    diff = pred.float() - target.float()  # [B * M, T, D]
+    if kind == "mse":
+        per = diff.square().mean(dim=-1)
+    elif kind == "l1":
+        per = diff.abs().mean(dim=-1)
+    elif kind == "cosine":
+        per = 1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1)
+    elif kind in ("masked_mse", "unmasked_mse"):
+        weight = keep.flatten(0, 1).float()  # [B * M, T]
+        per = diff.square().mean(dim=-1) * (1.0 - weight if kind == "masked_mse" else weight)
+    else:
+        raise ValueError(f"unknown loss {kind!r}")
+    return per.view(B, -1).mean(dim=1)  # [B]: every image has the same M * T elements
+
+
+class MaskEmbed(Objective):
+    def __init__(self, cfg: MaskEmbedConfig):
+        super().__init__()
+        entry = backbone(cfg.backbone)
+        model = create_model(cfg.backbone, cfg.weights)
+        self.cfg, self.image = cfg, image_config(model)
+        student_model = copy.deepcopy(model)  # the student starts from the teacher's weights
+        self.teacher = build_teacher(model, cfg.skip_blocks)
+        dim = self.teacher.num_features
+        cap = cfg.soft_cap if entry.soft_cap else None
+        student = Student(student_model, dim, cap)
+        decoder = Decoder.for_student(
+            student_model,
+            dim,
+            self.image.tokens,
+            depth=cfg.decoder_depth,
+            qkv_bias=entry.decoder_qkv_bias,
+            qk_norm=entry.decoder_qk_norm,
+        )
+        self.trainable = Trainable(student, decoder)
+        self.register_buffer("scale", torch.ones(()))  # 1 / sigma for mse; 1 otherwise
+        self.register_buffer("sigma", torch.zeros(()))  # 0 until calibrated
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen: always in eval mode
+        return self
+
+    # ------------------------------------------------------------ the views
+
+    def views(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images [B, 3, S, S] and masks [B, M, N] -> the teacher's masked views [B * M, 3, S, S]
+        and the student's normalized full images [B, 3, S, S], from one masking pass."""
+        B, M, _ = masks.shape
+        cfg = self.image
+        null = self.cfg.masks.null
+        rows = masks if null else torch.cat([masks, masks.new_ones(B, 1, masks.shape[2])], dim=1)
+        dtype = torch.get_autocast_dtype(images.device.type) if torch.is_autocast_enabled(images.device.type) else None
+        out = patch_mask(images, rows, cfg.mean, cfg.std, cfg.patch_size, dtype or torch.float32)
+        out = out.view(B, rows.shape[1], 3, cfg.size, cfg.size)
+        return out[:, :M].flatten(0, 1), out[:, -1]  # the all-ones row is the last
+
+    def targets(self, views: torch.Tensor) -> torch.Tensor:
+        """[B * M, T, D] teacher outputs, scaled."""
+        with torch.no_grad():
+            return self.teacher.forward_features(views) * self.scale
+
+    # ------------------------------------------------------------ the loss
+
+    def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Keep-masks [B, M, N]."""
+        return sample_masks(self.cfg.masks, batch, self.image.grid, generator)
+
+    def losses(self, images: torch.Tensor, masks: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        views, full = self.views(images, masks)
+        target = self.targets(views)
+        pred = (model or self.trainable)(full, masks)
+        return per_image_loss(self.cfg.loss, pred, target, self._keep(masks))
+
+    def _keep(self, masks: torch.Tensor) -> torch.Tensor:
+        """[B, M, T] with the prefix as masked (0)."""
+        B, M, _ = masks.shape
+        return torch.cat([masks.new_zeros(B, M, self.image.prefix_tokens), masks], dim=2)
+
+    # ------------------------------------------------------------ sigma
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[Batch]) -> dict[str, float]:
+        """sigma^2 = population variance of every element of the teacher's masked-view outputs over
+        ``batches`` (the validation split; masks seeded by batch index, as the reference), merged
+        exactly across batches and ranks. Sets ``scale`` to 1 / sigma for the mse loss."""
+        moments = None
+        for i, batch in enumerate(batches):
+            masks = self.sample(len(batch), torch.Generator(batch.images.device).manual_seed(i))
+            views, _ = self.views(batch.images, masks)
+            out = self.teacher.forward_features(views).double()  # [B * M, T, D]
+            if batch.valid is not None:  # repeats that fill the last batch do not count
+                out = out[batch.valid.repeat_interleave(masks.shape[1])]
+            moments = merge_moments(moments, batch_moments(out))
+        if dist.is_available() and dist.is_initialized():
+            moments = all_merge(moments)
+        if moments is None or moments[0] == 0:
+            raise ValueError("sigma needs at least one validation sample")
+        sigma = math.sqrt(moments[2] / moments[0])
+        self.sigma.fill_(sigma)
+        if self.cfg.loss == "mse":
+            self.scale.fill_(1.0 / sigma)
+        return {"sigma": sigma}
+
+    def encoder(self) -> nn.Module:
+        return self.trainable.student.encoder
+
+
+# ---------------------------------------------------------------- exact streaming variance
+
+
+def batch_moments(x: torch.Tensor) -> tuple[float, float, float]:
+    """(count, mean, sum of squared deviations) of all elements, in float64."""
+    n = x.numel()
+    if n == 0:
+        return 0.0, 0.0, 0.0
+    mean = x.mean()
+    return float(n), float(mean), float((x - mean).square().sum())
+
+
+def merge_moments(a: tuple[float, float, float] | None, b: tuple[float, float, float]) -> tuple[float, float, float]:
+    """Chan et al.'s pairwise merge: exact for the union of the two samples."""
+    if a is None or a[0] == 0:
+        return b
+    if b[0] == 0:
+        return a
+    n = a[0] + b[0]
+    delta = b[1] - a[1]
+    return n, a[1] + delta * b[0] / n, a[2] + b[2] + delta * delta * a[0] * b[0] / n
+
+
+def all_merge(moments: tuple[float, float, float] | None) -> tuple[float, float, float]:
+    """Merge every rank's moments (the same result on every rank)."""
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, moments or (0.0, 0.0, 0.0))
+    merged = None
+    for m in gathered:
+        merged = merge_moments(merged, m)
+    return merged
