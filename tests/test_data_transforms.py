@@ -20,9 +20,11 @@ from fastloc.data.transforms import (
     center_crop_or_pad,
     draw_rkrc,
     draw_rrc,
+    image_center_crop,
     image_eval,
     image_rkrc,
     image_rrc,
+    label_center_crop,
     label_eval,
     largest_center_square,
     pil_filter,
@@ -30,6 +32,7 @@ from fastloc.data.transforms import (
     resize_label,
     rkrc_size,
     sample_rng,
+    window_center_crop,
     window_eval,
     window_rkrc,
     window_rrc,
@@ -238,3 +241,31 @@ def test_windows_give_the_recipes_geometry():
         if trial % 3:  # integer boxes: exactly the recipe
             assert diff.max() == 0, trial
     assert worst < 1.0
+
+
+@pytest.mark.parametrize("crop_pct", [0.875, 0.9, 1.0])
+def test_center_crop_is_timms_eval_transform(crop_pct):
+    """MaskEmbed's validation transform: timm's Resize(floor(S / crop_pct)) + CenterCrop(S), bit
+    for bit on PIL images; label maps through the same geometry with NEAREST."""
+    from timm.data import create_transform
+
+    timm_eval = create_transform(input_size=(3, S, S), is_training=False, crop_pct=crop_pct, interpolation="bicubic")
+    resize, crop = timm_eval.transforms[:2]
+    label_resize = type(resize)(resize.size, interpolation=F_NEAREST())
+    rng = np.random.default_rng(8)
+    for h, w in [(40, 57), (57, 40), (36, 36), (100, 33), (20, 25), (35, 61)]:
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        label = np.arange(h * w, dtype=np.int32).reshape(h, w)
+        image_t, label_t = image_center_crop(Image.fromarray(pixels), S, crop_pct, "bicubic"), None
+        assert np.array_equal(image_t.permute(1, 2, 0).numpy(), np.asarray(crop(resize(Image.fromarray(pixels)))))
+        label_t = label_center_crop(label, S, crop_pct)
+        assert np.array_equal(label_t, np.asarray(crop(label_resize(Image.fromarray(label, mode="I")))))
+        window = window_center_crop(h, w, S, crop_pct, "bicubic")
+        through = _through_window(Image.fromarray(pixels), window)
+        assert np.abs(through.astype(int) - image_t.numpy().astype(int)).mean() < 1.0
+
+
+def F_NEAREST():
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode.NEAREST

@@ -54,6 +54,19 @@ class EvalRecipe:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CenterCropRecipe:
+    """timm's eval transform (MaskEmbed's validation and sigma): resize the short side to
+    floor(S / crop_pct) with ``interpolation`` (torchvision's Resize: the long side truncated),
+    then centre-crop S x S at round((side - S) / 2) (half to even). Labels: nearest."""
+
+    crop_pct: float = 0.875
+    """The backbone's crop_pct (timm's pretrained_cfg), in (0, 1]."""
+
+    interpolation: str = "bicubic"
+    """The backbone's interpolation (timm's pretrained_cfg)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoaderConfig:
     """What to read and how: one split of a shard set, batched and transformed."""
 
@@ -66,11 +79,15 @@ class LoaderConfig:
     size: int = 224
     """Output side S in pixels."""
 
-    recipe: Literal["train", "eval"] = "train"
-    """train = MaskEmbed augmentation (random); eval = Patch-Seg centre square (deterministic)."""
+    recipe: Literal["train", "eval", "center-crop"] = "train"
+    """train = MaskEmbed augmentation (random); eval = Patch-Seg centre square; center-crop = timm's
+    eval transform (MaskEmbed validation). The last two are deterministic."""
 
     train: TrainRecipe = field(default_factory=TrainRecipe)
     """Parameters of the train recipe."""
+
+    center_crop: CenterCropRecipe = field(default_factory=CenterCropRecipe)
+    """Parameters of the center-crop recipe."""
 
     mean: tuple[float, float, float] = IMAGENET_MEAN
     """The backbone's normalization mean (in [0, 1] units)."""

@@ -28,14 +28,17 @@ from fastloc.data.transforms import (
     Window,
     draw_rkrc,
     draw_rrc,
+    image_center_crop,
     image_eval,
     image_rkrc,
     image_rrc,
+    label_center_crop,
     label_eval,
     label_rkrc,
     label_rrc,
     normalize,
     sample_rng,
+    window_center_crop,
     window_eval,
     window_rkrc,
     window_rrc,
@@ -132,11 +135,13 @@ class SampleReader:
         pixels: bool,
         wide_labels: bool = True,
     ):
-        if cfg.recipe not in ("train", "eval"):
+        if cfg.recipe not in ("train", "eval", "center-crop"):
             raise ValueError(f"unknown recipe {cfg.recipe!r}")
+        if not 0 < cfg.center_crop.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {cfg.center_crop.crop_pct}")
         if cfg.recipe == "train" and cfg.train.kind not in ("rkrc", "rrc"):
             raise ValueError(f"unknown train recipe kind {cfg.train.kind!r}")
-        unknown = [n for n in cfg.train.interpolations if n not in INTERPOLATIONS]
+        unknown = [n for n in (*cfg.train.interpolations, cfg.center_crop.interpolation) if n not in INTERPOLATIONS]
         if unknown or not cfg.train.interpolations:
             raise ValueError(
                 f"unknown interpolations {unknown or cfg.train.interpolations}; choose from {sorted(INTERPOLATIONS)}"
@@ -162,6 +167,10 @@ class SampleReader:
         if recipe == "eval":
             window, draw = window_eval(height, width, size), None
             label = None if label is None else label_eval(label, size)
+        elif recipe == "center-crop":
+            crop = self.cfg.center_crop
+            window, draw = window_center_crop(height, width, size, crop.crop_pct, crop.interpolation), None
+            label = None if label is None else label_center_crop(label, size, crop.crop_pct)
         elif self.cfg.train.kind == "rkrc":
             draw = draw_rkrc(sample_rng(self.cfg.seed, epoch, g), self.cfg.train)
             window = window_rkrc(height, width, size, draw)
@@ -178,6 +187,8 @@ class SampleReader:
                 return Skipped(shard, key, f"jpg does not decode: {exc}")
             if recipe == "eval":
                 image = image_eval(pil, size)
+            elif recipe == "center-crop":
+                image = image_center_crop(pil, size, self.cfg.center_crop.crop_pct, self.cfg.center_crop.interpolation)
             else:
                 image = image_rkrc(pil, size, draw) if self.cfg.train.kind == "rkrc" else image_rrc(pil, size, draw)
         return Prepared(g, key, data["jpg"], window, label, cls, image)

@@ -78,6 +78,15 @@ def center_crop_or_pad(h: int, w: int, size: int) -> CropPad:
     return CropPad(dh // 2, (dh + 1) // 2, dw // 2, (dw + 1) // 2, round((ph - size) / 2.0), round((pw - size) / 2.0))
 
 
+def center_crop_size(h: int, w: int, size: int, crop_pct: float) -> tuple[int, int]:
+    """timm's eval Resize(floor(S / crop_pct)): the short side to that, the long side
+    int(short_target * long / short) (torchvision's rule); (resized height, resized width)."""
+    target = math.floor(size / crop_pct)
+    if w <= h:
+        return (h, w) if w == target else (int(target * h / w), target)
+    return (h, w) if h == target else (target, int(target * w / h))
+
+
 @functools.lru_cache(maxsize=4096)
 def _nearest_table(n_in: int, n_out: int) -> np.ndarray:
     a = n_in / n_out
@@ -206,6 +215,13 @@ def label_rrc(label: np.ndarray, size: int, draw: RrcDraw) -> np.ndarray:
     return _gather(label, rows, cols, draw.flip)
 
 
+def label_center_crop(label: np.ndarray, size: int, crop_pct: float) -> np.ndarray:
+    """[H, W] -> [S, S]: timm's eval transform with NEAREST."""
+    h, w = label.shape
+    rh, rw = center_crop_size(h, w, size, crop_pct)
+    return _gather(label, _axis(h, rh, size), _axis(w, rw, size), False)
+
+
 def label_eval(label: np.ndarray, size: int) -> np.ndarray:
     """[H, W] -> [S, S]: Patch-Seg's largest centre square, PIL NEAREST."""
     top, left, m = largest_center_square(*label.shape)
@@ -238,6 +254,15 @@ def image_rrc(image: Image.Image, size: int, draw: RrcDraw) -> torch.Tensor:
     box = (draw.left, draw.top, draw.left + draw.width, draw.top + draw.height)
     pixels = np.asarray(image.crop(box).resize((size, size), pil_filter(draw.interpolation)))
     return _image_tensor(pixels, draw.flip)
+
+
+def image_center_crop(image: Image.Image, size: int, crop_pct: float, interpolation: str) -> torch.Tensor:
+    """timm's eval transform on a PIL image: Resize(floor(S / crop_pct)), CenterCrop(S)."""
+    rh, rw = center_crop_size(image.height, image.width, size, crop_pct)
+    if (rh, rw) != (image.height, image.width):
+        image = image.resize((rw, rh), pil_filter(interpolation))
+    top, left = round((rh - size) / 2.0), round((rw - size) / 2.0)
+    return _image_tensor(np.asarray(image.crop((left, top, left + size, top + size))), False)
 
 
 def image_eval(image: Image.Image, size: int) -> torch.Tensor:
@@ -289,8 +314,17 @@ class Window:
 
 
 def window_rkrc(h: int, w: int, size: int, draw: RkrcDraw) -> Window:
+    return _window_resized(h, w, rkrc_size(h, w, size, draw.f_h, draw.f_w), size, draw.interpolation, draw.flip)
+
+
+def window_center_crop(h: int, w: int, size: int, crop_pct: float, interpolation: str) -> Window:
+    return _window_resized(h, w, center_crop_size(h, w, size, crop_pct), size, interpolation, False)
+
+
+def _window_resized(h: int, w: int, resized: tuple[int, int], size: int, interpolation: str, flip: bool) -> Window:
+    """Resize the whole image to ``resized``, then timm's centre crop or reflect pad to S."""
     axes = []
-    for n_in, n in zip((h, w), rkrc_size(h, w, size, draw.f_h, draw.f_w)):
+    for n_in, n in zip((h, w), resized):
         if n >= size:
             offset = round((n - size) / 2.0)
             axes.append((n_in / n * offset, n_in / n * (offset + size), size, 0, 0))
@@ -298,7 +332,7 @@ def window_rkrc(h: int, w: int, size: int, draw: RkrcDraw) -> Window:
             short = size - n
             axes.append((0.0, float(n_in), n, short // 2, short - short // 2))
     (y0, y1, kh, pt, pb), (x0, x1, kw, pl, pr) = axes
-    return Window((0, 0, h, w), (y0, x0, y1, x1), (kh, kw), (pt, pb, pl, pr), draw.interpolation, draw.flip)
+    return Window((0, 0, h, w), (y0, x0, y1, x1), (kh, kw), (pt, pb, pl, pr), interpolation, flip)
 
 
 def _whole(crop: tuple[int, int, int, int], size: int, interpolation: str, flip: bool) -> Window:
