@@ -173,7 +173,8 @@ def test_loss_definitions(kind):
 def test_sigma_is_the_population_std_of_every_masked_teacher_output():
     objective = tiny()
     batches = [Batch(images=images(3, seed=s), valid=torch.tensor([True, True, s == 0])) for s in range(3)]
-    record = objective.calibrate(batches)
+    pairs = [(b, objective.sample(3, torch.Generator().manual_seed(i))) for i, b in enumerate(batches)]
+    record = objective.calibrate(pairs)
     outs = []
     for i, batch in enumerate(batches):
         masks = objective.sample(3, torch.Generator().manual_seed(i))  # seeded by batch index
@@ -199,5 +200,5 @@ def test_moments_merge_exactly():
 
 def test_other_losses_keep_unscaled_targets():
     objective = tiny(loss="cosine")
-    objective.calibrate([Batch(images=images(2))])
+    objective.calibrate([(Batch(images=images(2)), objective.sample(2, torch.Generator().manual_seed(0)))])
     assert objective.sigma.item() > 0 and objective.scale.item() == 1.0

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from fastloc.progress import Progress
 from fastloc.shard import tario
 from fastloc.shard.__main__ import main
 from fastloc.shard.lock import LOCK_FILE, split_lock
 from fastloc.shard.manifest import read_manifest
-from fastloc.shard.progress import Progress
 
 ARGS = ["synthetic", "--num-samples", 40, "--shard-samples", 7, "--min-size", 48, "--max-size", 96, "--no-progress"]
 

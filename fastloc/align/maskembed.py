@@ -22,6 +22,7 @@ from torch import nn
 
 from fastloc.align.masks import MaskConfig, sample_masks
 from fastloc.align.objective import Objective
+from fastloc.cli import flowing_help
 from fastloc.data.batch import Batch
 from fastloc.kernels.patch_mask import patch_mask
 from fastloc.models.decoder import Decoder
@@ -29,6 +30,7 @@ from fastloc.models.encoders import Student, build_teacher
 from fastloc.models.registry import backbone, create_model, image_config
 
 
+@flowing_help
 @dataclass(frozen=True, kw_only=True)
 class MaskEmbedConfig:
     """The method's knobs; the defaults are the reference's."""
@@ -143,7 +145,7 @@ class MaskEmbed(Objective):
     def losses(self, images: torch.Tensor, masks: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         views, full = self.views(images, masks)
         target = self.targets(views)
-        pred = (model or self.trainable)(full, masks)
+        pred = (self.trainable if model is None else model)(full, masks)
         return per_image_loss(self.cfg.loss, pred, target, self._keep(masks))
 
     def _keep(self, masks: torch.Tensor) -> torch.Tensor:
@@ -154,13 +156,12 @@ class MaskEmbed(Objective):
     # ------------------------------------------------------------ sigma
 
     @torch.no_grad()
-    def calibrate(self, batches: Iterable[Batch]) -> dict[str, float]:
+    def calibrate(self, batches: Iterable[tuple[Batch, torch.Tensor]]) -> dict[str, float]:
         """sigma^2 = population variance of every element of the teacher's masked-view outputs over
-        ``batches`` (the validation split; masks seeded by batch index, as the reference), merged
-        exactly across batches and ranks. Sets ``scale`` to 1 / sigma for the mse loss."""
+        the (batch, masks) pairs (the validation split; the reference seeds each batch's masks by
+        its index), merged exactly across batches and ranks. Sets ``scale`` to 1 / sigma for mse."""
         moments = None
-        for i, batch in enumerate(batches):
-            masks = self.sample(len(batch), torch.Generator(batch.images.device).manual_seed(i))
+        for batch, masks in batches:
             views, _ = self.views(batch.images, masks)
             out = self.teacher.forward_features(views).double()  # [B * M, T, D]
             if batch.valid is not None:  # repeats that fill the last batch do not count

@@ -15,7 +15,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from fastloc.cli import flowing_help
 
+
+@flowing_help
 @dataclass(frozen=True, kw_only=True)
 class MaskConfig:
     """Which masks the teacher sees."""

@@ -31,9 +31,10 @@ class Objective(nn.Module):
         ``model`` is ``trainable`` as the loop runs it (DDP-wrapped, compiled)."""
         raise NotImplementedError
 
-    def calibrate(self, batches: Iterable[Batch]) -> dict[str, float]:
+    def calibrate(self, batches: Iterable[tuple[Batch, torch.Tensor]]) -> dict[str, float]:
         """Once, before the first step of a new run (not on resume): fit what the objective derives
-        from data (MaskEmbed: sigma) and return it for the run's record. Default: nothing."""
+        from data (MaskEmbed: sigma) from (batch, sample) pairs of the validation split, and return
+        it for the run's record. Default: nothing."""
         return {}
 
     def encoder(self) -> nn.Module:

@@ -106,6 +106,10 @@ class EpochLoader:
         if epoch != self.state.epoch:
             self.state = LoaderState(epoch, 0)
 
+    def rewind(self, epoch: int = 0) -> None:
+        """Start ``epoch`` from its first batch, wherever the loader stands (an evaluation pass)."""
+        self.state = LoaderState(epoch, 0)
+
     def state_dict(self) -> dict[str, int]:
         """Epoch, position and the plan's fingerprint, as plain ints (``weights_only``-safe). The
         same format for both loaders: a state saved by one restores in the other."""

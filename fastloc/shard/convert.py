@@ -32,6 +32,7 @@ import numpy as np
 import PIL
 
 import fastloc
+from fastloc.progress import Progress
 from fastloc.shard.config import ConvertConfig, check_path_name
 from fastloc.shard.encode import label_dtype
 from fastloc.shard.errors import ConversionError
@@ -39,7 +40,6 @@ from fastloc.shard.jsonfile import read_json_object
 from fastloc.shard.lock import split_lock
 from fastloc.shard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, write_manifest
 from fastloc.shard.plan import ShardPlan, cut_shards, fingerprint, order_items
-from fastloc.shard.progress import Progress
 from fastloc.shard.sources.base import SourceInfo
 from fastloc.shard.tario import atomic_write
 from fastloc.shard.words import plural

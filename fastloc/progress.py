@@ -1,8 +1,8 @@
-"""Conversion progress on stderr: a tqdm bar on a terminal, periodic plain lines in a log.
+"""Progress on stderr (conversion, training): a tqdm bar on a terminal, periodic lines in a log.
 
 A carriage-return bar written to a file (a SLURM log, ``2> log``) is one endless line that only
 shows its last state when the job is over; without a terminal, progress is instead a line every
-10% of the samples or every 30 seconds, whichever comes first, and one at the end.
+10% of the work or every 30 seconds, whichever comes first, and one at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """``update(n)`` as samples finish; ``close()`` at the end. Safe to update from one other thread."""
+    """``update(n)`` as units finish; ``close()`` at the end. Safe to update from one other thread.
+    ``unit`` names what is counted ("samples"), ``rate_unit`` its rate ("img/s")."""
 
     def __init__(
         self,
@@ -34,7 +35,10 @@ class Progress:
         stream: TextIO | None = None,
         every_s: float = 30.0,
         every_fraction: float = 0.1,
+        unit: str = "samples",
+        rate_unit: str = "img/s",
     ):
+        self.unit, self.rate_unit = unit, rate_unit
         self.stream = stream or sys.stderr
         self.total, self.done, self.desc = total, initial, desc
         self.bar = None
@@ -43,7 +47,13 @@ class Progress:
             return
         if self.stream.isatty():
             self.bar = tqdm(
-                total=total, initial=initial, unit="img", desc=desc, file=self.stream, mininterval=0.5, smoothing=0.05
+                total=total,
+                initial=initial,
+                unit=rate_unit.split("/")[0],
+                desc=desc,
+                file=self.stream,
+                mininterval=0.5,
+                smoothing=0.05,
             )
             return
         self.lines = True
@@ -70,7 +80,7 @@ class Progress:
         elapsed = now - self.start
         rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
         percent = 100.0 * self.done / self.total if self.total else 100.0
-        text = f"{self.desc}: {self.done}/{self.total} samples ({percent:.0f}%), {rate:.1f} img/s"
+        text = f"{self.desc}: {self.done}/{self.total} {self.unit} ({percent:.0f}%), {rate:.1f} {self.rate_unit}"
         if end:
             text += f", {_duration(elapsed)} elapsed"
         elif rate > 0:

@@ -1,0 +1,138 @@
+"""The configuration of an alignment run: frozen, keyword-only dataclasses, one per concern,
+composed into ``AlignConfig`` and filled in by presets (``presets.py``) and the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fastloc.align.maskembed import MaskEmbedConfig
+from fastloc.cli import flowing_help
+
+
+@flowing_help
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """What the run reads: shard sets of the fastloc format (python -m fastloc.shard)."""
+
+    train: Path = Path("shards/imagenet21k/train")
+    """The training split folder."""
+
+    val: Path = Path("shards/imagenet21k/val")
+    """The validation split folder: sigma and the validation loss (timm's eval transform)."""
+
+    batch_size: int = 256
+    """Images per GPU per update (the micro-batch is batch_size / accumulation)."""
+
+    accumulation: int = 1
+    """Micro-batches per update; must divide batch_size."""
+
+    val_batch_size: int = 0
+    """Images per validation batch (0: the micro-batch size)."""
+
+    workers: int = 8
+    """Host worker processes per GPU (reading, checking, labels; on the CPU also decoding)."""
+
+    threads: int = 4
+    """DALI CPU threads per GPU."""
+
+    max_val_batches: int = 0
+    """Validate (and fit sigma) on at most this many batches per rank (0: the whole split)."""
+
+
+@flowing_help
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with a per-update cosine schedule, as the reference."""
+
+    epochs: int = 5
+    """Passes over the training split."""
+
+    lr: float = 3e-4
+    """Peak learning rate (no batch-size scaling)."""
+
+    min_lr_ratio: float = 0.1
+    """The cosine ends at lr * min_lr_ratio."""
+
+    warmup_updates: int = 0
+    """Linear warmup from lr * min_lr_ratio over this many updates (the cosine is not shifted)."""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+
+    eps: float = 1e-8
+    """AdamW eps."""
+
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+
+    no_decay_norms_and_biases: bool = False
+    """Exempt 1-d parameters (norms, biases, LayerScale) and positional embeddings from weight decay;
+    the reference decays every parameter."""
+
+    clip_grad_norm: float = 1.0
+    """Clip the global gradient norm of the trainable parameters (0: off)."""
+
+
+@flowing_help
+@dataclass(frozen=True, kw_only=True)
+class SystemConfig:
+    """How the run executes; none of this changes what it computes beyond float rounding."""
+
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """cuda when available, else cpu."""
+
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16 autocast (the reference) or full float32."""
+
+    compile: bool = True
+    """torch.compile the teacher and the (DDP-wrapped) student + decoder."""
+
+    peak_tflops: float = 989.0
+    """The device's dense bf16 peak, for the MFU estimate (H100 SXM: 989)."""
+
+
+@flowing_help
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Where the run writes and how often."""
+
+    out: Path = Path("runs/align")
+    """Parent folder of run directories."""
+
+    name: str = ""
+    """Run directory name under out (default: the preset's name)."""
+
+    seed: int = 42
+    """Seed of the model's initialization, the data order, the augmentation and the masks."""
+
+    log_every: int = 20
+    """Updates between metric lines (the only host syncs of the step)."""
+
+    checkpoint_every: int = 500
+    """Updates between checkpoints (also at the end of every epoch)."""
+
+    progress: bool = True
+    """A progress bar on a terminal, periodic lines in a log."""
+
+
+@flowing_help
+@dataclass(frozen=True, kw_only=True)
+class AlignConfig:
+    """A MaskEmbed alignment run."""
+
+    method: MaskEmbedConfig = field(default_factory=MaskEmbedConfig)
+    """The method and its backbone."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """The shards and the batch."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer and schedule."""
+
+    system: SystemConfig = field(default_factory=SystemConfig)
+    """Device, precision, compile."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Outputs and their frequency."""

@@ -1,0 +1,99 @@
+"""``python -m fastloc.align export RUN``: the aligned encoder as a safetensors file timm loads.
+
+The file holds the student's encoder (all blocks, the re-trained final norm) under timm's own key
+names, so ``timm.create_model(id, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(
+file=PATH))`` loads it strictly; parameters the student never used (SigLIP's attention-pooling
+head) come from a random initialization and are listed in the metadata. Two things a plain timm
+model does not reproduce, both recorded in the metadata: the soft cap of the attention logits
+(30 * tanh(l / 30), which timm's attention has no option for) and the final norm's eps (1e-5,
+where timm may build 1e-6). ``load_exported`` restores both, so its ``forward_features`` equals
+the student's exactly; plain timm differs by the cap (logits above ~10) and the eps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from fastloc.align.checkpoint import BEST, Checkpointer
+from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
+from fastloc.align.masks import MaskConfig
+from fastloc.models.attention import soft_cap
+from fastloc.models.encoders import RESET_NORM_EPS
+from fastloc.models.registry import backbone, create_model
+
+
+def method_config(run_dir: Path) -> MaskEmbedConfig:
+    """The run's method, from its config.json."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a run directory of python -m fastloc.align")
+    method = dict(json.loads(path.read_text())["config"]["method"])
+    method["masks"] = MaskConfig(**method["masks"])
+    return MaskEmbedConfig(**method)
+
+
+def export(run_dir: Path, which: Literal["best", "last"] = "best", out: Path | None = None) -> Path:
+    run_dir = Path(run_dir)
+    cfg = replace(method_config(run_dir), weights="random")  # the student's weights come from the checkpoint
+    path = run_dir / BEST if which == "best" else next(iter(Checkpointer(run_dir).steps()), None)
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {which} checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    objective = MaskEmbed(cfg)
+    objective.load_state_dict(state["objective"], strict=False)
+    encoder = objective.encoder()
+    trained = {k: v for k, v in encoder.state_dict().items()}
+    skeleton = create_model(cfg.backbone, "random").state_dict()  # every key timm expects
+    extra = sorted(set(trained) - set(skeleton))
+    if extra:
+        raise RuntimeError(f"the student has parameters timm's {backbone(cfg.backbone).timm_id} lacks: {extra[:5]}")
+    untrained = sorted(set(skeleton) - set(trained))
+    tensors = {k: (trained[k] if k in trained else skeleton[k]).contiguous() for k in skeleton}
+    entry = backbone(cfg.backbone)
+    meta = {
+        "timm_id": entry.timm_id,
+        "timm_kwargs": entry.kwargs,
+        "soft_cap": cfg.soft_cap if entry.soft_cap else None,
+        "norm_eps": RESET_NORM_EPS,
+        "untrained": untrained,
+        "checkpoint": str(path),
+        "step": int(state["step"]),
+        "sigma": float(state["objective"]["sigma"]),
+    }
+    out = Path(out) if out else run_dir / f"encoder-{which}.safetensors"
+    save_file(tensors, str(out), metadata={"fastloc": json.dumps(meta)})
+    return out
+
+
+def exported_metadata(path: Path) -> dict[str, Any]:
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["fastloc"])
+
+
+def load_exported(path: Path) -> nn.Module:
+    """A timm model loaded from an exported file, with the trained soft cap and norm eps restored."""
+    import timm
+
+    meta = exported_metadata(path)
+    model = timm.create_model(
+        meta["timm_id"],
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay={"file": str(path)},
+        **meta["timm_kwargs"],
+    )
+    if meta["soft_cap"] is not None:
+        soft_cap(model, meta["soft_cap"])
+    for name in ("norm", "fc_norm"):
+        norm = getattr(model, name, None)
+        if norm is not None and hasattr(norm, "eps"):
+            norm.eps = meta["norm_eps"]
+    return model.eval()

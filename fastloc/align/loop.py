@@ -1,0 +1,357 @@
+"""The training loop every objective shares: ``train(cfg)`` runs (or resumes) one run directory.
+
+A run directory holds ``config.json`` (the resolved config and the git revision), ``run.json``
+(sigma, the attempts), ``metrics.jsonl`` (one line per logging step and per validation), the
+step checkpoints and ``best.pt``. Running the same command again resumes from the newest
+readable checkpoint exactly where it stopped: weights, optimizer, schedule, the loader's
+position, the mask generators and sigma are restored, so the loss curve continues as if the run
+had never stopped. Under torchrun (or the SLURM launcher) every rank runs ``train``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastloc.align.checkpoint import Checkpointer, config_fingerprint, plain
+from fastloc.align.config import AlignConfig
+from fastloc.align.maskembed import MaskEmbed
+from fastloc.align.objective import Objective
+from fastloc.align.prepare import Runtime, learning_rate, prepare, setup
+from fastloc.align.step import autocast, train_step
+from fastloc.data.config import CenterCropRecipe, LoaderConfig
+from fastloc.data.loader import make_loader
+from fastloc.data.stream import EpochLoader
+from fastloc.progress import Progress
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stopped, its last good checkpoint kept."""
+
+
+@dataclass
+class Position:
+    step: int = 0  # updates done
+    epoch: int = 0
+    best_val: float = math.inf
+
+
+def train(cfg: AlignConfig, preset: str = "") -> Path:
+    """Run (or resume) the alignment described by ``cfg``; returns the run directory."""
+    if cfg.data.batch_size % cfg.data.accumulation:
+        raise ValueError(
+            f"--data.batch-size {cfg.data.batch_size} does not divide by --data.accumulation {cfg.data.accumulation}"
+        )
+    runtime = setup(cfg.system)
+    run_dir = cfg.run.out / (cfg.run.name or preset or "align")
+    torch.manual_seed(cfg.run.seed)  # the same initialization on every rank (DDP also broadcasts it)
+    objective = MaskEmbed(cfg.method)
+    train_loader, val_loader = loaders(cfg, objective, runtime)
+    prepared = prepare(objective, cfg.optim, cfg.system, runtime)
+    masks = torch.Generator(runtime.device).manual_seed(_seed(cfg.run.seed))  # the same on every rank
+    checkpointer = Checkpointer(run_dir)
+    fingerprint = config_fingerprint(cfg)
+    found = checkpointer.latest(fingerprint) if run_dir.is_dir() else None
+    position = Position()
+    if found is not None:
+        position = restore(found[1], objective, prepared, train_loader, masks)
+        _trim_metrics(run_dir, position.step, runtime)
+        record(run_dir, runtime, {"resumed_from": str(found[0]), "step": position.step})
+    else:
+        if runtime.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(run_dir / "config.json", {"preset": preset, "config": plain(cfg), "git": git_revision()})
+        _barrier(runtime)
+        with autocast(runtime.device, cfg.system.precision):
+            calibration = objective.calibrate(_batches(objective, val_loader, runtime, cfg.data.max_val_batches))
+        record(run_dir, runtime, {"started": True, **calibration})
+    flops = image_flops(objective, runtime.device)
+    Loop(cfg, objective, prepared, train_loader, val_loader, masks, checkpointer, runtime, run_dir, flops).run(position)
+    return run_dir
+
+
+def loaders(cfg: AlignConfig, objective: Objective, runtime: Runtime) -> tuple[EpochLoader, EpochLoader]:
+    """Train (MaskEmbed's rkrc, uint8) and validation (timm's eval transform) loaders of this rank."""
+    image, data = objective.image, cfg.data
+    device = "gpu" if runtime.device.type == "cuda" else "cpu"
+    common = {"size": image.size, "normalize": False, "labels": False, "rank": runtime.rank, "device": device}
+    common |= {"world_size": runtime.world_size, "workers": data.workers, "threads": data.threads}
+    train = make_loader(
+        LoaderConfig(shards=data.train, batch_size=data.batch_size, recipe="train", seed=cfg.run.seed, **common)
+    )
+    val = make_loader(
+        LoaderConfig(
+            shards=data.val,
+            batch_size=data.val_batch_size or data.batch_size // data.accumulation,
+            recipe="center-crop",
+            center_crop=CenterCropRecipe(crop_pct=image.crop_pct, interpolation=image.interpolation),
+            shuffle=False,
+            drop_last=False,
+            **common,
+        )
+    )
+    return train, val
+
+
+class Loop:
+    def __init__(
+        self, cfg, objective, prepared, train_loader, val_loader, masks, checkpointer, runtime, run_dir, flops
+    ):
+        self.cfg, self.objective, self.prepared = cfg, objective, prepared
+        self.train_loader, self.val_loader, self.masks = train_loader, val_loader, masks
+        self.checkpointer, self.runtime, self.run_dir, self.flops = checkpointer, runtime, run_dir, flops
+        self.total = cfg.optim.epochs * len(train_loader)
+        self.device = runtime.device
+
+    def run(self, position: Position) -> None:
+        cfg, runtime = self.cfg, self.runtime
+        progress = Progress(
+            self.total,
+            position.step,
+            self.run_dir.name,
+            enabled=cfg.run.progress and runtime.main,
+            unit="updates",
+            rate_unit="updates/s",
+        )
+        window = _Window(self.device, position.step)
+        try:
+            for epoch in range(position.epoch, cfg.optim.epochs):
+                position.epoch = epoch
+                self.train_loader.set_epoch(epoch)
+                for batch in self.train_loader:
+                    images = batch.images.to(self.device, non_blocking=True)
+                    sample = global_sample(self.objective, len(batch), self.masks, runtime)
+                    lr = learning_rate(cfg.optim, position.step, self.total)
+                    metrics = train_step(
+                        self.objective,
+                        self.prepared,
+                        images,
+                        sample,
+                        lr,
+                        cfg.data.accumulation,
+                        cfg.optim.clip_grad_norm,
+                        cfg.system.precision,
+                    )
+                    position.step += 1
+                    window.add(metrics, position.step, len(batch) * runtime.world_size, lr)
+                    progress.update(1)
+                    if position.step % cfg.run.log_every == 0:
+                        self.log(window.flush(), position)
+                    if position.step % cfg.run.checkpoint_every == 0:
+                        self.log(window.flush(), position)  # checks the loss before it is saved
+                        self.save(position)
+                if window.steps:
+                    self.log(window.flush(), position)
+                val = self.validate()
+                best = val < position.best_val
+                position.best_val = min(position.best_val, val)
+                position.epoch = epoch + 1
+                self.append({"step": position.step, "epoch": epoch, "val_loss": val})
+                self.save(position, best=best)
+        finally:
+            progress.close()
+
+    # ------------------------------------------------------------ logging, checkpoints, validation
+
+    def log(self, metrics: dict[str, Any] | None, position: Position) -> None:
+        if metrics is None:
+            return
+        bad = metrics.pop("first_bad_step")
+        if bad >= 0 or not math.isfinite(metrics["loss"]):
+            newest = self.checkpointer.steps()
+            keep = f"the last good checkpoint is {newest[0]}" if newest else "no checkpoint was written"
+            at = bad if bad >= 0 else metrics["step"]
+            raise NonFiniteLoss(f"{self.run_dir}: the loss is not finite at update {at}; stopped, {keep}")
+        flops = self.flops * metrics["images_per_s"]
+        peak = self.cfg.system.peak_tflops * 1e12 * self.runtime.world_size if self.device.type == "cuda" else None
+        self.append({**metrics, "epoch": position.epoch, "mfu": flops / peak if peak else None})
+
+    def append(self, line: dict[str, Any]) -> None:
+        if self.runtime.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def save(self, position: Position, best: bool = False) -> None:
+        state = checkpoint_state(self.cfg, self.objective, self.prepared, self.train_loader, self.masks, position)
+        if self.runtime.main:
+            self.checkpointer.save(state, position.step, best=best)
+        _barrier(self.runtime)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean per-image loss over the validation split (masks seeded by batch index; repeats that
+        fill the last batches left out), across ranks."""
+        self.objective.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        limit = self.cfg.data.max_val_batches
+        self.val_loader.rewind()
+        for i, batch in enumerate(self.val_loader):
+            if limit and i >= limit:
+                break
+            images = batch.images.to(self.device, non_blocking=True)
+            sample = global_sample(
+                self.objective, len(batch), torch.Generator(self.device).manual_seed(i), self.runtime
+            )
+            with autocast(self.device, self.cfg.system.precision):
+                losses = self.objective.losses(images, sample)  # eager: no recompile for no_grad
+            valid = batch.valid.to(self.device).double()
+            total += torch.stack([(losses.double() * valid).sum(), valid.sum()])
+        if self.runtime.distributed:
+            dist.all_reduce(total)
+        self.objective.train()
+        return float(total[0] / total[1])
+
+
+class _Window:
+    """Metrics accumulated on the device between logging steps (no host sync per step)."""
+
+    def __init__(self, device: torch.device, step: int):
+        self.device, self.start_step = device, step
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.steps, self.images, self.lr, self.started = 0, 0, 0.0, time.perf_counter()
+
+    def add(self, metrics: dict[str, torch.Tensor], step: int, images: int, lr: float) -> None:
+        bad = ~torch.isfinite(metrics["loss"]) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+        self.loss += metrics["loss"]
+        self.grad_norm += metrics["grad_norm"].to(self.grad_norm.dtype)
+        self.steps, self.images, self.lr, self.step = self.steps + 1, self.images + images, lr, step
+
+    def flush(self) -> dict[str, Any] | None:
+        if not self.steps:
+            return None
+        values = torch.stack([self.loss, self.grad_norm, self.first_bad.to(self.loss.dtype)])
+        if dist.is_available() and dist.is_initialized():  # the mean over ranks; any rank's first bad step
+            values[0] /= dist.get_world_size()
+            dist.all_reduce(values[:1])
+            dist.all_reduce(values[2:], op=dist.ReduceOp.MAX)
+        values = values.tolist()  # the sync
+        seconds = time.perf_counter() - self.started
+        out = {
+            "step": self.step,
+            "loss": values[0] / self.steps,
+            "grad_norm": values[1] / self.steps,
+            "lr": self.lr,
+            "images_per_s": self.images / seconds,
+            "first_bad_step": int(values[2]),
+        }
+        self.reset()
+        return out
+
+
+# ---------------------------------------------------------------- state
+
+
+def global_sample(objective: Objective, batch: int, generator: torch.Generator, runtime: Runtime) -> torch.Tensor:
+    """This rank's rows of the random inputs of the whole global batch: every rank draws them all
+    from the same generator and keeps rows rank, rank + world, ... (the order deals samples to
+    ranks that way), so a sample's masks do not depend on how many ranks share the batch."""
+    return objective.sample(batch * runtime.world_size, generator)[runtime.rank :: runtime.world_size]
+
+
+def checkpoint_state(cfg, objective, prepared, loader, masks, position: Position) -> dict[str, Any]:
+    """Everything a resumed run needs (the frozen teacher is rebuilt from the config instead)."""
+    return {
+        "config": config_fingerprint(cfg),
+        "step": position.step,
+        "epoch": position.epoch,
+        "best_val": position.best_val,
+        "objective": {k: v for k, v in objective.state_dict().items() if not k.startswith("teacher.")},
+        "optimizer": prepared.optimizer.state_dict(),
+        "loader": loader.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "masks": masks.get_state()},  # the same on every rank
+    }
+
+
+def restore(state, objective, prepared, loader, masks) -> Position:
+    missing, unexpected = objective.load_state_dict(state["objective"], strict=False)
+    if unexpected or any(not k.startswith("teacher.") for k in missing):
+        raise RuntimeError(f"checkpoint does not fit the objective: missing {missing}, unexpected {unexpected}")
+    prepared.optimizer.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["loader"])
+    torch.set_rng_state(state["rng"]["torch"])
+    masks.set_state(state["rng"]["masks"])
+    return Position(step=int(state["step"]), epoch=int(state["epoch"]), best_val=float(state["best_val"]))
+
+
+def image_flops(objective: Objective, device: torch.device) -> float:
+    """FLOPs of one training image (forward and backward, every view), counted by torch."""
+    images = torch.zeros(1, 3, objective.image.size, objective.image.size, dtype=torch.uint8, device=device)
+    sample = objective.sample(1, torch.Generator(device).manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        objective.losses(images, sample, objective.trainable).mean().backward()
+    objective.trainable.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _batches(objective: Objective, loader: EpochLoader, runtime: Runtime, limit: int):
+    """(batch on the device, its sample seeded by the batch index) of the validation split."""
+    loader.rewind()
+    for i, batch in enumerate(loader):
+        if limit and i >= limit:
+            break
+        yield (
+            batch.to(runtime.device),
+            global_sample(objective, len(batch), torch.Generator(runtime.device).manual_seed(i), runtime),
+        )
+
+
+def _seed(seed: int) -> int:
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def record(run_dir: Path, runtime: Runtime, entry: dict[str, Any]) -> None:
+    """Append an attempt's facts to run.json (rank 0)."""
+    if not runtime.main:
+        return
+    path = run_dir / "run.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"attempts": []}
+    data["attempts"].append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": runtime.world_size, **entry})
+    if "sigma" in entry:
+        data["sigma"] = entry["sigma"]
+    _write_json(path, data)
+
+
+def _trim_metrics(run_dir: Path, step: int, runtime: Runtime) -> None:
+    """Drop metric lines written after the checkpoint a run resumes from (they will be redone)."""
+    path = run_dir / "metrics.jsonl"
+    if runtime.main and path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def git_revision() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

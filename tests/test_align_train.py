@@ -1,0 +1,266 @@
+"""``python -m fastloc.align``: the tiny preset end to end on the CPU (train, validate, checkpoint,
+export), an exact resume after SIGKILL, 2-rank DDP = 1 rank, compiled = eager, a non-finite loss,
+and the bad inputs a user meets."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from fastloc.align.__main__ import main
+from fastloc.align.config import OptimConfig
+from fastloc.align.export import exported_metadata, load_exported
+from fastloc.align.prepare import learning_rate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """128 synthetic training images (8 updates of 16 per epoch) and 32 validation images."""
+    from fastloc.shard.convert import convert
+    from fastloc.shard.sources.synthetic import SyntheticConfig
+
+    out = tmp_path_factory.mktemp("align-shards")
+    for split, n in (("train", 128), ("val", 32)):
+        convert(
+            SyntheticConfig(
+                out=out,
+                split=split,
+                num_samples=n,
+                shard_samples=32,
+                processes=1,
+                progress=False,
+                min_size=64,
+                max_size=128,
+                fsync=False,
+            )
+        )
+    return out / "synthetic"
+
+
+def args(shards: Path, out: Path, *extra) -> list[str]:
+    return [
+        "train",
+        "tiny",
+        "--data.train",
+        str(shards / "train"),
+        "--data.val",
+        str(shards / "val"),
+        "--run.out",
+        str(out),
+        "--run.log-every",
+        "1",
+        "--run.no-progress",
+        *map(str, extra),
+    ]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(run: Path) -> list[tuple]:
+    return [(m["step"], m.get("loss"), m.get("grad_norm"), m.get("lr"), m.get("val_loss")) for m in metrics(run)]
+
+
+@pytest.fixture(scope="module")
+def run(shards, tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch tiny run (16 updates), checkpoints every 3."""
+    out = tmp_path_factory.mktemp("runs")
+    assert main(args(shards, out, "--optim.epochs", 2, "--run.checkpoint-every", 3)) == 0
+    return out / "tiny"
+
+
+def test_a_tiny_run_trains_validates_and_records(run):
+    config = json.loads((run / "config.json").read_text())
+    assert config["preset"] == "tiny" and config["config"]["method"]["backbone"] == "tiny" and config["git"]
+    sigma = json.loads((run / "run.json").read_text())["sigma"]
+    assert 0.5 < sigma < 2  # a random ViT's final LayerNorm outputs: about unit variance
+    lines = metrics(run)
+    train = [m for m in lines if "loss" in m]
+    vals = [m for m in lines if "val_loss" in m]
+    assert [m["step"] for m in train] == list(range(1, 17)) and [m["step"] for m in vals] == [8, 16]
+    assert 0.8 < train[0]["loss"] < 1.6  # sigma-scaled targets: about 1 at the start
+    assert train[-1]["loss"] < 0.8 * train[0]["loss"] and vals[1]["val_loss"] < vals[0]["val_loss"]
+    assert all(math.isfinite(m["grad_norm"]) and m["images_per_s"] > 0 for m in train)
+    assert train[0]["lr"] == pytest.approx(learning_rate(OptimConfig(epochs=2, lr=1e-3), 0, 16))
+    names = sorted(p.name for p in run.glob("*.pt"))
+    assert names == ["best.pt", "ckpt-00000015.pt", "ckpt-00000016.pt"]  # the newest two step checkpoints
+    state = torch.load(run / "best.pt", weights_only=True)
+    assert state["step"] == 16 and not any(k.startswith("teacher.") for k in state["objective"])
+
+
+def test_the_exported_encoder_loads_into_plain_timm(run, tmp_path):
+    assert main(["export", str(run), "--out", str(tmp_path / "enc.safetensors")]) == 0
+    path = tmp_path / "enc.safetensors"
+    meta = exported_metadata(path)
+    assert meta["timm_id"] == "vit_tiny_patch16_224" and meta["soft_cap"] == 30.0 and meta["step"] == 16
+    plain = timm.create_model(
+        meta["timm_id"],
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay={"file": str(path)},
+        **meta["timm_kwargs"],
+    ).eval()
+    aligned = load_exported(path)
+    from fastloc.align.export import method_config
+    from fastloc.align.maskembed import MaskEmbed
+
+    objective = MaskEmbed(method_config(run))
+    objective.load_state_dict(torch.load(run / "best.pt", weights_only=True)["objective"], strict=False)
+    x = torch.randn(2, 3, 64, 64)
+    student = objective.encoder().eval().forward_features(x)
+    torch.testing.assert_close(aligned.forward_features(x), student)
+    assert plain.forward_features(x).shape == student.shape  # plain timm: no cap, its own eps
+
+
+# ---------------------------------------------------------------- resume, DDP, compile
+
+
+KILLER = """
+import os, signal, sys
+import fastloc.align.loop as loop
+original = loop.train_step
+done = 0
+def step(*a, **k):
+    global done
+    out = original(*a, **k)
+    done += 1
+    if done == int(os.environ["KILL_AFTER"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+loop.train_step = step
+from fastloc.align.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_run_resumes_exactly(shards, run, tmp_path):
+    """SIGKILL inside update 11, after its step, before it is logged (checkpoints at 3, 6, 9, ...):
+    the rerun of the same command continues from update 9 and the whole loss curve equals the
+    uninterrupted run's, exactly."""
+    command = args(shards, tmp_path, "--optim.epochs", 2, "--run.checkpoint-every", 3)
+    env = {**os.environ, "KILL_AFTER": "11"}
+    killed = subprocess.run([sys.executable, "-c", KILLER, *command], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert max(m["step"] for m in metrics(tmp_path / "tiny")) == 10
+    resumed = subprocess.run([sys.executable, "-m", "fastloc.align", *command], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    attempts = json.loads((tmp_path / "tiny" / "run.json").read_text())["attempts"]
+    assert attempts[-1]["step"] == 9 and attempts[-1]["resumed_from"].endswith("ckpt-00000009.pt")
+    assert curve(tmp_path / "tiny") == curve(run)
+
+
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(shards, tmp_path):
+    one = main(args(shards, tmp_path, "--run.name", "one", "--data.batch-size", 16, "--data.val-batch-size", 8))
+    assert one == 0
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29531",
+        "-m",
+        "fastloc.align",
+        *args(shards, tmp_path, "--run.name", "two", "--data.batch-size", 8, "--data.val-batch-size", 4),
+    ]
+    two = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert [x[0] for x in a] == [x[0] for x in b] and len(a) == 9
+    for x, y in zip(a, b):  # loss, grad norm, lr, val loss
+        for u, v in zip(x[1:], y[1:]):
+            assert (u is None) == (v is None) and (u is None or u == pytest.approx(v, rel=1e-5))
+    sigma = [json.loads((tmp_path / n / "run.json").read_text())["sigma"] for n in ("one", "two")]
+    assert sigma[0] == pytest.approx(sigma[1], rel=1e-9)
+
+
+def test_the_compiled_step_equals_the_eager_step(shards, tmp_path):
+    """torch.compile of the teacher and of student + decoder (forward and backward): 4 updates."""
+    small = ("--data.max-val-batches", 1, "--run.checkpoint-every", 100)
+    eager = main(args(shards, tmp_path, "--run.name", "eager", *small, "--system.no-compile", "--optim.epochs", 1))
+    compiled = main(args(shards, tmp_path, "--run.name", "compiled", *small, "--system.compile", "--optim.epochs", 1))
+    assert eager == compiled == 0
+    a, b = curve(tmp_path / "eager"), curve(tmp_path / "compiled")
+    assert len(a) == len(b) == 9
+    for x, y in zip(a, b):
+        for u, v in zip(x[1:], y[1:]):
+            assert (u is None) == (v is None) and (u is None or u == pytest.approx(v, rel=1e-4))
+
+
+# ---------------------------------------------------------------- what stops a run
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch, capsys):
+    import fastloc.align.loop as loop
+
+    original, done = loop.train_step, []
+
+    def poisoned(*a, **k):
+        out = original(*a, **k)
+        done.append(1)
+        return {**out, "loss": out["loss"] * float("nan")} if len(done) == 5 else out
+
+    monkeypatch.setattr(loop, "train_step", poisoned)
+    code = main(args(shards, tmp_path, "--run.checkpoint-every", 2, "--run.log-every", 2))
+    err = capsys.readouterr().err
+    assert code == 1 and "not finite at update 5" in err and "ckpt-00000004.pt" in err  # seen at the log of 6
+    assert sorted(p.name for p in (tmp_path / "tiny").glob("ckpt-*.pt")) == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    assert torch.load(tmp_path / "tiny" / "ckpt-00000004.pt", weights_only=True)["step"] == 4
+
+
+def test_bad_inputs_are_one_line_errors(shards, tmp_path, capsys):
+    def error(*argv) -> tuple[int, str]:
+        code = main(list(map(str, argv)))
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return code, err
+
+    code, err = error(*args(shards, tmp_path, "--data.train", tmp_path / "nowhere"))
+    assert code == 2 and err.startswith("error: ") and "nowhere" in err and "no manifest" in err
+    code, err = error(*args(shards, tmp_path, "--data.batch-size", 16, "--data.accumulation", 3))
+    assert code == 2 and "16 does not divide by --data.accumulation 3" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "no-such-preset"])
+    assert exit_info.value.code == 2
+    assert main([]) == 2 and "Presets:" in capsys.readouterr().err
+
+
+def test_another_configuration_and_corrupt_checkpoints(shards, tmp_path, capsys):
+    base = args(shards, tmp_path, "--run.checkpoint-every", 3)
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main([*base, "--optim.lr", "5e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "another configuration (optim.lr: 0.001 -> 0.0005)" in err
+    run = tmp_path / "tiny"
+    newest = sorted(run.glob("ckpt-*.pt"))[-1]  # ckpt-8 (the epoch's end), the one before: ckpt-6
+    newest.write_bytes(b"not a checkpoint")
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
+    before = curve(run)
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        assert main(base) == 0
+    attempts = json.loads((run / "run.json").read_text())["attempts"]
+    assert attempts[-1]["resumed_from"].endswith("ckpt-00000006.pt")
+    assert curve(run) == before  # updates 7 and 8 and the validation redone, identically
+
+
+def test_learning_rate_schedule():
+    cfg = OptimConfig(lr=1e-3, min_lr_ratio=0.1)
+    assert learning_rate(cfg, 0, 100) == pytest.approx(1e-3) and learning_rate(cfg, 100, 100) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 50, 100) == pytest.approx(5.5e-4)
+    warm = OptimConfig(lr=1e-3, min_lr_ratio=0.1, warmup_updates=10)
+    assert learning_rate(warm, 0, 100) == pytest.approx(1e-4) and learning_rate(warm, 5, 100) == pytest.approx(5.5e-4)
+    assert learning_rate(warm, 10, 100) == pytest.approx(learning_rate(cfg, 10, 100))  # the cosine not shifted
