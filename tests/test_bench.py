@@ -186,3 +186,17 @@ def test_loader_benchmark_compares_dali_cpu_with_the_torch_twin_and_the_feed(tmp
     if not torch.cuda.is_available():  # the GPU rows are named as missing, with the reason
         assert [m["row"] for m in record["missing"]] == ["DALI gpu (every data, recipe and worker count)"]
         assert "missing: DALI gpu" in printed and "CUDA" in record["missing"][0]["reason"]
+
+
+def test_align_benchmark_compares_the_step_with_the_original_style(tmp_path, capsys):
+    """On a CPU: the tiny preset, eager against the original-style step (the compiled rows are
+    named as missing with --no-compile; the compiled step itself is tested in test_align_train)."""
+    out = tmp_path / "align.json"
+    assert main(["align", "--steps", "2", "--warmup", "1", "--no-compile", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "original-style" in printed and "GFLOP per image" in printed
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "align" and record["preset"] == "tiny" and record["flops_per_image"] > 0
+    assert [r["step"] for r in record["rows"]] == ["fastloc (eager)", "original-style"]
+    assert all(len(r["times_s"]) == 2 and r["images_per_s"] > 0 for r in record["rows"])
+    assert record["missing"] == [{"row": "fastloc (compiled), fastloc end to end", "reason": "--no-compile"}]

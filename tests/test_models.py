@@ -161,3 +161,23 @@ def test_local_weights_load_through_timm(tmp_path):
         create_model("tiny", tmp_path / "missing.safetensors")
     with pytest.raises(WeightsError, match="not weights for"):
         create_model("in1k-vit-s", path)  # another architecture
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fused_softcap_attention_matches_the_materialized_path(dtype):
+    """On CUDA the student's attention runs FlexAttention with the tanh score_mod."""
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(4, 12, 197, 64, device="cuda", dtype=dtype) * 3 for _ in range(3))
+    fused = flex_softcap_attention(q, k, v, 30.0).float()
+    exact = softcap_attention(q.double(), k.double(), v.double(), 30.0).float()
+    tolerance = 2e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fused, exact, atol=tolerance, rtol=tolerance)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).cuda().eval()
+    soft_cap(model, 30.0)
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        fused_out = model.forward_features(x)
+        for block in model.blocks:
+            block.attn.fused = False
+        torch.testing.assert_close(fused_out, model.forward_features(x), atol=1e-4, rtol=1e-4)

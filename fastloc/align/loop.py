@@ -274,7 +274,11 @@ def checkpoint_state(cfg, objective, prepared, loader, masks, position: Position
         "objective": {k: v for k, v in objective.state_dict().items() if not k.startswith("teacher.")},
         "optimizer": prepared.optimizer.state_dict(),
         "loader": loader.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "masks": masks.get_state()},  # the same on every rank
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "masks": masks.get_state(),  # the same on every rank
+        },
     }
 
 
@@ -285,6 +289,8 @@ def restore(state, objective, prepared, loader, masks) -> Position:
     prepared.optimizer.load_state_dict(state["optimizer"])
     loader.load_state_dict(state["loader"])
     torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     masks.set_state(state["rng"]["masks"])
     return Position(step=int(state["step"]), epoch=int(state["epoch"]), best_val=float(state["best_val"]))
 

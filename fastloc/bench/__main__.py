@@ -7,6 +7,7 @@ Examples:
     python -m fastloc.bench kernels
     python -m fastloc.bench loader --workers 1 2 4
     python -m fastloc.bench shard --images 4000
+    python -m fastloc.bench align --preset clip-vit-b
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from typing import Annotated, Any, Union
 
 import tyro
 
-from fastloc.bench import kernels, loader, shard
+from fastloc.bench import align, kernels, loader, shard
 
 # benchmark name -> (config class, runner(config, command) -> JSON path)
 BENCHMARKS: dict[str, tuple[type, Callable[[Any, str], Path]]] = {
     "shard": (shard.ShardBench, shard.run),
     "kernels": (kernels.KernelBench, kernels.run),
     "loader": (loader.LoaderBench, loader.run),
+    "align": (align.AlignBench, align.run),
 }
 PROG = "python -m fastloc.bench"
 
