@@ -14,7 +14,7 @@ import json
 import math
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastloc.align.checkpoint import Checkpointer, config_fingerprint, plain
 from fastloc.align.config import AlignConfig
-from fastloc.align.maskembed import MaskEmbed
+from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
 from fastloc.align.objective import Objective
 from fastloc.align.prepare import Runtime, learning_rate, prepare, setup
 from fastloc.align.step import autocast, train_step
@@ -75,7 +75,7 @@ def train(cfg: AlignConfig, preset: str = "") -> Path:
         with autocast(runtime.device, cfg.system.precision):
             calibration = objective.calibrate(_batches(objective, val_loader, runtime, cfg.data.max_val_batches))
         record(run_dir, runtime, {"started": True, **calibration})
-    flops = image_flops(objective, runtime.device)
+    flops = image_flops(cfg.method)
     Loop(cfg, objective, prepared, train_loader, val_loader, masks, checkpointer, runtime, run_dir, flops).run(position)
     return run_dir
 
@@ -295,13 +295,15 @@ def restore(state, objective, prepared, loader, masks) -> Position:
     return Position(step=int(state["step"]), epoch=int(state["epoch"]), best_val=float(state["best_val"]))
 
 
-def image_flops(objective: Objective, device: torch.device) -> float:
-    """FLOPs of one training image (forward and backward, every view), counted by torch."""
-    images = torch.zeros(1, 3, objective.image.size, objective.image.size, dtype=torch.uint8, device=device)
-    sample = objective.sample(1, torch.Generator(device).manual_seed(0))
-    with FlopCounterMode(display=False) as counter:
-        objective.losses(images, sample, objective.trainable).mean().backward()
-    objective.trainable.zero_grad(set_to_none=True)
+def image_flops(method: MaskEmbedConfig) -> float:
+    """FLOPs of one training image (forward and backward, every view), counted by torch on a copy
+    of the objective on the meta device (no memory, no time, no compiled code in the way)."""
+    with torch.device("meta"):
+        objective = MaskEmbed(replace(method, weights="random"))
+        size, rows, grid = objective.image.size, method.masks.rows, objective.image.grid
+        images = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+        with FlopCounterMode(display=False) as counter:
+            objective.losses(images, torch.ones(1, rows, grid * grid, dtype=torch.bool)).mean().backward()
     return float(counter.get_total_flops())
 
 

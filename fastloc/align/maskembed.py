@@ -126,8 +126,7 @@ class MaskEmbed(Objective):
         cfg = self.image
         null = self.cfg.masks.null
         rows = masks if null else torch.cat([masks, masks.new_ones(B, 1, masks.shape[2])], dim=1)
-        dtype = torch.get_autocast_dtype(images.device.type) if torch.is_autocast_enabled(images.device.type) else None
-        out = patch_mask(images, rows, cfg.mean, cfg.std, cfg.patch_size, dtype or torch.float32)
+        out = patch_mask(images, rows, cfg.mean, cfg.std, cfg.patch_size, _autocast_dtype(images.device.type))
         out = out.view(B, rows.shape[1], 3, cfg.size, cfg.size)
         return out[:, :M].flatten(0, 1), out[:, -1]  # the all-ones row is the last
 
@@ -179,6 +178,14 @@ class MaskEmbed(Objective):
 
     def encoder(self) -> nn.Module:
         return self.trainable.student.encoder
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    """The views' dtype: autocast's when it is on (the teacher would cast them anyway), else float32."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
+    except RuntimeError:  # a device type without autocast (meta, for counting FLOPs)
+        return torch.float32
 
 
 # ---------------------------------------------------------------- exact streaming variance

@@ -94,7 +94,7 @@ def run(cfg: AlignBench, command: str) -> Path:
         images = images.expand(-1, -1, objective.image.size, objective.image.size).contiguous()
         rows.append(_row("fastloc (compiled)", _fastloc(objective, prepared, images, precision, cfg), batch, device))
         split = _split(objective, prepared, images, precision, cfg.steps)
-        flops = image_flops(objective, device)
+        flops = image_flops(method)
         dali = cuda and importlib.util.find_spec("nvidia.dali") is not None
         label = "fastloc end to end" + ("" if dali or not cuda else " (torch twin: DALI is not installed)")
         times = _end_to_end(objective, prepared, align, precision, cfg, "gpu" if dali else "cpu")
@@ -110,7 +110,7 @@ def run(cfg: AlignBench, command: str) -> Path:
         if isinstance(module, SoftCapAttention):
             module.fused = False  # the reference materializes the logits
     rows.append(_row("original-style", _original(objective, prepared, images, precision, cfg), batch, device))
-    flops = flops or image_flops(objective, device)
+    flops = flops or image_flops(method)
     peak = 989e12 if cuda else None
     for row in rows:
         row["mfu"] = flops * row["images_per_s"] / peak if peak else None
