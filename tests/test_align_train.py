@@ -289,3 +289,27 @@ def test_gpu_compiled_bf16_step_tracks_the_eager_step():
         losses[compiled] = out
     assert all(math.isfinite(v) for v in losses[True]) and losses[True][-1] < losses[True][0]
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+
+
+def test_every_config_field_has_help(capsys):
+    """Each field of every config under AlignConfig has a docstring, so --help explains it."""
+    import dataclasses
+
+    from fastloc.align.config import AlignConfig
+
+    todo, seen = [AlignConfig], set()
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        args = cls.__doc__.split("Args:\n", 1)[1] if "Args:\n" in cls.__doc__ else ""
+        for f in dataclasses.fields(cls):
+            assert f"    {f.name}: " in args, f"{cls.__name__}.{f.name} has no help text"
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                todo.append(type(default))
+    assert len(seen) == 7  # AlignConfig, MaskEmbedConfig, MaskConfig, Data, Optim, System, Run
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "tiny", "--help"])
+    assert exit_info.value.code == 0 and "--method.masks.sampler" in capsys.readouterr().out

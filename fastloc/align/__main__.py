@@ -1,11 +1,11 @@
-"""``python -m fastloc.align``: locality alignment (MaskEmbed) of a pre-trained ViT.
+"""python -m fastloc.align: locality alignment (MaskEmbed) of a pre-trained ViT.
 
     python -m fastloc.align train PRESET [--section.field VALUE ...]   run or resume a run
     python -m fastloc.align export RUN [--which best|last] [--out FILE] the aligned encoder for timm
 
-``python -m fastloc.align train --help`` lists the presets; ``train PRESET --help`` every field.
-Running the same train command again resumes the run from its newest checkpoint. Under torchrun
-every rank runs the same command: ``torchrun --nproc-per-node 8 -m fastloc.align train clip-vit-b``.
+"train --help" lists the presets, "train PRESET --help" every field. Running the same train
+command again resumes the run from its newest checkpoint. Under torchrun every rank runs the
+same command: torchrun --nproc-per-node 8 -m fastloc.align train clip-vit-b
 """
 
 from __future__ import annotations
