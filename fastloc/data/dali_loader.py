@@ -24,11 +24,10 @@ from typing import Literal
 
 import torch
 
-from fastloc.data.batch import Batch
 from fastloc.data.config import LoaderConfig
 from fastloc.data.dali_pipeline import INPUTS, PREFETCH, Spec, build_pipeline
 from fastloc.data.samples import HostBatch, HostFailure
-from fastloc.data.stream import EpochLoader, LoaderState, release
+from fastloc.data.stream import EpochLoader, release
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
@@ -90,27 +89,18 @@ class DaliLoader(EpochLoader):
         self.threads = max(1, int(cfg.threads))
         self.bad: dict[int, str] = {}  # global index -> why DALI cannot decode it
         self._pipe = None
-        self._pipe_t = -1  # global number of the pipeline's next output
         self._feeder: Feeder | None = None
 
     def close(self) -> None:
         if self._feeder is not None:  # stop the workers now: the pipeline (and its feeder) may live until a gc
             release(self._feeder.host)
             self._feeder.host = None
-        self._pipe, self._feeder, self._pipe_t = None, None, -1
+        self._pipe, self._feeder = None, None
+        super().close()
 
-    def __iter__(self) -> Iterator[Batch]:
-        epoch = self.state.epoch
-        if self._pipe is None or self._pipe_t != self.next_batch:
-            self.close()
-            self._feeder = Feeder(self.host_batches(self.next_batch), self.reader, self.bad)
-            self._pipe, self._pipe_t = self._build(), self.next_batch
-        while self.state.position < len(self.plan):
-            host, images = self._next()
-            self._pipe_t += 1
-            self.state.position += 1  # counted when handed over: a checkpoint taken now resumes after it
-            yield self.batch(host, images)
-        self.state = LoaderState(epoch + 1, 0)
+    def _open(self, t: int) -> None:
+        self._feeder = Feeder(self.host_batches(t), self.reader, self.bad)
+        self._pipe = self._build()
 
     # ------------------------------------------------------------ the pipeline
 

@@ -3,7 +3,9 @@
 ``EpochLoader`` opens the shard set, builds the ``EpochPlan`` and keeps ``(epoch, position)``;
 ``host_batches(t)`` runs ``SampleReader.batch`` for ``t, t + 1, ...`` in DataLoader worker
 processes that live across epochs (batches come back in order, so the output does not depend
-on the number of workers). A subclass turns each ``HostBatch`` into a ``Batch`` in ``__iter__``.
+on the number of workers). ``__iter__`` hands out one epoch from the current position; a
+subclass says how its stream opens at batch ``t`` (``_open``) and makes each batch's images
+(``_next``).
 
 Typical use (a trainer)::
 
@@ -55,8 +57,8 @@ class LoaderState:
 
 
 class EpochLoader:
-    """The state and host stage of a loader; subclasses set ``pixels`` and implement ``__iter__``.
-    Batches are delivered on ``device``."""
+    """The state, host stage and epoch iteration of a loader; subclasses set ``pixels`` and
+    implement ``_open``, ``_next`` and ``close``. Batches are delivered on ``device``."""
 
     pixels: bool  # the workers decode and transform the images too (the torch twin)
 
@@ -83,6 +85,7 @@ class EpochLoader:
             self.shards, cfg, self.plan, self.has_labels, self.has_cls, self.pixels, wide_labels=device.type == "cpu"
         )
         self.state = LoaderState()
+        self._stream_t = -1  # global number of the live stream's next batch; -1: no stream
         self.replaced = 0  # replacement events (a bad sample counts again in every epoch that meets it)
         self.skipped_samples: dict[tuple[str, str], str] = {}  # (shard, key) -> reason, each warned once
 
@@ -131,7 +134,32 @@ class EpochLoader:
         self.state = LoaderState(epoch, position)
 
     def close(self) -> None:
-        """Stop the workers (and pipelines); the next iteration starts them again."""
+        """Stop the workers (and pipelines); the next iteration starts them again. Subclasses
+        release their stream, then call this."""
+        self._stream_t = -1
+
+    def __iter__(self) -> Iterator[Batch]:
+        """One epoch from the current position. The live stream goes on across epochs; a new
+        position (the first iteration, ``set_epoch`` to another epoch, a restore) restarts it."""
+        epoch = self.state.epoch
+        if self._stream_t != self.next_batch:
+            self.close()
+            self._open(self.next_batch)
+            self._stream_t = self.next_batch
+        while self.state.position < len(self.plan):
+            host, images = self._next()
+            self._stream_t += 1
+            self.state.position += 1  # counted when handed over: a checkpoint taken now resumes after it
+            yield self.batch(host, images)
+        self.state = LoaderState(epoch + 1, 0)
+
+    def _open(self, t: int) -> None:
+        """Start the stream at global batch ``t``."""
+        raise NotImplementedError
+
+    def _next(self) -> tuple[HostBatch, torch.Tensor]:
+        """The stream's next host batch and its images on the loader's device."""
+        raise NotImplementedError
 
     def __del__(self):
         try:

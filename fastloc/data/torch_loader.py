@@ -8,14 +8,11 @@ It runs on any machine, so the whole data path runs in tests and without a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from fastloc.data.batch import Batch
 from fastloc.data.config import LoaderConfig
-from fastloc.data.samples import HostFailure
-from fastloc.data.stream import EpochLoader, LoaderState, release
+from fastloc.data.samples import HostBatch, HostFailure
+from fastloc.data.stream import EpochLoader, release
 
 
 class TorchLoader(EpochLoader):
@@ -25,23 +22,19 @@ class TorchLoader(EpochLoader):
 
     def __init__(self, cfg: LoaderConfig):
         super().__init__(cfg, torch.device("cpu"))
-        self._host = None  # the live worker stream, positioned at batch self._host_t
-        self._host_t = -1
+        self._host = None  # the live worker stream
 
     def close(self) -> None:
         release(self._host)
-        self._host, self._host_t = None, -1  # the DataLoader iterator stops its workers when dropped
+        self._host = None  # the DataLoader iterator stops its workers when dropped
+        super().close()
 
-    def __iter__(self) -> Iterator[Batch]:
-        epoch = self.state.epoch
-        if self._host is None or self._host_t != self.next_batch:
-            self._host, self._host_t = self.host_batches(self.next_batch), self.next_batch
-        while self.state.position < len(self.plan):
-            host = next(self._host)
-            if isinstance(host, HostFailure):
-                self.close()
-                host.raise_()
-            self._host_t += 1
-            self.state.position += 1  # counted when handed over: a checkpoint taken now resumes after it
-            yield self.batch(host, host.images)
-        self.state = LoaderState(epoch + 1, 0)
+    def _open(self, t: int) -> None:
+        self._host = self.host_batches(t)
+
+    def _next(self) -> tuple[HostBatch, torch.Tensor]:
+        host = next(self._host)
+        if isinstance(host, HostFailure):
+            self.close()
+            host.raise_()
+        return host, host.images
