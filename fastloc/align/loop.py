@@ -73,7 +73,9 @@ def train(cfg: AlignConfig, preset: str = "") -> Path:
             _write_json(run_dir / "config.json", {"preset": preset, "config": plain(cfg), "git": git_revision()})
         _barrier(runtime)
         with autocast(runtime.device, cfg.system.precision):
-            calibration = objective.calibrate(_batches(objective, val_loader, runtime, cfg.data.max_val_batches))
+            calibration = objective.calibrate(
+                validation_batches(objective, val_loader, runtime, cfg.data.max_val_batches)
+            )
         record(run_dir, runtime, {"started": True, **calibration})
     flops = image_flops(cfg.method)
     Loop(cfg, objective, prepared, train_loader, val_loader, masks, checkpointer, runtime, run_dir, flops).run(position)
@@ -193,18 +195,11 @@ class Loop:
         fill the last batches left out), across ranks."""
         self.objective.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        limit = self.cfg.data.max_val_batches
-        self.val_loader.rewind()
-        for i, batch in enumerate(self.val_loader):
-            if limit and i >= limit:
-                break
-            images = batch.images.to(self.device, non_blocking=True)
-            sample = global_sample(
-                self.objective, len(batch), torch.Generator(self.device).manual_seed(i), self.runtime
-            )
+        batches = validation_batches(self.objective, self.val_loader, self.runtime, self.cfg.data.max_val_batches)
+        for batch, sample in batches:
             with autocast(self.device, self.cfg.system.precision):
-                losses = self.objective.losses(images, sample)  # eager: no recompile for no_grad
-            valid = batch.valid.to(self.device).double()
+                losses = self.objective.losses(batch.images, sample)  # eager: no recompile for no_grad
+            valid = batch.valid.double()
             total += torch.stack([(losses.double() * valid).sum(), valid.sum()])
         if self.runtime.distributed:
             dist.all_reduce(total)
@@ -310,8 +305,10 @@ def image_flops(method: MaskEmbedConfig) -> float:
 # ---------------------------------------------------------------- small helpers
 
 
-def _batches(objective: Objective, loader: EpochLoader, runtime: Runtime, limit: int):
-    """(batch on the device, its sample seeded by the batch index) of the validation split."""
+def validation_batches(objective: Objective, loader: EpochLoader, runtime: Runtime, limit: int):
+    """(batch on the device, its sample seeded by the batch index, as the reference's validation
+    masks) of the validation split, from its start, at most ``limit`` batches (0: all): what
+    sigma and the validation loss both read."""
     loader.rewind()
     for i, batch in enumerate(loader):
         if limit and i >= limit:
