@@ -66,6 +66,21 @@ def _unshare_works() -> bool:
 needs_unshare = pytest.mark.skipif(not _unshare_works(), reason="no private mount namespace (unshare) here")
 
 
+def in_private_mount(script: str) -> subprocess.CompletedProcess:
+    """Run a shell script as root of a private user and mount namespace (its tmpfs mounts vanish
+    with it); skip the test when the script says it could not mount (exit 98 or 99)."""
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if result.returncode in (98, 99):
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr}")
+    return result
+
+
 # ------------------------------------------------------------------ a full disk
 
 
@@ -85,15 +100,7 @@ mount -o remount,size=20m tmpfs '{mnt}' || exit 98
 {command}; echo "rc2=$?" >&2
 cp -r '{mnt}/synthetic' '{copy}/'
 """
-    result = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if result.returncode in (98, 99):
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr}")
+    result = in_private_mount(script)
     err = result.stderr
     assert "rc1=2" in err and "rc2=0" in err, err + result.stdout
     assert "Traceback" not in err and "RemoteTraceback" not in err
@@ -156,15 +163,7 @@ mount -o remount,ro tmpfs '{mnt}' || exit 98
 {fresh}; echo "rc=$?" >&2
 {existing}; echo "rc=$?" >&2
 """
-    result = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if result.returncode in (98, 99):
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr}")
+    result = in_private_mount(script)
     err = result.stderr
     assert err.count("rc=2") == 2 and "Traceback" not in err, err
     errors = [x for x in err.splitlines() if x.startswith("error:")]

@@ -50,7 +50,7 @@ def export(run_dir: Path, which: Literal["best", "last"] = "best", out: Path | N
     objective = MaskEmbed(cfg)
     objective.load_state_dict(state["objective"], strict=False)
     encoder = objective.encoder()
-    trained = {k: v for k, v in encoder.state_dict().items()}
+    trained = encoder.state_dict()
     skeleton = create_model(cfg.backbone, "random").state_dict()  # every key timm expects
     extra = sorted(set(trained) - set(skeleton))
     if extra:
