@@ -264,7 +264,7 @@ class SampleReader:
             if self.cfg.normalize:
                 images = normalize(images, self.cfg.mean, self.cfg.std)  # float32
         else:
-            jpg = torch.frombuffer(bytearray(b"".join(s.jpg for s in samples)), dtype=torch.uint8)
+            jpg = torch.frombuffer(bytearray().join(s.jpg for s in samples), dtype=torch.uint8)  # one copy
             ends = np.cumsum([len(s.jpg) for s in samples], dtype=np.int64)
             windows = window_arrays([s.window for s in samples])
         cls = None if samples[0].cls is None else np.array([s.cls for s in samples], np.int64)
