@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fastloc.shard.errors import ConversionError
-from fastloc.shard.manifest import find_manifest, read_manifest
+from fastloc.shard.manifest import find_manifest, read_manifest, shard_problem
 from fastloc.shard.tario import INDEX_VERSION, split_name
 
 
@@ -92,14 +92,9 @@ def open_shards(path: Path) -> ShardSet:
     tars, indexes, counts, stamps = [], [], [], []
     for entry in manifest["shards"]:
         tar, idx = root / entry["tar"], root / entry["index"]
-        if not tar.is_file():
-            raise ShardError(f"{tar}: shard listed in the manifest is missing")
-        size = tar.stat().st_size
-        if size != entry["bytes"]:
-            what = "truncated" if size < entry["bytes"] else "changed"
-            raise ShardError(f"{tar}: {size} bytes but the manifest says {entry['bytes']} ({what})")
-        if not idx.is_file():
-            raise ShardError(f"{idx}: index of shard {entry['tar']} is missing")
+        problem = shard_problem(root, entry)
+        if problem:
+            raise ShardError(problem)
         with open(idx) as f:
             header = f.readline().split()
         if header != [INDEX_VERSION, str(entry["samples"])]:

@@ -38,7 +38,7 @@ from fastloc.shard.encode import label_dtype
 from fastloc.shard.errors import ConversionError
 from fastloc.shard.jsonfile import read_json_object
 from fastloc.shard.lock import split_lock
-from fastloc.shard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, write_manifest
+from fastloc.shard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, shard_problem, write_manifest
 from fastloc.shard.plan import ShardPlan, cut_shards, fingerprint, order_items
 from fastloc.shard.sources.base import SourceInfo
 from fastloc.shard.tario import atomic_write
@@ -288,7 +288,7 @@ class _Run:
                 f"{self.split_dir}: the conversion there holds no samples (an empty result is not a result); "
                 "pass --overwrite to convert the split again"
             )
-        damaged = [s for s in manifest["shards"] if _shard_damaged(self.split_dir, s)]
+        damaged = [s for s in manifest["shards"] if shard_problem(self.split_dir, s)]
         if not damaged:
             print(f"{self.split_dir}: already converted with these options (manifest present); nothing to do")
             return manifest
@@ -348,14 +348,6 @@ class _Run:
                 partial_path(self.split_dir, plan.name).unlink(missing_ok=True)
             except OSError:
                 pass
-
-
-def _shard_damaged(split_dir: Path, shard: dict[str, Any]) -> bool:
-    try:
-        size = (split_dir / shard["tar"]).stat().st_size
-    except OSError:
-        return True
-    return size != shard["bytes"] or not (split_dir / shard["index"]).is_file()
 
 
 def _output_error(error: OSError, run: _Run) -> ConversionError:

@@ -25,6 +25,22 @@ def index_name(tar_name: str) -> str:
     return tar_name[: -len(".tar")] + ".idx"
 
 
+def shard_problem(split_dir: Path, shard: dict[str, Any]) -> str | None:
+    """Why a shard the manifest lists cannot be read as listed (its tar missing, of another size,
+    or its index missing), or None. A stat per file: no reading."""
+    tar, index = Path(split_dir) / shard["tar"], Path(split_dir) / shard["index"]
+    try:
+        size = tar.stat().st_size
+    except OSError:
+        return f"{tar}: shard listed in the manifest is missing"
+    if size != shard["bytes"]:
+        what = "truncated" if size < shard["bytes"] else "changed"
+        return f"{tar}: {size} bytes but the manifest says {shard['bytes']} ({what})"
+    if not index.is_file():
+        return f"{index}: index of shard {shard['tar']} is missing"
+    return None
+
+
 def write_manifest(split_dir: Path, manifest: dict[str, Any]) -> Path:
     path = split_dir / MANIFEST
     atomic_write(path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
