@@ -1,0 +1,1 @@
+"""Patch-Seg: how local a backbone\x27s patch features are (``python -m fastloc.probe``)."""
