@@ -1,1 +1,1 @@
-"""Patch-Seg: how local a backbone\x27s patch features are (``python -m fastloc.probe``)."""
+"""Patch-Seg: how local a backbone's patch features are (``python -m fastloc.probe``)."""
