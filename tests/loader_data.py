@@ -16,13 +16,17 @@ from fastloc.shard.tario import ShardWriter
 
 
 def write_set(
-    root: Path, samples: list[tuple[str, np.ndarray, np.ndarray, int]], num_classes: int, per_shard: int = 6
+    root: Path,
+    samples: list[tuple[str, np.ndarray, np.ndarray, int]],
+    num_classes: int,
+    per_shard: int = 6,
+    split: str = "train",
 ) -> Path:
     """A shard set of (key, pixels [H, W, 3] uint8, label [H, W], cls) in the fastloc format."""
     root.mkdir(parents=True)
     shards = []
     for s, start in enumerate(range(0, len(samples), per_shard)):
-        name = f"t-train-{s:06d}.tar"
+        name = f"t-{split}-{s:06d}.tar"
         writer = ShardWriter(root / name, fsync=False)
         chunk = samples[start : start + per_shard]
         for key, pixels, label, cls in chunk:
@@ -44,7 +48,7 @@ def write_set(
             "format": "fastloc-shards",
             "format_version": 1,
             "dataset": "t",
-            "split": "train",
+            "split": split,
             "num_samples": len(samples),
             "num_shards": len(shards),
             "shards": shards,

@@ -19,6 +19,7 @@ class Batch:
     cls: torch.Tensor | None = None  # [B] int64 image-level class
     keys: list[str] | None = None  # sample keys (the shards' __key__), in batch order
     valid: torch.Tensor | None = None  # [B] bool; None: all valid
+    index: torch.Tensor | None = None  # [B] int64 on the host: the sample (its place in the split) in each slot
 
     def __len__(self) -> int:
         return self.images.shape[0]

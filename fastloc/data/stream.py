@@ -198,6 +198,7 @@ class EpochLoader:
             cls=None if host.cls is None else torch.from_numpy(host.cls).to(device, non_blocking=True),
             keys=host.keys,
             valid=torch.from_numpy(host.valid).to(device, non_blocking=True),
+            index=torch.from_numpy(host.g),
         )
 
     def _note(self, skipped: list[Skipped]) -> None:

@@ -52,6 +52,21 @@ BACKBONES: dict[str, Backbone] = {
     "in1k-vit-l": Backbone("vit_large_patch16_224.augreg_in21k_ft_in1k"),
     "mae-vit-b": Backbone("vit_base_patch16_224.mae"),
     "dino-vit-b": Backbone("vit_base_patch16_224.dino"),
+    # the rest of Patch-Seg's backbones (PATCHSEG.md section 10), under its short names
+    "clip-vit-l-336px": Backbone("vit_large_patch14_clip_quickgelu_336.openai"),
+    "siglip-vit-b-256px": Backbone("vit_base_patch16_siglip_256.webli"),
+    "siglip-vit-b-384px": Backbone("vit_base_patch16_siglip_384.webli"),
+    "siglip-vit-so400m-384px": Backbone("vit_so400m_patch14_siglip_384.webli"),
+    "mae-vit-l": Backbone("vit_large_patch16_224.mae"),
+    "mae-vit-h": Backbone("vit_huge_patch14_224.mae"),
+    "openclip-vit-l": Backbone("vit_large_patch14_clip_224.laion2b"),
+    "openclip-vit-h": Backbone("vit_huge_patch14_clip_224.laion2b"),
+    "dfn-vit-l": Backbone("vit_large_patch14_clip_quickgelu_224.dfn2b"),
+    "dfn-vit-h": Backbone("vit_huge_patch14_clip_224.dfn5b"),
+    "dfn-vit-h-378px": Backbone("vit_huge_patch14_clip_378.dfn5b"),
+    "ijepa-vit-h": Backbone("vit_huge_patch14_gap_224.in22k_ijepa"),
+    "eva02-vit-l": Backbone("eva02_large_patch14_clip_224.merged2b", **_PLAIN),
+    "dinov2-vit-l": Backbone("vit_large_patch14_reg4_dinov2.lvd142m", {"img_size": 224}),
     # a small ViT for CPU runs and tests, random weights only: 64 px, 8 px patches, width 96, 4 blocks
     "tiny": Backbone(
         "vit_tiny_patch16_224", {"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}

@@ -1,0 +1,76 @@
+"""The probed backbone: a registered name, a timm id or an aligned export; pruned and fingerprinted.
+
+The fingerprint (a digest of every parameter and buffer, and of the module tree, which holds the
+norm eps and the soft-capped attention of an export) keys the feature cache: other weights are
+other features, whatever the name says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastloc.models.registry import ImageConfig, create_model, image_config
+
+
+def is_export(name: str) -> bool:
+    """A file written by ``python -m fastloc.align export``."""
+    path = Path(name)
+    if not (name.endswith(".safetensors") and path.is_file()):
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return "fastloc" in (f.metadata() or {})
+
+
+def load_backbone(name: str, weights: str, skip_blocks: int = 0) -> nn.Module:
+    """The backbone in eval mode, its last ``skip_blocks`` blocks dropped (the final norm kept)."""
+    if is_export(name):
+        from fastloc.align.export import load_exported
+
+        if weights != "pretrained":
+            raise ValueError(f"{name} is an aligned export, which holds its own weights: leave --weights out")
+        model = load_exported(Path(name))
+    else:
+        model = create_model(name, weights)
+    depth = len(model.blocks)
+    if not 0 <= skip_blocks < depth:
+        raise ValueError(f"--skip-blocks {skip_blocks}: {name} has {depth} blocks, so it must be in [0, {depth - 1}]")
+    if skip_blocks:
+        # timm keeps blocks[: max index + 1] and, with prune_norm=False, the final norm (PATCHSEG.md section 4)
+        model.prune_intermediate_layers(indices=[depth - skip_blocks - 1], prune_norm=False, prune_head=True)
+    return model.eval()
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Digest of the module tree and of every tensor's bytes (blake2b, 32 hex digits)."""
+    digest = hashlib.blake2b(repr(model).encode(), digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def describe(name: str, weights: str, model: nn.Module) -> dict:
+    """What the result JSON says of the backbone."""
+    image: ImageConfig = image_config(model)
+    timm_id = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    return {
+        "name": name,
+        "weights": "export" if is_export(name) else weights,
+        "timm_id": timm_id,
+        "blocks": len(model.blocks),
+        "width": int(model.num_features),
+        "image": {
+            "size": image.size,
+            "patch_size": image.patch_size,
+            "prefix_tokens": image.prefix_tokens,
+            "mean": image.mean,
+            "std": image.std,
+        },
+    }

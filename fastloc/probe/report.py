@@ -1,0 +1,84 @@
+"""What a probe run leaves behind: the original's CSV row, a JSON that names its protocol, plots.
+
+The CSV is the original's (``results/outputs-{dataset}.csv``, comma + space, header once, the
+best-macro-recall epoch's figures), so its rows sit beside the original's. The JSON holds every
+epoch's figures, the threshold-free ones beside them, the resolved config and the protocol.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    "dataset",
+    "label_reduction",
+    "output_head",
+    "backbone",
+    "skip_blocks",
+    "full_finetune",
+    "num_epochs",
+    "loss",
+    "accuracy",
+    "macro_accuracy",
+    "macro_recall",
+    "macro_precision",
+    "macro_f1",
+)
+SEPARATOR = ", "
+
+
+def csv_row(cfg, dataset: str, selected: dict[str, Any]) -> list[str]:
+    """The original's row: CLI strings as given, metrics as full-precision floats (nan possible)."""
+    given = [dataset, cfg.reduction, cfg.head, cfg.backbone, str(cfg.skip_blocks), str(cfg.full_finetune)]
+    metrics = [selected[k] for k in COLUMNS[8:]]
+    return [*given, str(cfg.epochs), repr(float(selected["loss"])), *(repr(float(v)) for v in metrics)]
+
+
+def append_csv(path: Path, row: list[str]) -> None:
+    """Append ``row``, writing the header first into a new file; a file with another header is
+    refused rather than mixed. Locked, so that array jobs can share one file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = SEPARATOR.join(COLUMNS)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        first = f.readline().rstrip("\n")
+        if first and first != header:
+            raise ValueError(f"{path}: its header is not the Patch-Seg results header; write elsewhere (--results)")
+        if not first:
+            f.write(header + "\n")
+        f.write(SEPARATOR.join(row) + "\n")
+
+
+def prevalence_flag(metrics: dict[str, Any]) -> str | None:
+    """A warning when a selected epoch's precision is no better than predicting every class everywhere."""
+    precision, prevalence = metrics["macro_precision_nansafe"], metrics["mean_prevalence"]
+    if precision <= prevalence:
+        return (
+            f"epoch {metrics['epoch']}'s NaN-safe macro precision {precision:.4f} is at or below the mean class "
+            f"prevalence {prevalence:.4f}: its macro recall comes from predicting classes everywhere, not from "
+            "locating them"
+        )
+    return None
+
+
+def _null_nan(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _null_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_null_nan(v) for v in value]
+    return value
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> Path:
+    """Strict JSON (NaN written as null), written then renamed."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(_null_nan(obj), indent=1, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path

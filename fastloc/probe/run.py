@@ -1,0 +1,367 @@
+"""``probe(cfg)``: one Patch-Seg run, from the shards to the CSV row, the JSON and the plots.
+
+In this order: seed, backbone, head (the original's order, so a seed gives one head), the two
+sources (the feature cache reused or built, or the loader live), then epochs of training, each
+scored on the whole validation split, then the report. Under torchrun or SLURM every rank runs
+this: the cache build and the evaluation are split by rank (each validation sample counted once,
+the confusion counts summed), and the head trains under DDP with ``batch_size`` per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fastloc.align.config import SystemConfig
+from fastloc.align.prepare import Runtime, setup
+from fastloc.align.step import autocast
+from fastloc.data.config import LoaderConfig
+from fastloc.data.loader import make_loader
+from fastloc.data.order import EpochPlan
+from fastloc.models.registry import ImageConfig, image_config
+from fastloc.probe import report
+from fastloc.probe.backbone import describe, fingerprint, load_backbone
+from fastloc.probe.cache import CacheError, build_cache, cache_key, cache_path, open_cache, pool_targets
+from fastloc.probe.config import ProbeConfig
+from fastloc.probe.data import ProbeData, open_data
+from fastloc.probe.heads import HeadShape, build_head
+from fastloc.probe.metrics import Evaluator, group_metrics, selected_epoch
+from fastloc.probe.sources import CachedSource, LiveSource
+from fastloc.progress import Progress
+
+
+class FineTuned(nn.Module):
+    """Backbone and head trained together (--full-finetune): images in, logits out."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_features(images))
+
+
+def feature_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def frozen_encoder(model: nn.Module, precision: str, device: torch.device):
+    """Images -> features [B, T, D] in the cache's dtype (bf16 under bf16 autocast): the same
+    function whether the features are cached or computed live."""
+
+    @torch.no_grad()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            return model.forward_features(images.to(device, non_blocking=True)).to(feature_dtype(precision))
+
+    return encode
+
+
+def loss_per_image(reduction: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B]: BCE with logits averaged over the image's N x C entries (union, global-union), or
+    cross-entropy averaged over its N patches (majority; class 0 is a target like any other)."""
+    if reduction == "majority":
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        return ce.view(targets.shape).mean(1)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none").mean((1, 2))
+
+
+def loader_config(cfg: ProbeConfig, split, image: ImageConfig, runtime: Runtime, train: bool, batch: int):
+    """The eval recipe (PATCHSEG.md section 2) for both splits; training shuffles and drops the
+    rank's last partial batch, evaluation counts every sample once."""
+    return LoaderConfig(
+        shards=split.root,
+        batch_size=batch,
+        size=image.size,
+        recipe="eval",
+        mean=image.mean,
+        std=image.std,
+        shuffle=train,
+        drop_last=train,
+        seed=cfg.seed,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        device=cfg.loader,
+        workers=cfg.workers,
+    )
+
+
+def cached_split(cfg, split, model, digest, image, runtime, encode) -> object:
+    """The split's feature cache: reused when it is there, else built (and said so)."""
+    image_key = {"size": image.size, "patch_size": image.patch_size, "mean": image.mean, "std": image.std}
+    key = cache_key(digest, split.manifest, image_key, cfg.skip_blocks, str(feature_dtype(cfg.precision))[6:])
+    path = cache_path(cfg.cache_dir, key)
+    try:
+        cache = open_cache(path, key)
+    except CacheError as exc:
+        if runtime.main:
+            print(f"features: {exc}; rebuilding it")
+        cache = None
+    if cache is not None:
+        if runtime.main:
+            print(f"features: reusing the cache {path} ({cache.num_samples} samples)")
+        return cache
+    loader = make_loader(loader_config(cfg, split, image, runtime, train=False, batch=cfg.eval_batch_size))
+    n, c8 = split.num_samples, math.ceil(key["num_classes"] / 8)
+    shapes = {
+        "features": (n, image.tokens, int(model.num_features)),
+        "union": (n, image.grid**2, c8),
+        "majority": (n, image.grid**2),
+        "global": (n, c8),
+        "usable": (n,),
+    }
+    dtypes = {
+        "features": np.int16 if cfg.precision == "bf16" else np.float32,  # bf16 bits
+        "union": np.uint8,
+        "majority": np.uint8 if key["num_classes"] <= 256 else np.int16,
+        "global": np.uint8,
+        "usable": np.bool_,
+    }
+    progress = Progress(n, 0, f"features {split.manifest['split']}", enabled=runtime.main, unit="images")
+    try:
+        cache = build_cache(path, key, iter(loader), encode, shapes, dtypes, image.patch_size, progress)
+    finally:
+        progress.close()
+        loader.close()
+    if runtime.main:
+        print(f"features: cached in {path}")
+    return cache
+
+
+def make_sources(cfg, data: ProbeData, model, image, runtime, pool=pool_targets):
+    """(train, val) sources: the cache, or the loaders live (``--no-cache``, --full-finetune)."""
+    device, classes = runtime.device, data.num_classes
+    encode = frozen_encoder(model, cfg.precision, device)
+    if cfg.cache and not cfg.full_finetune:
+        digest = fingerprint(model)
+        out = []
+        for split, train in ((data.train, True), (data.val, False)):
+            cache = cached_split(cfg, split, model, digest, image, runtime, encode)
+            batch = cfg.batch_size if train else cfg.eval_batch_size
+            plan = EpochPlan(split.num_samples, batch, cfg.seed, train, runtime.rank, runtime.world_size, train)
+            out.append(CachedSource(cache, plan, cfg.reduction, device, cfg.workers))
+        return tuple(out)
+    if cfg.full_finetune:
+        encode = lambda images: images.to(device, non_blocking=True)  # noqa: E731 (the backbone runs in the step)
+    out = []
+    for split, train in ((data.train, True), (data.val, False)):
+        batch = cfg.batch_size if train else cfg.eval_batch_size
+        loader = make_loader(loader_config(cfg, split, image, runtime, train, batch))
+        out.append(LiveSource(loader, encode, cfg.reduction, image.patch_size, classes, pool))
+    return tuple(out)
+
+
+def schedule(optimizer: torch.optim.Optimizer, cfg: ProbeConfig, updates_per_epoch: int) -> CosineLRScheduler:
+    """The original's timm scheduler: linear warmup from 0, then the (unshifted) cosine to min_lr
+    over all updates, stepped per update."""
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=cfg.epochs * updates_per_epoch,
+        lr_min=cfg.min_lr,
+        warmup_t=cfg.warmup_updates,
+        warmup_lr_init=0.0,
+        t_in_epochs=False,
+    )
+
+
+def train_epoch(model, optimizer, scheduler, source, epoch, cfg, device, progress) -> float:
+    """One pass over the training split; the mean loss, read once at the end."""
+    model.train()
+    total, first = torch.zeros((), device=device), epoch * len(source)
+    for i, (x, targets, _) in enumerate(source.batches(epoch)):
+        with autocast(device, cfg.precision):
+            loss = loss_per_image(cfg.reduction, model(x), targets).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step_update(num_updates=first + i + 1)  # update k runs at lr(k): the first at warmup_lr_init
+        total += loss.detach()
+        progress.update(1)
+    return float(total) / max(len(source), 1)
+
+
+@torch.no_grad()
+def evaluate(model, source, reduction: str, classes: int, device: torch.device, precision: str) -> dict:
+    """The whole validation split (every sample once over all ranks): counts on the device,
+    summed over ranks, metrics once at the end."""
+    model.eval()
+    evaluator = Evaluator(reduction, classes, device, float_logits=precision == "fp32")
+    for x, targets, valid in source.batches(0):
+        with autocast(device, precision):
+            logits = model(x)
+        per_image = loss_per_image(reduction, logits, targets)
+        evaluator.update(logits, targets, valid, (per_image * valid).sum())
+    evaluator.all_reduce()
+    return evaluator.compute()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_name(cfg: ProbeConfig, dataset: str) -> str:
+    if cfg.name:
+        return cfg.name
+    backbone = Path(cfg.backbone).stem if cfg.backbone.endswith(".safetensors") else cfg.backbone
+    tail = "-ft" if cfg.full_finetune else ""
+    return f"{dataset}-{cfg.reduction}-{cfg.head}-{backbone.replace('/', '_')}-skip{cfg.skip_blocks}{tail}"
+
+
+def probe(cfg: ProbeConfig, pool=pool_targets) -> Path:
+    """Run the probe; returns the run directory (on every rank)."""
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_batch_size < 1:
+        raise ValueError("--epochs, --batch-size and --eval-batch-size must be at least 1")
+    runtime = setup(SystemConfig(device=cfg.device))
+    data = open_data(cfg.data, cfg.train_split, cfg.val_split)
+    run_dir = Path(cfg.out) / run_name(cfg, data.dataset)
+    seed_everything(cfg.seed)
+    model = load_backbone(cfg.backbone, cfg.weights, cfg.skip_blocks).to(runtime.device)
+    image = image_config(model)
+    shape = HeadShape(
+        dim=int(model.num_features),
+        num_heads=int(model.blocks[0].attn.num_heads),
+        prefix=image.prefix_tokens,
+        patches=image.grid**2,
+        classes=data.num_classes,
+        reduction=cfg.reduction,
+    )
+    head = build_head(cfg.head, shape, cfg.num_layers, cfg.hidden_size).to(runtime.device)
+    model.requires_grad_(cfg.full_finetune)
+    trainable = FineTuned(model, head) if cfg.full_finetune else head
+    timings = {}
+    start = time.perf_counter()
+    train_source, val_source = make_sources(cfg, data, model, image, runtime, pool)
+    timings["sources_s"] = time.perf_counter() - start
+    step_model = trainable
+    if runtime.distributed:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        step_model = DistributedDataParallel(trainable, device_ids=ids)
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = schedule(optimizer, cfg, len(train_source))
+    history, timings["train_s"], timings["eval_s"] = [], 0.0, 0.0
+    for epoch in range(cfg.epochs):
+        progress = Progress(
+            len(train_source), 0, f"head epoch {epoch + 1}/{cfg.epochs}", runtime.main, unit="updates", rate_unit="it/s"
+        )
+        start = time.perf_counter()
+        train_loss = train_epoch(step_model, optimizer, scheduler, train_source, epoch, cfg, runtime.device, progress)
+        progress.close()
+        timings["train_s"] += time.perf_counter() - start
+        start = time.perf_counter()
+        metrics = evaluate(trainable, val_source, cfg.reduction, data.num_classes, runtime.device, cfg.precision)
+        timings["eval_s"] += time.perf_counter() - start
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, **metrics}
+        metrics["groups"] = group_metrics(metrics, data.groups)
+        history.append(metrics)
+        if runtime.main:
+            print(
+                f"epoch {epoch + 1}: loss {metrics['loss']:.4f}  macro recall {metrics['macro_recall']:.4f}  "
+                f"precision {metrics['macro_precision_nansafe']:.4f}  AP {metrics['macro_ap']:.4f}"
+            )
+    if runtime.main:
+        write_run(cfg, data, model, head, image, runtime, history, timings, run_dir)
+    return run_dir
+
+
+def write_run(cfg, data, model, head, image, runtime, history, timings, run_dir: Path) -> None:
+    """The run directory (config, result JSON, head weights, plots) and the CSV row."""
+    from fastloc.probe.plots import plot_recall_by_class
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    best = selected_epoch(history)
+    flags = [f for f in (report.prevalence_flag(history[best]),) if f]
+    result = {
+        "protocol": {
+            "name": "patch-seg",
+            "reduction": cfg.reduction,
+            "image_size": image.size,
+            "patch_size": image.patch_size,
+            "grid": image.grid,
+            "threshold": 0.5,
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "feature_dtype": str(feature_dtype(cfg.precision))[6:],
+            "world_size": runtime.world_size,
+            "selection": "best macro recall (strict >, ties keep the earlier epoch)",
+        },
+        "dataset": {
+            "name": data.dataset,
+            "train": str(data.train.root),
+            "val": str(data.val.root),
+            "num_classes": data.num_classes,
+            "classes": data.classes,
+            "groups": data.groups,
+        },
+        "backbone": describe(cfg.backbone, cfg.weights, model),
+        "head": cfg.head,
+        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "selected_epoch": best,
+        "epochs": history,
+        "selected": history[best],
+        "last": history[-1],
+        "flags": flags,
+        "timings_s": timings,
+    }
+    for flag in flags:
+        print(f"warning: {flag}")
+    report.write_json(run_dir / "result.json", result)
+    save_state(head, run_dir / "head.safetensors")
+    if cfg.full_finetune:  # the trained backbone, under timm's key names: --weights FILE loads it
+        save_state(model, run_dir / "backbone.safetensors")
+    plot_recall_by_class(result, run_dir / "recall.png")
+    if cfg.predictions and cfg.reduction != "global-union":
+        draw_predictions(cfg, data, model, head, image, runtime, run_dir / "predictions.png")
+    csv = Path(cfg.results) / f"outputs-{data.dataset}.csv"
+    report.append_csv(csv, report.csv_row(cfg, data.dataset, history[best]))
+    selected = history[best]
+    print(
+        f"selected epoch {best + 1} (best macro recall): recall {selected['macro_recall']:.4f}, precision "
+        f"{selected['macro_precision']:.4f} (NaN-safe {selected['macro_precision_nansafe']:.4f}), "
+        f"AP {selected['macro_ap']:.4f}; last epoch recall {history[-1]['macro_recall']:.4f}"
+    )
+    print(f"results: {run_dir / 'result.json'}, row appended to {csv}")
+
+
+def save_state(module: nn.Module, path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+@torch.no_grad()
+def draw_predictions(cfg, data, model, head, image, runtime, path: Path) -> None:
+    """The first validation images: ground truth (majority label per patch) and the head's most
+    confident class per patch."""
+    from fastloc.data.torch_loader import TorchLoader
+    from fastloc.kernels.label_pool import label_pool
+    from fastloc.probe.plots import plot_predictions
+
+    count = min(cfg.predictions, data.val.num_samples)
+    single = Runtime(runtime.device, 0, 1, runtime.local_rank)
+    loader_cfg = loader_config(cfg, data.val, image, single, train=False, batch=count)
+    loader = TorchLoader(replace(loader_cfg, workers=0, device="cpu"))
+    batch = next(iter(loader))
+    loader.close()
+    head.eval()
+    model.eval()
+    with autocast(runtime.device, cfg.precision):
+        logits = head(model.forward_features(batch.images.to(runtime.device)))  # [K, N, C]
+    g = image.grid
+    truth = label_pool(batch.labels, image.patch_size, data.num_classes, "majority").view(-1, g, g)
+    predicted = logits.float().argmax(-1).view(-1, g, g).cpu()
+    mean, std = torch.tensor(image.mean).view(1, 3, 1, 1), torch.tensor(image.std).view(1, 3, 1, 1)
+    pixels = (batch.images.cpu() * std + mean).clamp(0, 1)
+    title = f"{cfg.backbone} ({cfg.head} head, {cfg.reduction}): ground truth and prediction per patch"
+    plot_predictions(pixels, truth, predicted, data.classes, path, title)
