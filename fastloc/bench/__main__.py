@@ -8,6 +8,7 @@ Examples:
     python -m fastloc.bench loader --workers 1 2 4
     python -m fastloc.bench shard --images 4000
     python -m fastloc.bench align --preset clip-vit-b
+    python -m fastloc.bench probe --backbone clip-vit-b --data shards/coco --epochs 5
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Annotated, Any, Union
 
 import tyro
 
-from fastloc.bench import align, kernels, loader, shard
+from fastloc.bench import align, kernels, loader, probe, shard
 
 # benchmark name -> (config class, runner(config, command) -> JSON path)
 BENCHMARKS: dict[str, tuple[type, Callable[[Any, str], Path]]] = {
@@ -29,6 +30,7 @@ BENCHMARKS: dict[str, tuple[type, Callable[[Any, str], Path]]] = {
     "kernels": (kernels.KernelBench, kernels.run),
     "loader": (loader.LoaderBench, loader.run),
     "align": (align.AlignBench, align.run),
+    "probe": (probe.ProbeBench, probe.run),
 }
 PROG = "python -m fastloc.bench"
 

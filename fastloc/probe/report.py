@@ -66,19 +66,20 @@ def prevalence_flag(metrics: dict[str, Any]) -> str | None:
     return None
 
 
-def _null_nan(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with every NaN as None (strict JSON has no NaN)."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _null_nan(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_null_nan(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> Path:
     """Strict JSON (NaN written as null), written then renamed."""
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(_null_nan(obj), indent=1, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(jsonable(obj), indent=1, allow_nan=False) + "\n")
     tmp.replace(path)
     return path

@@ -1,0 +1,355 @@
+"""The Patch-Seg probe end to end on hand-made colour-block shards with a tiny backbone: outputs,
+the feature cache (reused, equal to the live run, rebuilt when stale), a fine-tuned backbone
+probed frozen, 2-rank evaluation, bad input; and the heads, schedule and backbone grids."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from loader_data import PALETTE, block_sample, write_set
+from PIL import Image
+from safetensors.torch import load_file
+
+from fastloc.models.registry import create_model, image_config
+from fastloc.probe.__main__ import main
+from fastloc.probe.cache import CacheError, open_cache, pack_bits, unpack_bits
+from fastloc.probe.config import ProbeConfig
+from fastloc.probe.data import class_groups
+from fastloc.probe.heads import HEADS, HeadShape, build_head
+from fastloc.probe.report import jsonable
+from fastloc.probe.run import evaluate, probe, schedule
+from fastloc.probe.sources import CachedSource, plan_batches
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = len(PALETTE)  # 8: 0 never painted, 1-7 one colour each
+
+
+@pytest.fixture(scope="session")
+def blocks(tmp_path_factory) -> Path:
+    """Train (192) and val (48) splits of flat-colour blocks whose class is their colour."""
+    root = tmp_path_factory.mktemp("blocks")
+    for split, n, seed in (("train", 192, 0), ("val", 48, 1)):
+        rng = np.random.default_rng(seed)
+        write_set(root / split, [block_sample(rng, i) for i in range(n)], CLASSES, per_shard=32, split=split)
+    return root
+
+
+def config(data: Path, tmp: Path, **kw) -> ProbeConfig:
+    base = dict(
+        backbone="tiny",
+        weights="random",
+        epochs=3,
+        batch_size=16,
+        eval_batch_size=16,
+        warmup_updates=10,
+        device="cpu",
+        loader="cpu",
+        workers=0,
+        out=tmp / "runs",
+        results=tmp / "results",
+        cache_dir=tmp / "cache",
+    )
+    return ProbeConfig(data=data, **{**base, **kw})
+
+
+def result_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cached_run(blocks, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("probe")
+    cfg = config(blocks, tmp)
+    return cfg, probe(cfg)
+
+
+def test_probe_writes_the_originals_row_a_protocol_json_and_pictures(cached_run):
+    cfg, run_dir = cached_run
+    result = result_of(run_dir)
+    assert (
+        result["protocol"] | {"reduction": "union", "image_size": 64, "patch_size": 8, "grid": 8} == result["protocol"]
+    )
+    assert result["protocol"]["threshold"] == 0.5 and result["protocol"]["feature_dtype"] == "bfloat16"
+    epochs = result["epochs"]
+    assert len(epochs) == 3 and result["last"] == epochs[-1]
+    recalls = [e["macro_recall"] for e in epochs]
+    assert (
+        result["selected_epoch"] == recalls.index(max(recalls))
+        and result["selected"] == epochs[result["selected_epoch"]]
+    )
+    assert all(e["images"] == 48 and e["patches"] == 48 * 64 for e in epochs)  # every val sample, once
+    table = cfg.results / "outputs-t.csv"
+    assert table.read_text().startswith("dataset, label_reduction, output_head, backbone, skip_blocks, full_")
+    with open(table) as f:
+        rows = list(csv.DictReader(f, skipinitialspace=True))
+    assert len(rows) == 1
+    row, selected = rows[0], result["selected"]
+    assert (row["dataset"], row["label_reduction"], row["output_head"], row["backbone"]) == (
+        "t",
+        "union",
+        "transformer",
+        "tiny",
+    )
+    assert (row["skip_blocks"], row["full_finetune"], row["num_epochs"]) == ("0", "False", "3")
+    assert float(row["macro_recall"]) == selected["macro_recall"] and float(row["loss"]) == selected["loss"]
+    for name in ("recall.png", "predictions.png"):
+        assert Image.open(run_dir / name).size[0] > 200
+    head = load_file(str(run_dir / "head.safetensors"))
+    assert head["pos_embed"].shape == (1, 1 + 64, 96) and head["head.weight"].shape == (CLASSES, 96)
+
+
+def test_probe_learns_the_colour_classes_clearly_above_the_trivial_predictors(cached_run):
+    """Colour is in any ViT's patch embedding, so even random features must be probed far above the
+    majority-class predictor (macro recall 1 / valid classes) and above chance AP (the prevalence)."""
+    selected = result_of(cached_run[1])["selected"]
+    assert selected["valid_classes"] == 7  # class 0 is never painted
+    assert selected["macro_recall"] > 1 / 7 + 0.4
+    assert selected["macro_ap"] > selected["mean_prevalence"] + 0.3
+
+
+def test_a_second_run_reuses_the_cache_and_the_live_run_equals_the_cached_one(cached_run, capsys):
+    cfg, first = cached_run
+    capsys.readouterr()
+    again = probe(replace(cfg, name="again"))
+    assert capsys.readouterr().out.count("reusing the cache") == 2
+    live = probe(replace(cfg, name="live", cache=False))
+    for other in (again, live):
+        assert result_of(other)["epochs"] == result_of(first)["epochs"]  # every figure of every epoch
+    assert main(["compare", str(first), str(live), "--out", str(cfg.out / "cmp.png")]) == 0
+    assert (cfg.out / "cmp.png").stat().st_size > 0
+
+
+def test_a_stale_cache_is_rebuilt_with_a_message_and_a_killed_build_leaves_nothing_whole(blocks, tmp_path, capsys):
+    cfg = config(blocks, tmp_path, epochs=1)
+    first = result_of(probe(cfg))["epochs"]
+    (train_cache,) = [p for p in cfg.cache_dir.iterdir() if p.name.startswith("t-train")]
+    meta = json.loads((train_cache / "meta.json").read_text())
+    (train_cache / "meta.json").write_text(json.dumps({**meta, "format": 0}))
+    (cfg.cache_dir / ".partial-leftover").mkdir()  # a killed build's folder: never read as a cache
+    capsys.readouterr()
+    again = result_of(probe(replace(cfg, name="again")))["epochs"]
+    out = capsys.readouterr().out
+    assert "written by another version of fastloc (cache format 0" in out and "rebuilding it" in out
+    assert again == first
+    assert json.loads((train_cache / "meta.json").read_text())["format"] == meta["format"]
+    assert not any(p.name.startswith(".old-") for p in cfg.cache_dir.iterdir())
+    with pytest.raises(CacheError, match="made for other inputs"):
+        open_cache(train_cache, {**meta["key"], "skip_blocks": 1})
+
+
+def test_a_finetuned_backbone_saved_by_the_probe_loads_as_weights_and_is_probed_frozen(blocks, tmp_path):
+    tuned = probe(config(blocks, tmp_path, epochs=2, full_finetune=True, lr=3e-4, predictions=0))
+    assert result_of(tuned)["config"]["full_finetune"] is True
+    weights = tuned / "backbone.safetensors"
+    frozen = result_of(probe(config(blocks, tmp_path, epochs=2, weights=str(weights), name="frozen")))
+    assert frozen["backbone"]["weights"] == str(weights)
+    assert frozen["selected"]["macro_recall"] > 1 / 7 + 0.4
+
+
+@pytest.mark.parametrize(
+    "reduction,head", [("majority", "mlp"), ("global-union", "linear"), ("union", "transformer-cls")]
+)
+def test_other_reductions_and_heads_run_end_to_end(blocks, tmp_path, reduction, head):
+    result = result_of(probe(config(blocks, tmp_path, epochs=1, reduction=reduction, head=head, skip_blocks=1)))
+    selected = result["selected"]
+    assert result["protocol"]["reduction"] == reduction and result["backbone"]["blocks"] == 3
+    assert selected["images"] == 48 and 0 <= selected["macro_recall"] <= 1
+    assert (selected["by_size"] is None) == (reduction != "union")
+    if reduction == "majority":
+        assert selected["valid_classes"] == 7
+
+
+def test_two_ranks_count_every_validation_sample_once_and_agree_with_one(cached_run, tmp_path):
+    """torchrun with 2 gloo ranks: the cache built by rank shares equals the 1-rank cache, and the
+    last epoch's confusion counts equal those of the same head evaluated on one rank."""
+    cfg, _ = cached_run
+    out = tmp_path / "runs"
+    args = ["--backbone", "tiny", "--weights", "random", "--epochs", "1", "--batch-size", "16", "--eval-batch-size"]
+    args += ["16", "--device", "cpu", "--loader", "cpu", "--workers", "0", "--predictions", "0", "--name", "ddp"]
+    args += ["--out", str(out), "--results", str(tmp_path / "results"), "--cache-dir", str(tmp_path / "cache")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "fastloc.probe"]
+    done = subprocess.run([*command, str(cfg.data), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = result_of(out / "ddp")
+    assert two["protocol"]["world_size"] == 2 and two["last"]["images"] == 48
+    for split in ("train", "val"):
+        (mine,) = (tmp_path / "cache").glob(f"t-{split}-*")
+        (theirs,) = cfg.cache_dir.glob(f"t-{split}-*")
+        assert mine.name == theirs.name
+        for name in ("features", "union", "majority", "global", "usable"):
+            assert np.array_equal(np.load(mine / f"{name}.npy"), np.load(theirs / f"{name}.npy")), (split, name)
+    # the 2-rank head, evaluated on one rank
+    shape = HeadShape(96, 3, 1, 64, CLASSES, "union")
+    head = build_head("transformer", shape)
+    head.load_state_dict(load_file(str(out / "ddp" / "head.safetensors")))
+    from fastloc.data.order import EpochPlan
+
+    cache = open_cache(theirs, json.loads((theirs / "meta.json").read_text())["key"])
+    source = CachedSource(cache, EpochPlan(48, 16, 0, False, 0, 1, False), "union", torch.device("cpu"), 0)
+    single = evaluate(head, source, "union", CLASSES, torch.device("cpu"), "bf16")
+    assert jsonable(single["per_class"]) == two["last"]["per_class"]
+    assert single["images"] == 48 and single["loss"] == pytest.approx(two["last"]["loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_are_clear_errors(blocks, tmp_path, capsys):
+    common = ["--backbone", "tiny", "--weights", "random", "--device", "cpu", "--loader", "cpu", "--workers", "0"]
+    common += ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")]
+
+    def error(data, *extra) -> str:
+        capsys.readouterr()
+        assert main([str(data), *common, *extra]) == 2
+        return capsys.readouterr().err
+
+    assert "no such shard set" in error(tmp_path / "nothing-here")
+    assert "unknown backbone 'vit-nope'" in error(blocks, "--backbone", "vit-nope")
+    # a shard set without label maps
+    unlabeled = tmp_path / "unlabeled"
+    for split in ("train", "val"):
+        root = unlabeled / split
+        root.mkdir(parents=True)
+        for f in (blocks / split).iterdir():
+            (root / f.name).symlink_to(f)
+        manifest = json.loads((blocks / split / "manifest.json").read_text())
+        (root / "manifest.json").unlink()
+        (root / "manifest.json").write_text(json.dumps({**manifest, "keys": ["jpg", "cls"], "label": None}))
+    assert "have no label maps (seg.png" in error(unlabeled)
+    # a manifest whose class count is below the labels' values
+    few = tmp_path / "few"
+    for split in ("train", "val"):
+        root = few / split
+        root.mkdir(parents=True)
+        for f in (blocks / split).iterdir():
+            (root / f.name).symlink_to(f)
+        manifest = json.loads((blocks / split / "manifest.json").read_text())
+        (root / "manifest.json").unlink()
+        (root / "manifest.json").write_text(json.dumps({**manifest, "num_classes": 4, "classes": [None] * 4}))
+    message = error(few, "--epochs", "1")
+    assert "does not fit the manifest's 4 classes" in message and "blocks_" in message
+    assert not any((tmp_path / "c").glob("t-*"))  # nothing half-written published
+    assert "--skip-blocks 4: tiny has 4 blocks" in error(blocks, "--skip-blocks", "4")
+    assert "union reduction only" in error(blocks, "--head", "transformer-cls", "--reduction", "majority")
+
+
+def test_the_results_csv_is_never_mixed_with_another_table(blocks, tmp_path, capsys):
+    cfg = config(blocks, tmp_path, epochs=1, predictions=0)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "outputs-t.csv").write_text("a, b, c\n")
+    with pytest.raises(ValueError, match="not the Patch-Seg results header"):
+        probe(cfg)
+    assert (tmp_path / "results" / "outputs-t.csv").read_text() == "a, b, c\n"
+
+
+# ---------------------------------------------------------------- parts
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+@pytest.mark.parametrize("reduction", ["union", "majority", "global-union"])
+def test_heads_output_shapes(name, reduction):
+    shape = HeadShape(dim=48, num_heads=3, prefix=2, patches=16, classes=5, reduction=reduction)
+    if name.startswith("transformer-") and reduction != "union":
+        with pytest.raises(ValueError, match="union reduction only"):
+            build_head(name, shape)
+        return
+    out = build_head(name, shape)(torch.randn(3, 18, 48))
+    assert out.shape == (3, 1 if reduction == "global-union" else 16, 5)
+
+
+def test_the_transformer_head_of_vit_b_on_coco_has_the_originals_size():
+    """PATCHSEG.md section 5: about 14.5 M parameters at D = 768, 12 heads, 197 tokens, C = 183."""
+    with torch.device("meta"):
+        head = build_head("transformer", HeadShape(768, 12, 1, 196, 183, "union"))
+    block = 4 * 768 + 768 * 2304 + (768 * 768 + 768) + 2 * 768 + (768 * 3072 + 3072) + (3072 * 768 + 768)
+    expected = 197 * 768 + 2 * 768 + 2 * block + 2 * 768 + 768 * 183 + 183
+    assert sum(p.numel() for p in head.parameters()) == expected == 14_469_303
+    small = build_head("transformer", HeadShape(8, 2, 1, 4, 3, "union"))
+    assert small.blocks[0].attn.qkv.bias is None and torch.all(small.blocks[0].ls1.gamma == 0.01)
+    assert len(small.blocks) == 2 and small.blocks[0].mlp.fc1.out_features == 32
+    with torch.device("meta"):
+        assert sum(p.numel() for p in build_head("mlp", HeadShape(768, 12, 1, 196, 183, "union")).parameters()) == (
+            768 * 1024 + 1024 + 1024 * 183 + 183
+        )
+
+
+def test_global_union_heads_read_the_prefix_mean():
+    shape = HeadShape(dim=4, num_heads=1, prefix=2, patches=3, classes=2, reduction="global-union")
+    head = build_head("linear", shape)
+    x = torch.randn(1, 5, 4)
+    assert torch.allclose(head(x), head.net(x[:, :2].mean(1, keepdim=True)))
+    no_prefix = build_head("linear", replace(shape, prefix=0))
+    assert torch.allclose(no_prefix(x), no_prefix.net(x.mean(1, keepdim=True)))
+
+
+def test_schedule_is_the_originals_first_update_at_zero_warmup_then_unshifted_cosine():
+    cfg = ProbeConfig(data=Path("."), epochs=2, warmup_updates=500)
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    scheduler = schedule(optimizer, cfg, 1000)
+    lrs = []
+    for k in range(2000):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step_update(num_updates=k + 1)
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-3 / 500) and lrs[499] == pytest.approx(1e-3 * 499 / 500)
+    for k in (500, 1000, 1999):
+        assert lrs[k] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * k / 2000)))
+
+
+# short name -> (S, p, N, P), PATCHSEG.md section 11
+GRIDS = {
+    "in1k-vit-b": (224, 16, 196, 1),
+    "siglip-vit-b-384px": (384, 16, 576, 0),
+    "clip-vit-l": (224, 14, 256, 1),
+    "siglip-vit-so400m": (224, 14, 256, 0),
+    "ijepa-vit-h": (224, 14, 256, 0),
+    "dinov2-vit-l": (224, 14, 256, 5),
+    "clip-vit-l-336px": (336, 14, 576, 1),
+    "dfn-vit-h-378px": (378, 14, 729, 1),
+    "siglip-vit-so400m-384px": (384, 14, 729, 0),
+    "eva02-vit-l": (224, 14, 256, 1),
+    "mae-vit-h": (224, 14, 256, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(GRIDS))
+def test_patchseg_backbones_have_the_originals_grids(name):
+    with torch.device("meta"):
+        cfg = image_config(create_model(name, "random"))
+    assert (cfg.size, cfg.patch_size, cfg.grid**2, cfg.prefix_tokens) == GRIDS[name]
+
+
+def test_bit_packing_round_trips_odd_class_counts():
+    bits = torch.randint(0, 2, (3, 5, 183), dtype=torch.uint8)
+    packed = pack_bits(bits)
+    assert packed.shape == (3, 5, 23) and torch.equal(unpack_bits(packed, 183), bits)
+
+
+def test_cached_batches_follow_the_loaders_replacement_rule():
+    from fastloc.data.order import EpochPlan
+
+    plan = EpochPlan(10, 4, seed=0, shuffle=False, drop_last=False)
+    usable = np.ones(10, bool)
+    usable[[1, 9]] = False
+    (a, va), _, (c, vc) = plan_batches(plan, 0, usable)
+    assert a.tolist() == [0, 2, 2, 3] and va.tolist() == [True, False, True, True]
+    assert c.tolist() == [8, 0, 0, 0] and vc.tolist() == [True, False, False, False]
+
+
+def test_class_groups_of_coco_and_the_synthetic_set():
+    coco = class_groups({"label": {"space": "coco-stuff-183"}})
+    assert coco["things"][0] == 1 and coco["things"][-1] == 91 and coco["stuff"] == list(range(92, 183))
+    synthetic = {"dataset": "synthetic", "source": {"region_classes": [0, 1, 2], "object_classes": [3, 4]}}
+    assert class_groups(synthetic) == {"texture": [1, 2], "shape": [3, 4]}
+    assert class_groups({"dataset": "ade20k", "label": {"space": "ade20k-151"}}) == {}
