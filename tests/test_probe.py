@@ -353,3 +353,26 @@ def test_class_groups_of_coco_and_the_synthetic_set():
     synthetic = {"dataset": "synthetic", "source": {"region_classes": [0, 1, 2], "object_classes": [3, 4]}}
     assert class_groups(synthetic) == {"texture": [1, 2], "shape": [3, 4]}
     assert class_groups({"dataset": "ade20k", "label": {"space": "ade20k-151"}}) == {}
+
+
+def test_an_aligned_export_is_probed_with_its_soft_cap_and_norm_eps(blocks, tmp_path):
+    """A file as ``python -m fastloc.align export`` writes it (timm keys plus fastloc metadata)."""
+    from safetensors.torch import save_file
+
+    from fastloc.models.attention import SoftCapAttention
+    from fastloc.models.registry import backbone
+    from fastloc.probe.backbone import is_export, load_backbone
+
+    entry = backbone("tiny")
+    meta = {"timm_id": entry.timm_id, "timm_kwargs": entry.kwargs, "soft_cap": 30.0, "norm_eps": 1e-5}
+    path = tmp_path / "encoder-best.safetensors"
+    state = {k: v.contiguous() for k, v in create_model("tiny", "random").state_dict().items()}
+    save_file(state, str(path), metadata={"fastloc": json.dumps({**meta, "untrained": [], "step": 1})})
+    assert is_export(str(path))
+    model = load_backbone(str(path), "pretrained")
+    assert all(isinstance(b.attn, SoftCapAttention) for b in model.blocks) and model.norm.eps == 1e-5
+    result = result_of(probe(config(blocks, tmp_path, epochs=1, backbone=str(path), weights="pretrained")))
+    assert result["backbone"]["weights"] == "export" and result["selected"]["images"] == 48
+    assert (tmp_path / "runs" / "t-union-transformer-encoder-best-skip0").is_dir()
+    with pytest.raises(ValueError, match="holds its own weights"):
+        load_backbone(str(path), "random")

@@ -249,7 +249,8 @@ def probe(cfg: ProbeConfig, pool=pool_targets) -> Path:
     step_model = trainable
     if runtime.distributed:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        step_model = DistributedDataParallel(trainable, device_ids=ids)
+        # a fine-tuned backbone may hold parameters forward_features never uses (SigLIP's pooling head)
+        step_model = DistributedDataParallel(trainable, device_ids=ids, find_unused_parameters=cfg.full_finetune)
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = schedule(optimizer, cfg, len(train_source))
     history, timings["train_s"], timings["eval_s"] = [], 0.0, 0.0
