@@ -200,3 +200,49 @@ def test_align_benchmark_compares_the_step_with_the_original_style(tmp_path, cap
     assert [r["step"] for r in record["rows"]] == ["fastloc (eager)", "original-style"]
     assert all(len(r["times_s"]) == 2 and r["images_per_s"] > 0 for r in record["rows"])
     assert record["missing"] == [{"row": "fastloc (compiled), fastloc end to end", "reason": "--no-compile"}]
+
+
+def test_probe_benchmark_times_cold_cached_and_original_style_runs_with_equal_metrics(tmp_path, capsys, monkeypatch):
+    """The smallest scale: each setting's row with its parts, the same macro recall in all three,
+    and nothing left in ./results or ./runs (the runs' CSV lives in the scratch folder)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "probe.json"
+    args = ["--images", "48", "--val-images", "16", "--epochs", "1", "--batch-size", "8"]
+    assert main(["probe", *args, "--out", str(out), "--workdir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    table = printed.split("\n--")[1].split("\ncold:")[0]  # the rows, between the header and the summary
+    for setting in ("cold", "cached", "original-style"):
+        assert any(line.startswith(setting + " ") for line in table.splitlines()), setting
+    assert "original-style / cold:" in printed and "aim on one H100" in printed
+    assert "macro recall per epoch: equal in cold, cached, original-style" in printed
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "probe" and "fastloc.bench probe" in record["command"]
+    assert record["samples"] == {"train": 48, "val": 16} and record["missing"] == []
+    assert record["metrics_equal"] is True
+    rows = {r["setting"]: r for r in record["rows"]}
+    assert list(rows) == ["cold", "cached", "original-style"]
+    for row in rows.values():
+        for field in ("wall_s", "features_s", "train_s", "eval_s"):
+            assert row[field] > 0, (row["setting"], field)
+        assert set(row["timings_s"]) == {"sources_s", "train_s", "eval_s"}
+        assert row["wall_s"] == pytest.approx(row["other_s"] + sum(row["timings_s"].values()))
+        assert len(row["macro_recall_per_epoch"]) == 1
+        assert row["macro_recall_per_epoch"] == rows["cold"]["macro_recall_per_epoch"]
+        assert row["vs_original"] == pytest.approx(rows["original-style"]["wall_s"] / row["wall_s"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.json"]  # scratch removed, no results/ or runs/
+
+
+def test_probe_benchmark_original_pool_gives_the_kernels_targets():
+    """The original-style pooling (the per-patch loop for the run's reduction) stores what
+    pool_targets stores, for each reduction."""
+    from fastloc.bench.probe import original_pool
+    from fastloc.probe.cache import pool_targets
+
+    labels = torch.randint(0, 5, (3, 20, 24), dtype=torch.uint8)
+    labels[0, :8, :8] = 2  # a one-class patch
+    expected = pool_targets(labels, 8, 5)
+    for reduction in ("union", "majority", "global-union"):
+        stored = original_pool(reduction)(labels, 8, 5)
+        assert set(stored) == set(expected)
+        for name, value in stored.items():
+            assert value.dtype == expected[name].dtype and torch.equal(value, expected[name]), (reduction, name)

@@ -5,7 +5,10 @@ Three runs of ``fastloc.probe.run.probe`` in one process, on the same data with 
 - ``cold``: an empty cache folder: the frozen backbone's feature cache is built, then the epochs;
 - ``cached``: the same run again, reusing that cache;
 - ``original-style``: no cache (the backbone recomputed every epoch, as the original does) and
-  the labels pooled by the original's per-patch ``torch.unique`` loop.
+  the labels pooled by the original's per-patch ``torch.unique`` loop (the run's reduction only).
+
+An untimed run on a few generated images comes first, so the first setting does not pay the
+process's start-up costs alone.
 
 Each row splits the wall time into features (the cache's build or reuse; for the original style
 only the loaders' setup, its backbone runs inside training and evaluation), head training,
@@ -81,11 +84,14 @@ class ProbeBench:
     workers: int = -1
     """Loader and cache-reader worker processes (-1: 0 on a CPU, 8 with CUDA)."""
 
+    warmup: bool = True
+    """First an untimed run on a few generated images, so that no setting pays the process's first-use costs."""
+
     skip_original: bool = False
     """Leave out the original-style run (slow at COCO size: its per-patch loop pools every label map every epoch)."""
 
     workdir: Path | None = None
-    """Scratch folder for the generated set, the feature caches and the runs (default: a temporary folder, deleted afterwards)."""
+    """Scratch folder for the generated data, the feature caches and the runs (default: a temporary folder, deleted)."""
 
     out: Path | None = None
     """JSON results path (default: runs/bench/probe-DATE.json)."""
@@ -96,16 +102,19 @@ def run(cfg: ProbeBench, command: str) -> Path:
     rows, missing = [], []
     with tempfile.TemporaryDirectory(dir=cfg.workdir) as scratch:
         work = Path(scratch)
-        data = cfg.data or _generate(work / "data", cfg)
+        data = cfg.data or _generate(work / "data", cfg.images, cfg.val_images)
         base = replace(base, data=data, cache_dir=work / "cache", out=work / "runs", results=work / "results")
+        source = str(cfg.data) if cfg.data else "generated synthetic set, 64-96 px"
         splits = open_data(data)
         sizes = {"train": splits.train.num_samples, "val": splits.val.num_samples}
         print(
             f"{cfg.backbone} ({cfg.weights} weights), {base.precision}, {base.device}, loader {base.loader}, "
             f"{base.workers} workers: {cfg.epochs} epoch(s) of {sizes['train']:,} training / {sizes['val']:,} "
-            f"validation images ({data}), batch {cfg.batch_size}",
+            f"validation images ({source}), batch {cfg.batch_size}",
             flush=True,
         )
+        if cfg.warmup:
+            _warm_up(work / "warmup", base)
         rows.append(_setting("cold", base))
         rows.append(_setting("cached", base))
         if cfg.skip_original:
@@ -119,7 +128,7 @@ def run(cfg: ProbeBench, command: str) -> Path:
         print(line)
     config = {k: str(v) for k, v in cfg.__dict__.items()}
     resolved = {"precision": base.precision, "device": base.device, "loader": base.loader, "workers": base.workers}
-    payload = {"config": config, "resolved": resolved, "data": str(data), "samples": sizes}
+    payload = {"config": config, "resolved": resolved, "data": source, "samples": sizes}
     payload |= {"rows": rows, "metrics_equal": _metrics_equal(rows), "summary": summary}
     return write_results("probe", cfg.out, command, payload, missing)
 
@@ -143,9 +152,9 @@ def _probe_config(cfg: ProbeBench) -> ProbeConfig:
     )
 
 
-def _generate(root: Path, cfg: ProbeBench) -> Path:
+def _generate(root: Path, images: int, val_images: int) -> Path:
     """A synthetic shard set with train and val splits, 64-96 px (untimed)."""
-    for split, count in (("train", cfg.images), ("val", cfg.val_images)):
+    for split, count in (("train", images), ("val", val_images)):
         synthetic = SyntheticConfig(
             out=root,
             split=split,
@@ -159,6 +168,16 @@ def _generate(root: Path, cfg: ProbeBench) -> Path:
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             convert(synthetic)
     return root / "synthetic"
+
+
+def _warm_up(root: Path, base: ProbeConfig) -> None:
+    """One untimed cold run of one epoch on 2 + 1 batches of generated images, in its own folders:
+    library loading, thread pools, the CUDA context and the loader's start-up are paid here."""
+    print("warming up ...", flush=True)
+    data = _generate(root / "data", 2 * base.batch_size, base.eval_batch_size)
+    cfg = replace(base, data=data, epochs=1, cache_dir=root / "cache", out=root / "runs", results=root / "results")
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        probe(replace(cfg, name="warmup"))
 
 
 # ---------------------------------------------------------------- the original's label pooling

@@ -280,8 +280,6 @@ def probe(cfg: ProbeConfig, pool=pool_targets) -> Path:
 
 def write_run(cfg, data, model, head, image, runtime, history, timings, run_dir: Path) -> None:
     """The run directory (config, result JSON, head weights, plots) and the CSV row."""
-    from fastloc.probe.plots import plot_recall_by_class
-
     run_dir.mkdir(parents=True, exist_ok=True)
     best = selected_epoch(history)
     flags = [f for f in (report.prevalence_flag(history[best]),) if f]
@@ -323,9 +321,14 @@ def write_run(cfg, data, model, head, image, runtime, history, timings, run_dir:
     save_state(head, run_dir / "head.safetensors")
     if cfg.full_finetune:  # the trained backbone, under timm's key names: --weights FILE loads it
         save_state(model, run_dir / "backbone.safetensors")
-    plot_recall_by_class(result, run_dir / "recall.png")
-    if cfg.predictions and cfg.reduction != "global-union":
-        draw_predictions(cfg, data, model, head, image, runtime, run_dir / "predictions.png")
+    try:
+        from fastloc.probe.plots import plot_recall_by_class
+    except ImportError as exc:  # a GPU machine with torch and timm only: the figures are what matter
+        print(f"pictures skipped: {exc}")
+    else:
+        plot_recall_by_class(result, run_dir / "recall.png")
+        if cfg.predictions and cfg.reduction != "global-union":
+            draw_predictions(cfg, data, model, head, image, runtime, run_dir / "predictions.png")
     csv = Path(cfg.results) / f"outputs-{data.dataset}.csv"
     report.append_csv(csv, report.csv_row(cfg, data.dataset, history[best]))
     selected = history[best]
