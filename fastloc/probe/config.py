@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 
@@ -16,7 +16,7 @@ from fastloc.cli import flowing_help
 class ProbeConfig:
     """Train a Patch-Seg head on a frozen backbone and score it on the validation split."""
 
-    data: tyro.conf.Positional[Path]
+    data: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="DATA")]
     """The shard set (e.g. shards/coco), holding a train and a validation split with label maps."""
 
     backbone: str = "clip-vit-b"
