@@ -376,3 +376,18 @@ def test_an_aligned_export_is_probed_with_its_soft_cap_and_norm_eps(blocks, tmp_
     assert (tmp_path / "runs" / "t-union-transformer-encoder-best-skip0").is_dir()
     with pytest.raises(ValueError, match="holds its own weights"):
         load_backbone(str(path), "random")
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_cached_run_equals_the_live_one_in_bf16(blocks, tmp_path):
+    """The CUDA path: DALI where installed, Triton label pooling, bf16 features and logits."""
+    loader = "gpu" if __import__("importlib").util.find_spec("nvidia.dali") else "cpu"
+    cfg = config(blocks, tmp_path, epochs=2, device="cuda", loader=loader, workers=2)
+    cached = result_of(probe(cfg))
+    live = result_of(probe(replace(cfg, cache=False, name="live")))
+    assert cached["selected"]["images"] == 48 and cached["selected"]["macro_recall"] > 1 / 7 + 0.3
+    assert [e["per_class"]["positives"] for e in cached["epochs"]] == [
+        e["per_class"]["positives"] for e in live["epochs"]
+    ]
+    for a, b in zip(cached["epochs"], live["epochs"]):
+        assert a["macro_recall"] == pytest.approx(b["macro_recall"], abs=0.02)  # GPU kernels may pick other orders
