@@ -21,9 +21,18 @@ class away, and texture periods vary so that one 16x16 patch may not show a full
 Mild grey noise (standard deviation 1-4 levels) is added so that JPEG-encoding the pixels is
 realistic. About 23% of 16x16 patches hold two or more classes; about 7 classes per image.
 
-Sample ``i`` depends only on ``(data_seed, split, i, min_size, max_size)``: its generator is
-``np.random.default_rng([data_seed, crc32(split), i])``, whatever else is generated and in
-whatever order.
+That is the ``standard`` difficulty. The ``demo`` one (``--difficulty demo``, for a tiny ViT at
+64 px with 8 px patches) keeps 8 classes (background, stripes, checkerboard, dots; circle,
+square, triangle, cross), 1-3 cells, 1-3 objects of 1/4-1/2 of the shorter side (centres at
+least 0.8 equal-area radii inside the edges, so shapes stay recognisable) with flat or gradient
+fills only, coarse region textures (a period of 1/12-1/6 of the shorter side) and a background
+of a two-colour gradient plus low-frequency noise, so that it is told by the absence of texture
+and shape, not by its colour. Each difficulty is a ``Difficulty`` (data), see ``DIFFICULTIES``.
+
+Sample ``i`` depends only on ``(data_seed, split, i, min_size, max_size, difficulty)``: its
+generator is ``np.random.default_rng([data_seed, crc32(split), i])`` (standard) or
+``default_rng([data_seed, crc32(split), i, crc32(difficulty)])``, whatever else is generated and
+in whatever order.
 Within one image, geometry and appearance come from two separate child generators, so a
 flat-palette rendering (``draw_scene(..., palette=...)``, used by the tests to check
 pixel/label consistency) has exactly the same layout as the textured one.
@@ -33,8 +42,9 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Literal
 
 import numpy as np
 
@@ -81,6 +91,92 @@ FILL_WEIGHTS = np.array([0.30, 0.15, 0.12, 0.10, 0.12, 0.11, 0.10])
 BYTES_PER_PIXEL = 1.05
 
 
+@dataclass(frozen=True)
+class Difficulty:
+    """What the generator draws: the class set and the scene statistics. ``standard`` holds the
+    module constants above; the class ids are background (0), the textures, then the shapes."""
+
+    name: str  # part of the sample seed unless "standard"
+    textures: tuple[str, ...]  # region classes besides background
+    shapes: tuple[str, ...]  # object classes
+    regions_per_image: tuple[int, int]  # inclusive
+    region_count_weights: tuple[float, ...]  # one per cell count in regions_per_image
+    background_weight: float  # of class 0 per cell vs (1 - it) / len(textures) per texture
+    objects_per_image: tuple[int, int]  # inclusive, uniform
+    object_diameter: tuple[float, float]  # equal-area disc diameter / shorter side, uniform
+    object_margin: float  # centres lie this many equal-area radii inside the edges (0: anywhere)
+    fills: tuple[str, ...]  # object fills: "flat", "gradient" or textures
+    fill_weights: tuple[float, ...]
+    # Region texture period (stripe period, two checkerboard cells, dot spacing) as a fraction of
+    # the shorter side, log-uniform; None: each texture's own range in pixels, capped by the size.
+    texture_period: tuple[float, float] | None
+    # "gradient": class 0 is a gentle gradient near one colour; "noisy": a gradient between two
+    # random colours plus low-frequency value noise.
+    background: Literal["gradient", "noisy"]
+
+    @property
+    def classes(self) -> list[str]:
+        return ["background", *self.textures, *self.shapes]
+
+    @property
+    def region_classes(self) -> list[int]:
+        return list(range(1 + len(self.textures)))
+
+    @property
+    def object_classes(self) -> list[int]:
+        return list(range(1 + len(self.textures), len(self.classes)))
+
+    def facts(self) -> dict[str, Any]:
+        """The parameters as JSON-ready values (for manifests)."""
+        return {f: list(v) if isinstance(v, tuple) else v for f, v in vars(self).items()}
+
+
+DIFFICULTIES: dict[str, Difficulty] = {
+    "standard": Difficulty(
+        name="standard",
+        textures=tuple(TEXTURES),
+        shapes=tuple(SHAPES),
+        regions_per_image=REGIONS_PER_IMAGE,
+        region_count_weights=REGION_COUNT_WEIGHTS,
+        background_weight=BACKGROUND_WEIGHT,
+        objects_per_image=OBJECTS_PER_IMAGE,
+        object_diameter=OBJECT_DIAMETER,
+        object_margin=0.0,
+        fills=tuple(FILLS),
+        fill_weights=tuple(FILL_WEIGHTS.tolist()),
+        texture_period=None,
+        background="gradient",
+    ),
+    # A tiny ViT at 64 px input with 8 px patches sees 8 patches per side: a period of 1/12-1/6
+    # of the side is 5.3-10.7 input pixels (about one patch; 8-27 px on 96-160 px images), so a
+    # patch shows at least most of a period and no stripe or cell falls below ~1.6 input pixels.
+    "demo": Difficulty(
+        name="demo",
+        textures=("stripes", "checkerboard", "dots"),
+        shapes=("circle", "square", "triangle", "cross"),
+        regions_per_image=(1, 3),
+        region_count_weights=(0.2, 0.4, 0.4),
+        background_weight=BACKGROUND_WEIGHT,
+        objects_per_image=(1, 3),
+        object_diameter=(1 / 4, 1 / 2),
+        object_margin=0.8,  # a shape that runs far off the edge no longer shows its class
+        fills=("flat", "gradient"),
+        fill_weights=(0.5, 0.5),
+        texture_period=(1 / 12, 1 / 6),
+        background="noisy",
+    ),
+}
+
+
+def difficulty_of(difficulty: str | Difficulty) -> Difficulty:
+    """A ``Difficulty`` from itself or its name in ``DIFFICULTIES``."""
+    if isinstance(difficulty, Difficulty):
+        return difficulty
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {difficulty!r} (known: {', '.join(DIFFICULTIES)})")
+    return DIFFICULTIES[difficulty]
+
+
 # ---------------------------------------------------------------- textures
 
 
@@ -104,11 +200,27 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
 _POSITIVE = 4096.0
 
 
-def _texture(kind: str, rng: np.random.Generator, y: np.ndarray, x: np.ndarray, scale: float) -> np.ndarray:
+def _length(
+    rng: np.random.Generator, period: tuple[float, float] | None, default: tuple[float, float], part: float = 1.0
+) -> float:
+    """Log-uniform: ``part`` of a period drawn from ``period`` (pixels) if given, else from ``default``."""
+    lo, hi = default if period is None else (period[0] * part, period[1] * part)
+    return _log_uniform(rng, lo, hi)
+
+
+def _texture(
+    kind: str,
+    rng: np.random.Generator,
+    y: np.ndarray,
+    x: np.ndarray,
+    scale: float,
+    period: tuple[float, float] | None = None,
+) -> np.ndarray:
     """A blend field in [0, 1] (0 = first colour, 1 = second) of shape [h, w].
 
     ``y`` [h, 1] and ``x`` [1, w] are image pixel coordinates (float32); ``scale`` caps the
-    texture period in pixels (the image side for regions, about the diameter for objects).
+    texture period in pixels (the image side for regions, about the diameter for objects), unless
+    ``period`` (lo, hi) in pixels gives the range of the period (two cells of a checkerboard).
     """
     angle = rng.uniform(0.0, 2.0 * math.pi)
     if kind in ("flat", "gradient"):  # linear ramp from one corner of the box to the other
@@ -118,7 +230,7 @@ def _texture(kind: str, rng: np.random.Generator, y: np.ndarray, x: np.ndarray, 
         lo, span = min(ends), max(max(ends) - min(ends), 1.0)
         return _along(y, x, angle, 1.0 / span, -lo / span)
     if kind == "stripes":
-        period = _log_uniform(rng, 6.0, max(7.0, min(48.0, scale)))
+        period = _length(rng, period, (6.0, max(7.0, min(48.0, scale))))
         duty, phase, soft = rng.uniform(0.3, 0.7), rng.uniform(), rng.uniform() < 0.4
         if soft:  # sinusoidal stripes
             t = np.sin(_along(y, x, angle, 2.0 * math.pi / period, 2.0 * math.pi * phase))
@@ -127,12 +239,12 @@ def _texture(kind: str, rng: np.random.Generator, y: np.ndarray, x: np.ndarray, 
             return t
         return (_frac(_along(y, x, angle, 1.0 / period, phase + _POSITIVE)) < duty).astype(np.float32)
     if kind == "checkerboard":
-        k = 1.0 / _log_uniform(rng, 5.0, max(6.0, min(32.0, scale / 2)))
+        k = 1.0 / _length(rng, period, (5.0, max(6.0, min(32.0, scale / 2))), 0.5)
         iu = _along(y, x, angle, k, _POSITIVE).astype(np.int32)
         iu += _along(y, x, angle + 0.5 * math.pi, k, _POSITIVE).astype(np.int32)
         return (iu & 1).astype(np.float32)
     if kind == "dots":
-        k = 1.0 / _log_uniform(rng, 6.0, max(7.0, min(28.0, scale / 1.5)))
+        k = 1.0 / _length(rng, period, (6.0, max(7.0, min(28.0, scale / 1.5))))
         radius = rng.uniform(0.2, 0.4)  # in lattice units
         fu = _frac(_along(y, x, angle, k, _POSITIVE))
         fv = _frac(_along(y, x, angle + 0.5 * math.pi, k, _POSITIVE))
@@ -143,13 +255,13 @@ def _texture(kind: str, rng: np.random.Generator, y: np.ndarray, x: np.ndarray, 
         fu += fv
         return (fu < radius * radius).astype(np.float32)
     if kind == "grid":
-        spacing = _log_uniform(rng, 8.0, max(9.0, min(36.0, scale)))
+        spacing = _length(rng, period, (8.0, max(9.0, min(36.0, scale))))
         edge = 0.5 - rng.uniform(0.5, 1.5) / spacing  # lines: within a half width of the cell edge
         du = np.abs(_frac(_along(y, x, angle, 1.0 / spacing, _POSITIVE)) - 0.5)
         dv = np.abs(_frac(_along(y, x, angle + 0.5 * math.pi, 1.0 / spacing, _POSITIVE)) - 0.5)
         return (np.maximum(du, dv, out=du) > edge).astype(np.float32)
     if kind == "clouds":
-        return _value_noise(rng, y, x, _log_uniform(rng, 10.0, max(11.0, min(64.0, scale))))
+        return _value_noise(rng, y, x, _length(rng, period, (10.0, max(11.0, min(64.0, scale)))))
     raise ValueError(f"unknown texture {kind!r}")
 
 
@@ -302,6 +414,8 @@ class Scene:
     object_pixels: list[int]  # visible pixels of each object, in paint order
     object_colours: list[str]  # colour name of each object's main colour, in paint order
     class_pixels: list[int]  # visible pixels of each class: the label map's histogram [C]
+    classes: tuple[str, ...] = tuple(CLASSES)  # class names of the difficulty, index = class id
+    object_fills: list[str] = field(default_factory=list)  # fill of each object ("palette" if flat)
 
     @property
     def cls(self) -> int:
@@ -320,13 +434,14 @@ class Scene:
         """
         order = sorted(range(len(self.objects)), key=lambda k: (-self.object_pixels[k], k))
         things = [
-            f"{_article(self.object_colours[k])} {self.object_colours[k]} {CLASSES[self.objects[k]]}"
+            f"{_article(self.object_colours[k])} {self.object_colours[k]} {self.classes[self.objects[k]]}"
             for k in order
             if self.object_pixels[k] > 0
         ]
         area = self.class_pixels
-        names = {0: "a plain background", 2: "a checkerboard", 5: "a grid"}
-        grounds = [names.get(c, CLASSES[c]) for c in sorted(self.regions, key=lambda c: (-area[c], c)) if area[c] > 0]
+        names = {"background": "a plain background", "checkerboard": "a checkerboard", "grid": "a grid"}
+        order = sorted(self.regions, key=lambda c: (-area[c], c))
+        grounds = [names.get(self.classes[c], self.classes[c]) for c in order if area[c] > 0]
         text = _join(things)
         return f"{text} on {_join(grounds)}" if grounds else text
 
@@ -340,14 +455,48 @@ def _join(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def draw_scene(rng: np.random.Generator, height: int, width: int, *, palette: np.ndarray | None = None) -> Scene:
-    """Draw one scene of ``height`` x ``width`` pixels from ``rng``.
+def _region_colours(look: np.random.Generator, d: Difficulty, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two colours of a region cell of class ``c``."""
+    if c == 0 and d.background == "gradient":  # a gentle gradient near one colour
+        c1 = look.integers(0, 256, 3).astype(np.float32)
+        return c1, np.clip(c1 + look.normal(0, 30, 3), 0, 255).astype(np.float32)
+    return _colour_pair(look)
+
+
+def _region_field(
+    look: np.random.Generator, d: Difficulty, c: int, y: np.ndarray, x: np.ndarray, side: int
+) -> np.ndarray:
+    """The blend field of a region cell of class ``c`` over the box ``y`` [h, 1] x ``x`` [1, w]."""
+    if c == 0 and d.background == "noisy":  # a ramp plus low-frequency noise: no texture, no one colour
+        ramp = _texture("gradient", look, y, x, side)
+        noise = _value_noise(look, y, x, side * look.uniform(0.3, 0.6))
+        mix = np.float32(look.uniform(0.3, 0.6))
+        ramp *= 1 - mix
+        ramp += mix * noise
+        return ramp
+    if c == 0:
+        return _texture("gradient", look, y, x, side)
+    period = None if d.texture_period is None else (d.texture_period[0] * side, d.texture_period[1] * side)
+    return _texture(d.classes[c], look, y, x, side, period)
+
+
+def draw_scene(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    *,
+    palette: np.ndarray | None = None,
+    difficulty: str | Difficulty = "standard",
+) -> Scene:
+    """Draw one scene of ``height`` x ``width`` pixels from ``rng`` at ``difficulty`` (a
+    ``Difficulty`` or a name in ``DIFFICULTIES``), whose ``classes`` the label ids index.
 
     With ``palette`` ([C, 3] uint8) every region and object is painted flat in its class's
     palette colour and no noise is added: the layout is identical to the textured rendering of
     the same ``rng`` state (geometry and appearance use separate child generators), and then
     ``pixels == palette[label]`` everywhere. The tests use this to check pixel/label agreement.
     """
+    d = difficulty_of(difficulty)
     geo_seed, look_seed = rng.integers(0, 2**63, size=2)
     geo, look = np.random.default_rng(geo_seed), np.random.default_rng(look_seed)
     H, W, side = int(height), int(width), min(int(height), int(width))
@@ -355,9 +504,10 @@ def draw_scene(rng: np.random.Generator, height: int, width: int, *, palette: np
     x = np.arange(W, dtype=np.float32)[None, :]  # [1, W]
 
     # Regions: Voronoi cells of warped coordinates, each a distinct region class.
-    n_cells = int(geo.choice(len(REGION_COUNT_WEIGHTS), p=REGION_COUNT_WEIGHTS)) + REGIONS_PER_IMAGE[0]
-    weights = np.array([BACKGROUND_WEIGHT] + [(1 - BACKGROUND_WEIGHT) / len(TEXTURES)] * len(TEXTURES))
-    regions = [int(c) for c in geo.choice(len(REGION_CLASSES), size=n_cells, replace=False, p=weights)]
+    n_cells = int(geo.choice(len(d.region_count_weights), p=d.region_count_weights)) + d.regions_per_image[0]
+    bg, n_tex = d.background_weight, len(d.textures)
+    weights = np.array([bg] + [(1 - bg) / n_tex] * n_tex)
+    regions = [int(c) for c in geo.choice(len(d.region_classes), size=n_cells, replace=False, p=weights)]
     cell = np.zeros((H, W), np.uint8)  # [H, W] region index
     if n_cells > 1:
         amp = geo.uniform(0.0, 0.12) * side * (geo.uniform() < 0.7)  # 30% straight boundaries
@@ -369,27 +519,28 @@ def draw_scene(rng: np.random.Generator, height: int, width: int, *, palette: np
         # nearest site: argmin |w - s|^2 = argmin (|s|^2 - 2 w.s), which saves passes
         best = None
         for j, (sx, sy) in enumerate(sites):
-            d = wx * np.float32(-2 * sx)
-            d += np.float32(sx * sx + sy * sy)
-            d += wy * np.float32(-2 * sy)
+            dist = wx * np.float32(-2 * sx)
+            dist += np.float32(sx * sx + sy * sy)
+            dist += wy * np.float32(-2 * sy)
             if best is None:
-                best = d
+                best = dist
                 continue
-            closer = d < best
-            np.minimum(best, d, out=best)
+            closer = dist < best
+            np.minimum(best, dist, out=best)
             np.copyto(cell, np.uint8(j), where=closer)
     label = np.asarray(regions, np.uint8)[cell]  # [H, W]
 
     # Objects: shapes drawn in rough size order (largest first), so few are hidden completely.
-    n_objects = int(geo.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1))
+    n_objects = int(geo.integers(d.objects_per_image[0], d.objects_per_image[1] + 1))
     objs = []
     for _ in range(n_objects):
-        cls = OBJECT_CLASSES[int(geo.integers(len(SHAPES)))]
+        cls = d.object_classes[int(geo.integers(len(d.shapes)))]
         param = geo.uniform()  # shape parameter: aspect ratio, hole size, arm width, ...
         # diameter of the disc with the object's area, so that every shape covers as many pixels
-        diameter = side * geo.uniform(*OBJECT_DIAMETER)
-        radius = 0.5 * diameter * math.sqrt(math.pi / _shape_area(CLASSES[cls], param))
-        cy, cx = geo.uniform(0, H), geo.uniform(0, W)
+        diameter = side * geo.uniform(*d.object_diameter)
+        radius = 0.5 * diameter * math.sqrt(math.pi / _shape_area(d.classes[cls], param))
+        inset = 0.5 * diameter * d.object_margin
+        cy, cx = geo.uniform(inset, H - inset), geo.uniform(inset, W - inset)
         angle, jitter = geo.uniform(0, 2 * math.pi), geo.uniform(0.7, 1.3)
         objs.append((diameter * jitter, cls, radius, cy, cx, angle, param))
     objs.sort(key=lambda o: -o[0])
@@ -405,29 +556,23 @@ def draw_scene(rng: np.random.Generator, height: int, width: int, *, palette: np
         blend = np.empty((H, W), np.float32)  # [H, W]
         c1s, c2s = np.empty((n_cells, 3), np.float32), np.empty((n_cells, 3), np.float32)
         for j, c in enumerate(regions):
-            if c == 0:  # background: a gentle gradient
-                c1s[j] = look.integers(0, 256, 3)
-                c2s[j] = np.clip(c1s[j] + look.normal(0, 30, 3), 0, 255)
-            else:
-                c1s[j], c2s[j] = _colour_pair(look)
-            kind = "gradient" if c == 0 else CLASSES[c]
+            c1s[j], c2s[j] = _region_colours(look, d, c)
             if n_cells == 1:
-                blend = _texture(kind, look, y, x, side)
+                blend = _region_field(look, d, c, y, x, side)
                 continue
             inside = cell == j  # texture only the cell's bounding box
             rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
             if len(rows) == 0:  # a cell that no pixel is nearest to
                 continue
             box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
-            field = _texture(kind, look, y[box[0]], x[:, box[1]], side)
-            np.copyto(blend[box], field, where=inside[box])
+            np.copyto(blend[box], _region_field(look, d, c, y[box[0]], x[:, box[1]], side), where=inside[box])
         img = np.empty((3, H, W), np.float32)
         table = np.concatenate([c2s - c1s, c1s], axis=1).T.copy()  # [6, cells]: span, base
         per_pixel = np.take(table, cell.astype(np.intp), axis=1)  # [6, H, W]
         np.multiply(blend, per_pixel[:3], out=img)
         img += per_pixel[3:]
 
-    colours = []
+    colours, fills = [], []
     for k, (_, cls, radius, cy, cx, angle, param) in enumerate(objs):
         reach = 1.05 * radius
         y0, y1 = max(0, int(cy - reach)), min(H, int(cy + reach) + 2)
@@ -435,18 +580,20 @@ def draw_scene(rng: np.random.Generator, height: int, width: int, *, palette: np
         by, bx = y[y0:y1] - np.float32(cy), x[:, x0:x1] - np.float32(cx)  # [h, 1], [1, w]
         u = _along(by, bx, angle, 1.0 / radius)  # object coordinates: radius 1 = half diameter
         v = _along(by, bx, angle + 0.5 * math.pi, 1.0 / radius)
-        inside = _shape_mask(CLASSES[cls], u, v, param)
+        inside = _shape_mask(d.classes[cls], u, v, param)
         if palette is not None:
             fill = pal[cls].astype(np.float32)[:, None]  # [3, 1]
             colours.append(colour_name(pal[cls]))
+            fills.append("palette")
         else:
-            kind = FILLS[int(look.choice(len(FILLS), p=FILL_WEIGHTS))]
+            kind = d.fills[int(look.choice(len(d.fills), p=d.fill_weights))]
             c1, c2 = _colour_pair(look)
             if kind == "flat":  # faint shading only
                 c2 = np.clip(c1 + look.normal(0, 12, 3), 0, 255).astype(np.float32)
             t = _texture(kind, look, y[y0:y1], x[:, x0:x1], min(y1 - y0, x1 - x0))
             fill = c1[:, None] + t[inside][None, :] * (c2 - c1)[:, None]  # [3, n]
             colours.append(colour_name(c1))
+            fills.append(kind)
         img[:, y0:y1, x0:x1][:, inside] = fill
         label[y0:y1, x0:x1][inside] = cls
         instance[y0:y1, x0:x1][inside] = k + 1
@@ -469,20 +616,33 @@ def draw_scene(rng: np.random.Generator, height: int, width: int, *, palette: np
         objects=[o[1] for o in objs],
         object_pixels=visible[1:].tolist(),
         object_colours=colours,
-        class_pixels=np.bincount(label.ravel(), minlength=len(CLASSES)).tolist(),
+        class_pixels=np.bincount(label.ravel(), minlength=len(d.classes)).tolist(),
+        classes=tuple(d.classes),
+        object_fills=fills,
     )
 
 
-def render_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(
+    rng: np.random.Generator, height: int, width: int, difficulty: str | Difficulty = "standard"
+) -> tuple[np.ndarray, np.ndarray]:
     """One textured scene: ``pixels`` [H, W, 3] uint8 and ``label`` [H, W] uint8 class ids."""
-    scene = draw_scene(rng, height, width)
+    scene = draw_scene(rng, height, width, difficulty=difficulty)
     return scene.pixels, scene.label
 
 
-def sample_rng(data_seed: int, index: int, split: str = "train") -> np.random.Generator:
+def _seed(data_seed: int, index: int, split: str, difficulty: str | Difficulty) -> list[int]:
+    """The seed of a sample; a difficulty other than standard is hashed in, standard adds nothing."""
+    name = difficulty_of(difficulty).name
+    seed = [data_seed, zlib.crc32(split.encode()), index]
+    return seed if name == "standard" else [*seed, zlib.crc32(name.encode())]
+
+
+def sample_rng(
+    data_seed: int, index: int, split: str = "train", difficulty: str | Difficulty = "standard"
+) -> np.random.Generator:
     """The generator of sample ``index`` of ``split``: independent of every other sample, and
-    of every other split (the split name is hashed into the seed)."""
-    return np.random.default_rng([data_seed, zlib.crc32(split.encode()), index])
+    of every other split and difficulty (their names are hashed into the seed)."""
+    return np.random.default_rng(_seed(data_seed, index, split, difficulty))
 
 
 def sample_shape(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[int, int]:
@@ -491,10 +651,17 @@ def sample_shape(rng: np.random.Generator, min_size: int, max_size: int) -> tupl
     return int(h), int(w)
 
 
-def generate(data_seed: int, index: int, min_size: int = 192, max_size: int = 320, split: str = "train") -> Scene:
-    """Sample ``index`` of ``split`` of the dataset seeded by ``data_seed``."""
-    rng = sample_rng(data_seed, index, split)
-    return draw_scene(rng, *sample_shape(rng, min_size, max_size))
+def generate(
+    data_seed: int,
+    index: int,
+    min_size: int = 192,
+    max_size: int = 320,
+    split: str = "train",
+    difficulty: str | Difficulty = "standard",
+) -> Scene:
+    """Sample ``index`` of ``split`` of the dataset seeded by ``data_seed``, at ``difficulty``."""
+    rng = sample_rng(data_seed, index, split, difficulty)
+    return draw_scene(rng, *sample_shape(rng, min_size, max_size), difficulty=difficulty)
 
 
 # ---------------------------------------------------------------- source
@@ -506,7 +673,8 @@ class SyntheticConfig(ConvertConfig):
     """Generate the built-in synthetic dataset: textured regions (stripes, checkerboard, dots,
     clouds, grid, plain background = class 0) overlaid with 3-8 objects recognisable only by
     their shape (circle, square, triangle, ring, cross, star, ellipse, diamond, hexagon,
-    crescent). Seeded and download-free; labels match the pixels exactly."""
+    crescent). Seeded and download-free; labels match the pixels exactly. --difficulty demo draws
+    an easier 8-class set for tiny models at low resolution."""
 
     num_samples: int = 512
     """Number of images to generate (at least 1)."""
@@ -527,6 +695,15 @@ class SyntheticConfig(ConvertConfig):
 
     captions: bool = True
     """Store a caption listing the visible objects and region textures in `txt`."""
+
+    difficulty: Literal["standard", "demo"] = "standard"
+    """standard: the 16 classes above, 1-4 region cells, 3-8 objects of 1/12-1/3 of the shorter
+    side, textured object fills. demo: an easier task for a tiny ViT at 64 px with 8 px patches: 8
+    classes (background, stripes, checkerboard, dots, circle, square, triangle, cross), 1-3 cells,
+    1-3 objects of 1/4-1/2 of the shorter side, mostly inside the image, with flat or gradient
+    fills, coarse textures (period 1/12-1/6 of the shorter side) and a background of two-colour
+    gradient plus low-frequency noise. Each difficulty is its own stream of images (the name is
+    part of the seed, except standard)."""
 
     def source(self) -> SyntheticSource:
         return SyntheticSource(self)
@@ -551,37 +728,49 @@ class SyntheticSource:
     def _check(self) -> None:
         self.config.validate()
 
+    def _tag(self) -> str:
+        """``, difficulty=NAME`` unless standard (so that standard's texts stay as they were)."""
+        name = self.config.difficulty
+        return "" if name == "standard" else f", difficulty={name}"
+
     def info(self) -> SourceInfo:
         self._check()
-        c = self.config
+        c, d = self.config, difficulty_of(self.config.difficulty)
+        standard = d.name == "standard"
+        background = "plain gradient background" if standard else "background (gradient and smooth noise)"
+        lo, hi = (str(Fraction(f).limit_denominator(1000)) for f in d.object_diameter)
+        extra: dict[str, Any] = {
+            "generator_version": GENERATOR_VERSION,
+            "data_seed": c.data_seed,
+            "num_samples": c.num_samples,
+            "min_size": c.min_size,
+            "max_size": c.max_size,
+            "region_classes": d.region_classes,
+            "object_classes": d.object_classes,
+            "regions_per_image": list(d.regions_per_image),
+            "objects_per_image": list(d.objects_per_image),
+            "object_diameter": f"equal-area disc diameter, uniform in [{lo}, {hi}] of the shorter side",
+            "cls": "class of the largest visible object (ties to the smallest id)",
+            "rng": "numpy default_rng([data_seed, zlib.crc32(split), index"
+            + ("])" if standard else f", zlib.crc32(b'{d.name}')])"),
+        }
+        if not standard:
+            extra |= {"difficulty": d.name, "difficulty_parameters": d.facts()}
         return SourceInfo(
             dataset="synthetic",
             split=c.split,
-            source=f"fastloc synthetic generator (data_seed={c.data_seed})",
-            classes=list(CLASSES),
+            source=f"fastloc synthetic generator (data_seed={c.data_seed}{self._tag()})",
+            classes=d.classes,
             has_label=True,
             has_cls=True,
             has_txt=c.captions,
             label_encoding={
-                "space": f"synthetic-{len(CLASSES)}",
+                "space": f"synthetic-{len(d.classes)}" if standard else f"synthetic-{d.name}-{len(d.classes)}",
                 "unlabeled": 0,
                 "rule": "label = class id of the topmost painted layer (region cell, then objects in "
-                "paint order); 0 = plain gradient background, the unlabeled role",
+                f"paint order); 0 = {background}, the unlabeled role",
             },
-            extra={
-                "generator_version": GENERATOR_VERSION,
-                "data_seed": c.data_seed,
-                "num_samples": c.num_samples,
-                "min_size": c.min_size,
-                "max_size": c.max_size,
-                "region_classes": REGION_CLASSES,
-                "object_classes": OBJECT_CLASSES,
-                "regions_per_image": list(REGIONS_PER_IMAGE),
-                "objects_per_image": list(OBJECTS_PER_IMAGE),
-                "object_diameter": "equal-area disc diameter, uniform in [1/12, 1/3] of the shorter side",
-                "cls": "class of the largest visible object (ties to the smallest id)",
-                "rng": "numpy default_rng([data_seed, zlib.crc32(split), index])",
-            },
+            extra=extra,
         )
 
     def items(self) -> list[Item]:
@@ -593,15 +782,15 @@ class SyntheticSource:
         c = self.config
         out = []
         for i in range(c.num_samples):
-            h, w = sample_shape(sample_rng(c.data_seed, i, c.split), c.min_size, c.max_size)
+            h, w = sample_shape(sample_rng(c.data_seed, i, c.split, c.difficulty), c.min_size, c.max_size)
             out.append(Item(key=f"synthetic_{i:08d}", size=int(h * w * BYTES_PER_PIXEL), ref=i))
         return out
 
     def load(self, item: Item) -> Sample:
         c = self.config
-        where = f"synthetic(data_seed={c.data_seed})#{item.ref}"
+        where = f"synthetic(data_seed={c.data_seed}{self._tag()})#{item.ref}"
         try:
-            scene = generate(c.data_seed, int(item.ref), c.min_size, c.max_size, c.split)
+            scene = generate(c.data_seed, int(item.ref), c.min_size, c.max_size, c.split, c.difficulty)
         except Exception as e:  # the contract: load raises SampleError only
             raise SampleError(where, f"generation failed: {e!r}") from e
         meta: dict[str, Any] = {
