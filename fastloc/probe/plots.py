@@ -85,18 +85,28 @@ def plot_predictions(
 
     images: [K, 3, S, S] float in [0, 1]; targets, predictions: [K, g, g] int64 class ids.
     """
+    return plot_patch_maps(images, {"ground truth": targets, "prediction": predictions}, class_names, path, title)
+
+
+def plot_patch_maps(
+    images: torch.Tensor,
+    maps: dict[str, torch.Tensor],
+    class_names: Sequence[str | None],
+    path: Path,
+    title: str,
+) -> Path:
+    """K rows: the image, then one column per named patch map ([K, g, g] class ids), one palette."""
     pictures = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [K, S, S, 3]
-    truth = targets.detach().cpu().numpy()  # [K, g, g]
-    guess = predictions.detach().cpu().numpy()  # [K, g, g]
+    columns = {name: m.detach().cpu().numpy() for name, m in maps.items()}  # each [K, g, g]
     k, height, width = pictures.shape[:3]
-    present = np.unique(np.concatenate([truth.ravel(), guess.ravel()]))
+    present = np.unique(np.concatenate([m.ravel() for m in columns.values()]))
     handles = [Patch(facecolor=class_colors(c), label=_name(class_names, c)) for c in present]
     ncol = min(len(handles), 4) or 1
     legend_height = 0.2 * math.ceil(len(handles) / ncol)
-    fig = Figure(figsize=(7.2, 2.4 * k + 0.5 + legend_height), layout="constrained")
-    axes = fig.subplots(k, 3, squeeze=False)
+    fig = Figure(figsize=(2.4 * (1 + len(columns)), 2.4 * k + 0.5 + legend_height), layout="constrained")
+    axes = fig.subplots(k, 1 + len(columns), squeeze=False)
     for row in range(k):
-        panels = (pictures[row], class_colors(truth[row]), class_colors(guess[row]))
+        panels = (pictures[row], *(class_colors(m[row]) for m in columns.values()))
         for col, (ax, picture) in enumerate(zip(axes[row], panels)):
             # the patch maps cover the g*p pixels the labels came from (the border beyond is dropped)
             extent = (0, width, height, 0) if col == 0 else _patch_extent(picture.shape, height, width)
@@ -104,7 +114,7 @@ def plot_predictions(
             ax.set_xlim(0, width)
             ax.set_ylim(height, 0)
             ax.set_axis_off()
-    for ax, heading in zip(axes[0], ("image", "ground truth", "prediction")):
+    for ax, heading in zip(axes[0], ("image", *columns)):
         ax.set_title(heading, fontsize=9)
     fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)

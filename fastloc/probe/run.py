@@ -13,7 +13,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -344,28 +344,59 @@ def save_state(module: nn.Module, path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
 
 
+def first_images(data_split, image: ImageConfig, count: int):
+    """The first ``count`` samples of a split in the eval recipe (the torch twin, in this process)."""
+    from fastloc.data.torch_loader import TorchLoader
+
+    cfg = LoaderConfig(
+        shards=data_split.root,
+        batch_size=count,
+        size=image.size,
+        recipe="eval",
+        mean=image.mean,
+        std=image.std,
+        shuffle=False,
+        drop_last=False,
+        device="cpu",
+        workers=0,
+    )
+    loader = TorchLoader(cfg)
+    try:
+        return next(iter(loader))
+    finally:
+        loader.close()
+
+
 @torch.no_grad()
+def patch_classes(model, head, images, image: ImageConfig, precision: str, device) -> torch.Tensor:
+    """[K, g, g]: the head's most confident class per patch."""
+    head.eval()
+    model.eval()
+    with autocast(device, precision):
+        logits = head(model.forward_features(images.to(device)))  # [K, N, C]
+    return logits.float().argmax(-1).view(-1, image.grid, image.grid).cpu()
+
+
+def true_classes(labels: torch.Tensor, image: ImageConfig, classes: int) -> torch.Tensor:
+    """[K, g, g]: the majority label of each patch."""
+    from fastloc.kernels.label_pool import label_pool
+
+    return label_pool(labels, image.patch_size, classes, "majority").view(-1, image.grid, image.grid)
+
+
+def pixels(images: torch.Tensor, image: ImageConfig) -> torch.Tensor:
+    """Normalized images back to [0, 1] for display."""
+    mean, std = torch.tensor(image.mean).view(1, 3, 1, 1), torch.tensor(image.std).view(1, 3, 1, 1)
+    return (images.cpu() * std + mean).clamp(0, 1)
+
+
 def draw_predictions(cfg, data, model, head, image, runtime, path: Path) -> None:
     """The first validation images: ground truth (majority label per patch) and the head's most
     confident class per patch."""
-    from fastloc.data.torch_loader import TorchLoader
-    from fastloc.kernels.label_pool import label_pool
     from fastloc.probe.plots import plot_predictions
 
-    count = min(cfg.predictions, data.val.num_samples)
-    single = Runtime(runtime.device, 0, 1, runtime.local_rank)
-    loader_cfg = loader_config(cfg, data.val, image, single, train=False, batch=count)
-    loader = TorchLoader(replace(loader_cfg, workers=0, device="cpu"))
-    batch = next(iter(loader))
-    loader.close()
-    head.eval()
-    model.eval()
-    with autocast(runtime.device, cfg.precision):
-        logits = head(model.forward_features(batch.images.to(runtime.device)))  # [K, N, C]
-    g = image.grid
-    truth = label_pool(batch.labels, image.patch_size, data.num_classes, "majority").view(-1, g, g)
-    predicted = logits.float().argmax(-1).view(-1, g, g).cpu()
-    mean, std = torch.tensor(image.mean).view(1, 3, 1, 1), torch.tensor(image.std).view(1, 3, 1, 1)
-    pixels = (batch.images.cpu() * std + mean).clamp(0, 1)
+    batch = first_images(data.val, image, min(cfg.predictions, data.val.num_samples))
+    predicted = patch_classes(model, head, batch.images, image, cfg.precision, runtime.device)
+    truth = true_classes(batch.labels, image, data.num_classes)
     title = f"{cfg.backbone} ({cfg.head} head, {cfg.reduction}): ground truth and prediction per patch"
-    plot_predictions(pixels, truth, predicted, data.classes, path, title)
+    plot_predictions(pixels(batch.images, image), truth, predicted, data.classes, path, title)

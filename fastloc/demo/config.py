@@ -1,0 +1,66 @@
+"""The demo's one config: sizes of every stage, and the quick variant the tests run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from fastloc.cli import flowing_help
+
+
+@flowing_help
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """Convert, pre-train on image-level labels, probe, align, probe again: the paper's effect in miniature."""
+
+    out: Path = Path("runs/demo")
+    """Parent folder of the demo's run directories (one per seed; -quick for --quick)."""
+
+    shards: Path = Path("shards/demo")
+    """Where the demo's synthetic shard set is written (or found)."""
+
+    seed: int = 0
+    """Seed of every model's initialization and of the training orders (the data are fixed)."""
+
+    quick: bool = False
+    """A smaller, shorter run (the test suite's): fewer images and epochs."""
+
+    train_images: int = 2000
+    """Training images of the synthetic set."""
+
+    val_images: int = 400
+    """Validation images of the synthetic set."""
+
+    pretrain_epochs: int = 12
+    """Epochs of the image-level (baseline) and patch-level (ceiling) pre-training."""
+
+    align_epochs: int = 4
+    """Epochs of MaskEmbed alignment of the baseline."""
+
+    probe_epochs: int = 5
+    """Epochs of each Patch-Seg probe (the same for every backbone)."""
+
+    backbone: str = "tiny"
+    """The ViT every stage trains from scratch (a registered name)."""
+
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """cuda when available, else cpu."""
+
+    workers: int = 2
+    """Loader worker processes."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / (f"seed{self.seed}" + ("-quick" if self.quick else ""))
+
+    @property
+    def data_dir(self) -> Path:
+        return self.shards / ("quick" if self.quick else "full")
+
+
+def resolved(cfg: DemoConfig) -> DemoConfig:
+    """--quick shrinks every stage (the fields it sets win over their defaults only)."""
+    if not cfg.quick:
+        return cfg
+    return replace(cfg, train_images=320, val_images=96, pretrain_epochs=3, align_epochs=1, probe_epochs=2)

@@ -1,0 +1,118 @@
+"""Supervised pre-training of a ViT from scratch, for the demo's baseline and ceiling.
+
+``image`` supervision is what CLIP and SigLIP get: which classes are in the image (multi-label
+BCE on the pooled output, the set of classes present in the label map), never where. ``patch``
+supervision says where (multi-label BCE on every patch token's union target): the ceiling a
+backbone of this size can reach. The backbone is saved under timm's own key names without the
+classifier, so ``create_model(name, FILE)`` (``--weights FILE`` everywhere) loads it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from fastloc.align.step import autocast
+from fastloc.data.config import LoaderConfig, TrainRecipe
+from fastloc.data.loader import make_loader
+from fastloc.kernels.label_pool import label_pool
+from fastloc.models.registry import create_model, image_config
+from fastloc.progress import Progress
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """One supervised pre-training run."""
+
+    supervision: Literal["image", "patch"]
+    backbone: str = "tiny"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_updates: int = 50
+    seed: int = 0
+    workers: int = 2
+    precision: Literal["bf16", "fp32"] = "fp32"
+
+
+def targets(labels: torch.Tensor, supervision: str, patch: int, classes: int) -> torch.Tensor:
+    """image: [B, C] classes present; patch: [B, N, C] union per patch."""
+    reduction = "global-union" if supervision == "image" else "union"
+    return label_pool(labels, patch, classes, reduction)
+
+
+def logits_of(model: nn.Module, classifier: nn.Linear, images: torch.Tensor, supervision: str) -> torch.Tensor:
+    tokens = model.forward_features(images)  # [B, T, D]
+    if supervision == "image":
+        return classifier(model.forward_head(tokens, pre_logits=True))  # [B, C]: the pooled output
+    return classifier(tokens[:, model.num_prefix_tokens :])  # [B, N, C]
+
+
+def lr_at(cfg: PretrainConfig, update: int, total: int) -> float:
+    if update < cfg.warmup_updates:
+        return cfg.lr * (update + 1) / cfg.warmup_updates
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * update / max(total, 1)))
+
+
+def pretrain(cfg: PretrainConfig, train: Path, out: Path, device: torch.device) -> dict:
+    """Train, save ``out`` (the backbone's safetensors) and return the last epoch's mean loss."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.backbone, "random").to(device)
+    image = image_config(model)
+    from fastloc.data.shards import open_shards
+
+    classes = int(open_shards(train).manifest["num_classes"])
+    classifier = nn.Linear(int(model.num_features), classes).to(device)
+    loader = make_loader(
+        LoaderConfig(
+            shards=train,
+            batch_size=cfg.batch_size,
+            size=image.size,
+            recipe="train",
+            train=TrainRecipe(scale=(0.5, 1.0)),  # mild zoom: objects stay whole enough to be named
+            mean=image.mean,
+            std=image.std,
+            seed=cfg.seed,
+            device="gpu" if device.type == "cuda" else "cpu",
+            workers=cfg.workers,
+        )
+    )
+    params = [*model.parameters(), *classifier.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total, update, losses = cfg.epochs * len(loader), 0, []
+    model.train()
+    progress = Progress(total, 0, f"pre-train ({cfg.supervision} labels)", unit="updates", rate_unit="it/s")
+    try:
+        for epoch in range(cfg.epochs):
+            loader.set_epoch(epoch)
+            running = torch.zeros((), device=device)
+            for batch in loader:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(cfg, update, total)
+                y = targets(batch.labels, cfg.supervision, image.patch_size, classes).to(device)
+                with autocast(device, cfg.precision):
+                    logits = logits_of(model, classifier, batch.images.to(device), cfg.supervision)
+                loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                running += loss.detach()
+                update += 1
+                progress.update(1)
+            losses.append(float(running) / len(loader))
+    finally:
+        progress.close()
+        loader.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(out)
+    return {"loss_per_epoch": losses, "updates": update, "classes": classes}
