@@ -119,21 +119,14 @@ def test_top_level_help_lists_all_subcommands():
         assert re.search(rf"\b{name}\b", result.stdout), f"--help does not list {name}"
 
 
-def readme_steps() -> list[list[str]]:
-    """The fastloc steps of the README's main-job command (the one ending in `inspect`)."""
-    readme = (REPO / "README.md").read_text()
-    lines = [line for line in readme.splitlines() if "python -m fastloc.shard synthetic" in line and "&&" in line]
-    assert len(lines) == 1, "README: expected one main-job command line"
-    steps = [shlex.split(part) for part in lines[0].split("&&")]
-    return [step for step in steps if step[:3] == ["python", "-m", "fastloc.shard"]]
+def test_convert_verify_and_inspect_the_default_synthetic_set(tmp_path):
+    steps = [
+        ["python", "-m", "fastloc.shard", "synthetic"],
+        ["python", "-m", "fastloc.shard", "verify", "shards/synthetic/train"],
+        ["python", "-m", "fastloc.shard", "inspect", "shards/synthetic/train"],
+    ]
 
-
-def test_readme_main_job_runs(tmp_path):
-    steps = readme_steps()
-    assert [step[3] for step in steps] == ["synthetic", "verify", "inspect"]
-
-    # The README's exact commands, with its default options: 512 synthetic samples convert in
-    # about 5 s on 2 cores, so no smaller --num-samples is needed.
+    # The default options: 512 synthetic samples convert in about 5 s on 2 cores.
     def run(step):
         result = subprocess.run([sys.executable, *step[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"{shlex.join(step)}\n{result.stdout}\n{result.stderr}"

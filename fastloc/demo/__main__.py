@@ -32,19 +32,16 @@ def run(cfg: DemoConfig) -> Path:
         timings[name] = round(time.perf_counter() - start, 1)
         return record["outputs"]
 
-    data = stage("data", {"train": cfg.train_images, "val": cfg.val_images}, lambda: stages.make_data(cfg))
+    sizes = {"train": cfg.train_images, "val": cfg.val_images, "difficulty": "demo", **stages.IMAGE_SIZES}
+    data = stage("data", sizes, lambda: stages.make_data(cfg))
     train = Path(data["train"])
     common = {"backbone": cfg.backbone, "seed": cfg.seed, "data": data}
-    image = stage(
-        "pretrain-image",
-        {**common, "epochs": cfg.pretrain_epochs},
-        stages.pretrained(cfg, "image", train),
-    )
-    patch = stage(
-        "pretrain-patch",
-        {**common, "epochs": cfg.pretrain_epochs},
-        stages.pretrained(cfg, "patch", train),
-    )
+    trained = {}
+    for supervision in ("image", "patch"):
+        work, settings = stages.pretrained(cfg, supervision, train)
+        inputs = {**common, "pretrain": dataclasses.asdict(settings)}
+        trained[supervision] = stage(f"pretrain-{supervision}", inputs, work)
+    image, patch = trained["image"], trained["patch"]
     backbones = {
         "floor": (cfg.backbone, "random"),
         "ceiling": (cfg.backbone, patch["weights"]),

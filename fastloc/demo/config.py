@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +32,7 @@ class DemoConfig:
     val_images: int = 400
     """Validation images of the synthetic set."""
 
-    pretrain_epochs: int = 12
+    pretrain_epochs: int = 24
     """Epochs of the image-level (baseline) and patch-level (ceiling) pre-training."""
 
     align_epochs: int = 4
@@ -59,8 +59,12 @@ class DemoConfig:
         return self.shards / ("quick" if self.quick else "full")
 
 
+QUICK = {"train_images": 320, "val_images": 96, "pretrain_epochs": 3, "align_epochs": 1, "probe_epochs": 2}
+
+
 def resolved(cfg: DemoConfig) -> DemoConfig:
-    """--quick shrinks every stage (the fields it sets win over their defaults only)."""
+    """--quick shrinks every stage; a size given on the command line still wins."""
     if not cfg.quick:
         return cfg
-    return replace(cfg, train_images=320, val_images=96, pretrain_epochs=3, align_epochs=1, probe_epochs=2)
+    defaults = {f.name: f.default for f in fields(DemoConfig)}
+    return replace(cfg, **{k: v for k, v in QUICK.items() if getattr(cfg, k) == defaults[k]})

@@ -34,13 +34,14 @@ class PretrainConfig:
     supervision: Literal["image", "patch"]
     backbone: str = "tiny"
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 32  # more updates per epoch: at this size, updates are what a ViT from scratch lacks
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_updates: int = 50
     seed: int = 0
     workers: int = 2
     precision: Literal["bf16", "fp32"] = "fp32"
+    pool: Literal["token", "avg"] = "token"  # image labels from the class token, or the mean patch token
 
 
 def targets(labels: torch.Tensor, supervision: str, patch: int, classes: int) -> torch.Tensor:
@@ -49,11 +50,14 @@ def targets(labels: torch.Tensor, supervision: str, patch: int, classes: int) ->
     return label_pool(labels, patch, classes, reduction)
 
 
-def logits_of(model: nn.Module, classifier: nn.Linear, images: torch.Tensor, supervision: str) -> torch.Tensor:
+def logits_of(model: nn.Module, classifier: nn.Linear, images: torch.Tensor, cfg: PretrainConfig) -> torch.Tensor:
     tokens = model.forward_features(images)  # [B, T, D]
-    if supervision == "image":
-        return classifier(model.forward_head(tokens, pre_logits=True))  # [B, C]: the pooled output
-    return classifier(tokens[:, model.num_prefix_tokens :])  # [B, N, C]
+    patches = tokens[:, model.num_prefix_tokens :]  # [B, N, D]
+    if cfg.supervision == "patch":
+        return classifier(patches)  # [B, N, C]
+    if cfg.pool == "avg":
+        return classifier(patches.mean(1))  # [B, C]
+    return classifier(model.forward_head(tokens, pre_logits=True))  # [B, C]: the class token
 
 
 def lr_at(cfg: PretrainConfig, update: int, total: int) -> float:
@@ -99,7 +103,7 @@ def pretrain(cfg: PretrainConfig, train: Path, out: Path, device: torch.device) 
                     group["lr"] = lr_at(cfg, update, total)
                 y = targets(batch.labels, cfg.supervision, image.patch_size, classes).to(device)
                 with autocast(device, cfg.precision):
-                    logits = logits_of(model, classifier, batch.images.to(device), cfg.supervision)
+                    logits = logits_of(model, classifier, batch.images.to(device), cfg)
                 loss = F.binary_cross_entropy_with_logits(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -44,6 +44,9 @@ def run_stage(run_dir: Path, name: str, inputs: dict[str, Any], work: Callable[[
     return record
 
 
+IMAGE_SIZES = {"min_size": 96, "max_size": 160}  # at 64 px input, a 1/12-1/6 texture period is 5-11 px
+
+
 def make_data(cfg: DemoConfig) -> dict:
     """The synthetic shard set (its converter reuses finished shards)."""
     from fastloc.shard.convert import convert
@@ -57,8 +60,7 @@ def make_data(cfg: DemoConfig) -> dict:
                 split=split,
                 num_samples=count,
                 difficulty="demo",
-                min_size=96,
-                max_size=160,
+                **IMAGE_SIZES,
                 processes=max(1, cfg.workers),
                 progress=True,
             )
@@ -76,7 +78,7 @@ def precision(cfg: DemoConfig) -> str:
     return "bf16" if device_of(cfg).type == "cuda" else "fp32"
 
 
-def pretrained(cfg: DemoConfig, supervision: str, train: Path) -> Callable[[], dict]:
+def pretrained(cfg: DemoConfig, supervision: str, train: Path) -> tuple[Callable[[], dict], PretrainConfig]:
     out = cfg.run_dir / "backbones" / f"{supervision}.safetensors"
     settings = PretrainConfig(
         supervision=supervision,
@@ -90,7 +92,7 @@ def pretrained(cfg: DemoConfig, supervision: str, train: Path) -> Callable[[], d
     def work() -> dict:
         return {"weights": str(out), **pretrain(settings, train, out, device_of(cfg))}
 
-    return work
+    return work, settings
 
 
 def probe_config(cfg: DemoConfig, name: str, backbone: str, weights: str) -> ProbeConfig:

@@ -142,12 +142,12 @@ def plot_comparison(a: dict, b: dict, path: Path, labels: tuple[str, str] | None
 
 
 def legend_names(a: dict, b: dict, labels: tuple[str, str] | None = None) -> tuple[str, str]:
-    """What the legends call A and B: the backbones when they differ, else the run labels."""
+    """What the legends call A and B: the labels given, else the backbones when they differ."""
     backbone_a, backbone_b = _backbone(a), _backbone(b)
-    if backbone_a != backbone_b:
-        return backbone_a, backbone_b
     if labels is not None and labels[0] != labels[1]:
         return labels[0], labels[1]
+    if backbone_a != backbone_b:
+        return backbone_a, backbone_b
     return f"A ({backbone_a})", f"B ({backbone_b})"
 
 
