@@ -38,17 +38,14 @@ def run(cfg: DemoConfig) -> Path:
     common = {"backbone": cfg.backbone, "seed": cfg.seed, "data": data}
     trained = {}
     for supervision in ("image", "patch"):
-        work, settings = stages.pretrained(cfg, supervision, train)
-        inputs = {**common, "pretrain": dataclasses.asdict(settings)}
-        trained[supervision] = stage(f"pretrain-{supervision}", inputs, work)
+        trained[supervision] = stage(f"pretrain-{supervision}", *stages.pretrained(cfg, supervision, train, common))
     image, patch = trained["image"], trained["patch"]
     backbones = {
         "floor": (cfg.backbone, "random"),
         "ceiling": (cfg.backbone, patch["weights"]),
         "baseline": (cfg.backbone, image["weights"]),
     }
-    work, align_cfg = stages.aligned(cfg, image["weights"])
-    aligned = stage("align", {**common, "config": dataclasses.asdict(align_cfg)}, work)
+    aligned = stage("align", *stages.aligned(cfg, image["weights"], common))
     backbones["aligned"] = (aligned["export"], "pretrained")
     results = {}
     for role in summary.ROLES:

@@ -13,9 +13,10 @@ same inputs reuses its output and says so, other inputs redo it. The stages:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,13 @@ import torch
 from fastloc.demo.config import DemoConfig
 from fastloc.demo.pretrain import PretrainConfig, pretrain
 from fastloc.probe.config import ProbeConfig
+
+
+def tag(inputs: dict[str, Any]) -> str:
+    """A short digest of a stage's inputs: it names the stage's outputs, so that a later stage
+    whose inputs name them is redone whenever an earlier one is."""
+    text = json.dumps(inputs, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
 
 def run_stage(run_dir: Path, name: str, inputs: dict[str, Any], work: Callable[[], dict]) -> dict:
@@ -78,8 +86,8 @@ def precision(cfg: DemoConfig) -> str:
     return "bf16" if device_of(cfg).type == "cuda" else "fp32"
 
 
-def pretrained(cfg: DemoConfig, supervision: str, train: Path) -> tuple[Callable[[], dict], PretrainConfig]:
-    out = cfg.run_dir / "backbones" / f"{supervision}.safetensors"
+def pretrained(cfg: DemoConfig, supervision: str, train: Path, common: dict) -> tuple[dict, Callable[[], dict]]:
+    """(inputs, work) of a pre-training stage; its weights file is named by the inputs' digest."""
     settings = PretrainConfig(
         supervision=supervision,
         backbone=cfg.backbone,
@@ -89,10 +97,13 @@ def pretrained(cfg: DemoConfig, supervision: str, train: Path) -> tuple[Callable
         precision=precision(cfg),
     )
 
+    inputs = {**common, "pretrain": asdict(settings)}
+    out = cfg.run_dir / "backbones" / f"{supervision}-{tag(inputs)}.safetensors"
+
     def work() -> dict:
         return {"weights": str(out), **pretrain(settings, train, out, device_of(cfg))}
 
-    return work, settings
+    return inputs, work
 
 
 def probe_config(cfg: DemoConfig, name: str, backbone: str, weights: str) -> ProbeConfig:
@@ -128,8 +139,9 @@ def probed(probe_cfg: ProbeConfig) -> Callable[[], dict]:
     return work
 
 
-def aligned(cfg: DemoConfig, weights: str) -> tuple[Callable[[], dict], Any]:
-    """MaskEmbed's ``tiny`` preset on the baseline, then its best encoder exported."""
+def aligned(cfg: DemoConfig, weights: str, common: dict) -> tuple[dict, Callable[[], dict]]:
+    """MaskEmbed's ``tiny`` preset on the baseline, then its best encoder exported; the run
+    directory is named by the inputs' digest (a killed run with the same inputs resumes)."""
     from fastloc.align.presets import PRESETS
 
     base = PRESETS["tiny"][1]
@@ -142,6 +154,8 @@ def aligned(cfg: DemoConfig, weights: str) -> tuple[Callable[[], dict], Any]:
         system=replace(base.system, device=cfg.device, precision=precision(cfg)),
         run=replace(base.run, out=cfg.run_dir, name="align", seed=cfg.seed),
     )
+    inputs = {**common, "align": asdict(align)}
+    align = replace(align, run=replace(align.run, name=f"align-{tag(inputs)}"))
 
     def work() -> dict:
         from fastloc.align.export import export
@@ -150,4 +164,4 @@ def aligned(cfg: DemoConfig, weights: str) -> tuple[Callable[[], dict], Any]:
         run = train(align, "tiny")
         return {"run": str(run), "export": str(export(run, "best"))}
 
-    return work, align
+    return inputs, work
