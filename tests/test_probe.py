@@ -205,6 +205,19 @@ def test_two_ranks_count_every_validation_sample_once_and_agree_with_one(cached_
 # ---------------------------------------------------------------- bad input
 
 
+def doctored(data: Path, out: Path, changes: dict) -> Path:
+    """A copy of ``data`` (its shards linked) whose manifests carry ``changes``."""
+    for split in ("train", "val"):
+        root = out / split
+        root.mkdir(parents=True)
+        for f in (data / split).iterdir():
+            if f.name != "manifest.json":
+                (root / f.name).symlink_to(f)
+        manifest = json.loads((data / split / "manifest.json").read_text())
+        (root / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+    return out
+
+
 def test_bad_inputs_are_clear_errors(blocks, tmp_path, capsys):
     common = ["--backbone", "tiny", "--weights", "random", "--device", "cpu", "--loader", "cpu", "--workers", "0"]
     common += ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")]
@@ -217,26 +230,10 @@ def test_bad_inputs_are_clear_errors(blocks, tmp_path, capsys):
     assert "no such shard set" in error(tmp_path / "nothing-here")
     assert "unknown backbone 'vit-nope'" in error(blocks, "--backbone", "vit-nope")
     # a shard set without label maps
-    unlabeled = tmp_path / "unlabeled"
-    for split in ("train", "val"):
-        root = unlabeled / split
-        root.mkdir(parents=True)
-        for f in (blocks / split).iterdir():
-            (root / f.name).symlink_to(f)
-        manifest = json.loads((blocks / split / "manifest.json").read_text())
-        (root / "manifest.json").unlink()
-        (root / "manifest.json").write_text(json.dumps({**manifest, "keys": ["jpg", "cls"], "label": None}))
+    unlabeled = doctored(blocks, tmp_path / "unlabeled", {"keys": ["jpg", "cls"], "label": None})
     assert "have no label maps (seg.png" in error(unlabeled)
     # a manifest whose class count is below the labels' values
-    few = tmp_path / "few"
-    for split in ("train", "val"):
-        root = few / split
-        root.mkdir(parents=True)
-        for f in (blocks / split).iterdir():
-            (root / f.name).symlink_to(f)
-        manifest = json.loads((blocks / split / "manifest.json").read_text())
-        (root / "manifest.json").unlink()
-        (root / "manifest.json").write_text(json.dumps({**manifest, "num_classes": 4, "classes": [None] * 4}))
+    few = doctored(blocks, tmp_path / "few", {"num_classes": 4, "classes": [None] * 4})
     message = error(few, "--epochs", "1")
     assert "does not fit the manifest's 4 classes" in message and "blocks_" in message
     assert not any((tmp_path / "c").glob("t-*"))  # nothing half-written published

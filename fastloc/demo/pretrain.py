@@ -22,6 +22,7 @@ from torch import nn
 from fastloc.align.step import autocast
 from fastloc.data.config import LoaderConfig, TrainRecipe
 from fastloc.data.loader import make_loader
+from fastloc.data.shards import open_shards
 from fastloc.kernels.label_pool import label_pool
 from fastloc.models.registry import create_model, image_config
 from fastloc.progress import Progress
@@ -71,8 +72,6 @@ def pretrain(cfg: PretrainConfig, train: Path, out: Path, device: torch.device) 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.backbone, "random").to(device)
     image = image_config(model)
-    from fastloc.data.shards import open_shards
-
     classes = int(open_shards(train).manifest["num_classes"])
     classifier = nn.Linear(int(model.num_features), classes).to(device)
     loader = make_loader(

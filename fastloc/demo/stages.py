@@ -109,13 +109,11 @@ def pretrained(cfg: DemoConfig, supervision: str, train: Path, common: dict) -> 
 def probe_config(cfg: DemoConfig, name: str, backbone: str, weights: str) -> ProbeConfig:
     """One recipe for every backbone: union, transformer head, the same seed and epochs; warmup a
     tenth of the updates (the original's 500 would be most of this short run)."""
-    updates = cfg.probe_epochs * (cfg.train_images // 32)
-    return ProbeConfig(
+    probe = ProbeConfig(
         data=cfg.data_dir / "synthetic",
         backbone=backbone,
         weights=weights,
         epochs=cfg.probe_epochs,
-        warmup_updates=max(1, updates // 10),
         precision=precision(cfg),
         seed=cfg.seed,
         device=cfg.device,
@@ -127,6 +125,8 @@ def probe_config(cfg: DemoConfig, name: str, backbone: str, weights: str) -> Pro
         results=cfg.run_dir / "results",
         predictions=0,
     )
+    updates = cfg.probe_epochs * (cfg.train_images // probe.batch_size)
+    return replace(probe, warmup_updates=max(1, updates // 10))
 
 
 def probed(probe_cfg: ProbeConfig) -> Callable[[], dict]:

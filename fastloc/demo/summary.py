@@ -88,6 +88,7 @@ def _fmt(value, digits: int = 4) -> str:
 def contact_sheet(results: dict[str, dict], backbones: dict[str, tuple[str, str]], path: Path, count: int = 4) -> Path:
     """The first validation images: truth and every probe's most confident class per patch."""
     from fastloc.data.shards import open_shards
+    from fastloc.models.registry import image_config
     from fastloc.probe.backbone import load_backbone
     from fastloc.probe.heads import HeadShape, build_head
     from fastloc.probe.plots import plot_patch_maps
@@ -100,8 +101,6 @@ def contact_sheet(results: dict[str, dict], backbones: dict[str, tuple[str, str]
     for role in ROLES:
         name, weights = backbones[role]
         model = load_backbone(name, weights)
-        from fastloc.models.registry import image_config
-
         image = image_config(model)
         if images is None:
             batch = first_images(val, image, count)

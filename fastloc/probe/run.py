@@ -13,7 +13,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +78,8 @@ def loss_per_image(reduction: str, logits: torch.Tensor, targets: torch.Tensor) 
     return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none").mean((1, 2))
 
 
-def loader_config(cfg: ProbeConfig, split, image: ImageConfig, runtime: Runtime, train: bool, batch: int):
-    """The eval recipe (PATCHSEG.md section 2) for both splits; training shuffles and drops the
-    rank's last partial batch, evaluation counts every sample once."""
+def eval_recipe(split, image: ImageConfig, batch: int) -> LoaderConfig:
+    """The eval recipe (PATCHSEG.md section 2) over a split in its order, every sample once."""
     return LoaderConfig(
         shards=split.root,
         batch_size=batch,
@@ -88,6 +87,15 @@ def loader_config(cfg: ProbeConfig, split, image: ImageConfig, runtime: Runtime,
         recipe="eval",
         mean=image.mean,
         std=image.std,
+        shuffle=False,
+        drop_last=False,
+    )
+
+
+def loader_config(cfg: ProbeConfig, split, image: ImageConfig, runtime: Runtime, train: bool, batch: int):
+    """The eval recipe for both splits; training shuffles and drops the rank's last partial batch."""
+    return replace(
+        eval_recipe(split, image, batch),
         shuffle=train,
         drop_last=train,
         seed=cfg.seed,
@@ -348,18 +356,7 @@ def first_images(data_split, image: ImageConfig, count: int):
     """The first ``count`` samples of a split in the eval recipe (the torch twin, in this process)."""
     from fastloc.data.torch_loader import TorchLoader
 
-    cfg = LoaderConfig(
-        shards=data_split.root,
-        batch_size=count,
-        size=image.size,
-        recipe="eval",
-        mean=image.mean,
-        std=image.std,
-        shuffle=False,
-        drop_last=False,
-        device="cpu",
-        workers=0,
-    )
+    cfg = replace(eval_recipe(data_split, image, count), device="cpu", workers=0)
     loader = TorchLoader(cfg)
     try:
         return next(iter(loader))
