@@ -51,6 +51,19 @@ def synthetic(tmp_path_factory) -> Path:
     return out / "synthetic" / "train"
 
 
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real single-node SLURM with accounting (tests/slurm_cluster.py), shared by the session;
+    skips, saying why, where it cannot run (not root, no apt)."""
+    from slurm_cluster import SlurmCluster, install
+
+    reason = install()
+    if reason:
+        pytest.skip(f"no SLURM here: {reason}")
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
 @pytest.fixture
 def synthetic_copy(synthetic, tmp_path) -> Path:
     """A copy to damage."""

@@ -202,3 +202,38 @@ def test_other_losses_keep_unscaled_targets():
     objective = tiny(loss="cosine")
     objective.calibrate([(Batch(images=images(2)), objective.sample(2, torch.Generator().manual_seed(0)))])
     assert objective.sigma.item() > 0 and objective.scale.item() == 1.0
+
+
+# ---------------------------------------------------------------- the pooled target (prefix_only)
+
+
+def test_the_pooled_target_is_the_whole_teachers_class_token_predicted_by_the_decoders_first():
+    """The reference's prefix_only ablation: target = the teacher's pooled output of each masked
+    view (all blocks, final norm, class token), prediction = the decoder's first token."""
+    objective = tiny(skip_blocks=0, target="pooled")
+    torch.nn.init.normal_(objective.trainable.student.head.weight, std=0.05)
+    teacher = objective.teacher
+    assert len(teacher.blocks) == len(objective.trainable.student.encoder.blocks)  # nothing skipped
+
+    def pooled(views: torch.Tensor) -> torch.Tensor:  # [B * M, D]
+        return teacher.norm(teacher.blocks(teacher.norm_pre(teacher._pos_embed(teacher.patch_embed(views)))))[:, 0]
+
+    calibration = (images(2), objective.sample(2, torch.Generator().manual_seed(0)))
+    objective.calibrate([(Batch(images=calibration[0]), calibration[1])])
+    sigma = pooled(objective.views(*calibration)[0]).double().std(unbiased=False).item()
+    assert objective.sigma.item() == pytest.approx(sigma, rel=1e-6)
+
+    x, masks = images(), objective.sample(3, torch.Generator().manual_seed(5))
+    views, full = objective.views(x, masks)
+    pred = objective.trainable(full, masks)[:, 0]  # [9, D]
+    expected = ((pred - pooled(views) / sigma) ** 2).view(3, -1).mean(1)
+    torch.testing.assert_close(objective.losses(x, masks), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"skip_blocks": 1}, "needs --method.skip-blocks 0"), ({"loss": "masked_mse"}, "weighs tokens by the mask")],
+)
+def test_the_pooled_target_refuses_what_the_reference_does_not_define(change, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**{"skip_blocks": 0, "target": "pooled", **change})

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from align_runs import args, assert_same_curve, curve, make_shards, metrics
 
 from fastloc.align.__main__ import main
 from fastloc.align.config import OptimConfig
@@ -26,51 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    """128 synthetic training images (8 updates of 16 per epoch) and 32 validation images."""
-    from fastloc.shard.convert import convert
-    from fastloc.shard.sources.synthetic import SyntheticConfig
-
-    out = tmp_path_factory.mktemp("align-shards")
-    for split, n in (("train", 128), ("val", 32)):
-        convert(
-            SyntheticConfig(
-                out=out,
-                split=split,
-                num_samples=n,
-                shard_samples=32,
-                processes=1,
-                progress=False,
-                min_size=64,
-                max_size=128,
-                fsync=False,
-            )
-        )
-    return out / "synthetic"
-
-
-def args(shards: Path, out: Path, *extra) -> list[str]:
-    return [
-        "train",
-        "tiny",
-        "--data.train",
-        str(shards / "train"),
-        "--data.val",
-        str(shards / "val"),
-        "--run.out",
-        str(out),
-        "--run.log-every",
-        "1",
-        "--run.no-progress",
-        *map(str, extra),
-    ]
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def curve(run: Path) -> list[tuple]:
-    return [(m["step"], m.get("loss"), m.get("grad_norm"), m.get("lr"), m.get("val_loss")) for m in metrics(run)]
+    return make_shards(tmp_path_factory.mktemp("align-shards"))
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +134,8 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(shards, tmp_path):
     ]
     two = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
-    assert [x[0] for x in a] == [x[0] for x in b] and len(a) == 9
-    for x, y in zip(a, b):  # loss, grad norm, lr, val loss
-        for u, v in zip(x[1:], y[1:]):
-            assert (u is None) == (v is None) and (u is None or u == pytest.approx(v, rel=1e-5))
+    assert len(curve(tmp_path / "one")) == 9
+    assert_same_curve(tmp_path / "one", tmp_path / "two")
     sigma = [json.loads((tmp_path / n / "run.json").read_text())["sigma"] for n in ("one", "two")]
     assert sigma[0] == pytest.approx(sigma[1], rel=1e-9)
 

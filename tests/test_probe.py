@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 
 from fastloc.models.registry import create_model, image_config
 from fastloc.probe.__main__ import main
-from fastloc.probe.cache import CacheError, open_cache, pack_bits, unpack_bits
+from fastloc.probe.cache import CacheError, _publish, build_cache, open_cache, pack_bits, unpack_bits
 from fastloc.probe.config import ProbeConfig
 from fastloc.probe.data import class_groups
 from fastloc.probe.heads import HEADS, HeadShape, build_head
@@ -145,6 +146,31 @@ def test_a_stale_cache_is_rebuilt_with_a_message_and_a_killed_build_leaves_nothi
     assert not any(p.name.startswith(".old-") for p in cfg.cache_dir.iterdir())
     with pytest.raises(CacheError, match="made for other inputs"):
         open_cache(train_cache, {**meta["key"], "skip_blocks": 1})
+    (cfg.cache_dir / ".partial-leftover").rmdir()
+    concurrent_builds_keep_one_cache_and_leave_no_partial(train_cache, meta["key"])
+
+
+def concurrent_builds_keep_one_cache_and_leave_no_partial(cache: Path, key: dict) -> None:
+    """Two jobs (a sweep's members on one backbone) build one cache at once, each in its own
+    folder: the later finds the earlier's published and drops its own; a damaged one is replaced;
+    a failed build removes its folder."""
+    whole = open_cache(cache, key)
+    shapes = {n: a.shape for n, a in whole.arrays.items()}
+    dtypes = {n: a.dtype for n, a in whole.arrays.items()}
+    for damaged in (False, True):
+        theirs = Path(shutil.copytree(cache, cache.parent / f".partial-{cache.name}-other"))
+        if damaged:
+            (cache / "meta.json").write_text("{")
+        _publish(theirs, cache, key)
+        assert not theirs.exists() and open_cache(cache, key) is not None
+
+    def failing():
+        raise RuntimeError("the loader died")
+        yield
+
+    with pytest.raises(RuntimeError, match="the loader died"):
+        build_cache(cache.parent / "new", key, failing(), lambda x: x, shapes, dtypes, patch=8)
+    assert sorted(p.name for p in cache.parent.iterdir() if p.name.startswith(".")) == []
 
 
 def test_a_finetuned_backbone_saved_by_the_probe_loads_as_weights_and_is_probed_frozen(blocks, tmp_path):

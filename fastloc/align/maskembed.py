@@ -57,6 +57,11 @@ class MaskEmbedConfig:
     decoder_depth: int = 2
     """Transformer blocks in the decoder."""
 
+    target: Literal["tokens", "pooled"] = "tokens"
+    """tokens: every output token of the teacher; pooled: only its pooled output (the class token
+    after the final norm), predicted from the decoder's first token: the reference's prefix_only
+    ablation (its -cls config), which needs skip_blocks 0 and a class-token backbone."""
+
 
 class Trainable(nn.Module):
     """Student and decoder: the part DDP wraps. (full images [B, 3, S, S], masks [B, M, N]) ->
@@ -109,6 +114,8 @@ class MaskEmbed(Objective):
             qk_norm=entry.decoder_qk_norm,
         )
         self.trainable = Trainable(student, decoder)
+        if cfg.target == "pooled":
+            _check_pooled(cfg, model)
         self.register_buffer("scale", torch.ones(()))  # 1 / sigma for mse; 1 otherwise
         self.register_buffer("sigma", torch.zeros(()))  # 0 until calibrated
 
@@ -133,7 +140,14 @@ class MaskEmbed(Objective):
     def targets(self, views: torch.Tensor) -> torch.Tensor:
         """[B * M, T, D] teacher outputs, scaled."""
         with torch.no_grad():
-            return self.teacher.forward_features(views) * self.scale
+            return self._teacher_out(views) * self.scale
+
+    def _teacher_out(self, views: torch.Tensor) -> torch.Tensor:
+        """[B * M, T, D] tokens, or [B * M, 1, D] pooled outputs."""
+        tokens = self.teacher.forward_features(views)
+        if self.cfg.target == "tokens":
+            return tokens
+        return self.teacher.forward_head(tokens, pre_logits=True).unsqueeze(1)
 
     # ------------------------------------------------------------ the loss
 
@@ -145,6 +159,8 @@ class MaskEmbed(Objective):
         views, full = self.views(images, masks)
         target = self.targets(views)
         pred = (self.trainable if model is None else model)(full, masks)
+        if self.cfg.target == "pooled":
+            pred = pred[:, :1]  # the decoder's class token predicts the pooled output
         return per_image_loss(self.cfg.loss, pred, target, self._keep(masks))
 
     def _keep(self, masks: torch.Tensor) -> torch.Tensor:
@@ -162,7 +178,7 @@ class MaskEmbed(Objective):
         moments = None
         for batch, masks in batches:
             views, _ = self.views(batch.images, masks)
-            out = self.teacher.forward_features(views).double()  # [B * M, T, D]
+            out = self._teacher_out(views).double()  # [B * M, T or 1, D]
             if batch.valid is not None:  # repeats that fill the last batch do not count
                 out = out[batch.valid.repeat_interleave(masks.shape[1])]
             moments = merge_moments(moments, batch_moments(out))
@@ -178,6 +194,16 @@ class MaskEmbed(Objective):
 
     def encoder(self) -> nn.Module:
         return self.trainable.student.encoder
+
+
+def _check_pooled(cfg: MaskEmbedConfig, model: nn.Module) -> None:
+    """The pooled target as the reference defines it: the whole teacher, a class token, a loss over all elements."""
+    if cfg.skip_blocks:
+        raise ValueError(f"--method.target pooled needs --method.skip-blocks 0 (got {cfg.skip_blocks})")
+    if getattr(model, "global_pool", None) != "token" or not getattr(model, "num_prefix_tokens", 0):
+        raise ValueError(f"--method.target pooled needs a backbone pooled by its class token ({cfg.backbone} is not)")
+    if cfg.loss in ("masked_mse", "unmasked_mse"):
+        raise ValueError(f"--method.loss {cfg.loss} weighs tokens by the mask; the pooled target has one token")
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype:

@@ -38,6 +38,12 @@ class DemoConfig:
     align_epochs: int = 4
     """Epochs of MaskEmbed alignment of the baseline."""
 
+    skip_blocks: int = 0
+    """Blocks removed from the end of MaskEmbed's teacher. The reference removes 1 (of a ViT-B's
+    12); of the demo's 4-block ViT that is a quarter of its depth, and the aligned encoder then
+    probed below the baseline (README, the demo's findings): the demo's teacher is the whole
+    baseline, the reference's -embed-final ablation."""
+
     probe_epochs: int = 5
     """Epochs of each Patch-Seg probe (the same for every backbone)."""
 

@@ -9,7 +9,6 @@ classifier, so ``create_model(name, FILE)`` (``--weights FILE`` everywhere) load
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from fastloc.align.config import OptimConfig
+from fastloc.align.prepare import learning_rate
 from fastloc.align.step import autocast
 from fastloc.data.config import LoaderConfig, TrainRecipe
 from fastloc.data.loader import make_loader
@@ -61,12 +62,6 @@ def logits_of(model: nn.Module, classifier: nn.Linear, images: torch.Tensor, cfg
     return classifier(model.forward_head(tokens, pre_logits=True))  # [B, C]: the class token
 
 
-def lr_at(cfg: PretrainConfig, update: int, total: int) -> float:
-    if update < cfg.warmup_updates:
-        return cfg.lr * (update + 1) / cfg.warmup_updates
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * update / max(total, 1)))
-
-
 def pretrain(cfg: PretrainConfig, train: Path, out: Path, device: torch.device) -> dict:
     """Train, save ``out`` (the backbone's safetensors) and return the last epoch's mean loss."""
     torch.manual_seed(cfg.seed)
@@ -91,6 +86,7 @@ def pretrain(cfg: PretrainConfig, train: Path, out: Path, device: torch.device) 
     params = [*model.parameters(), *classifier.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total, update, losses = cfg.epochs * len(loader), 0, []
+    schedule = OptimConfig(lr=cfg.lr, min_lr_ratio=0.0, warmup_updates=cfg.warmup_updates)  # cosine to 0
     model.train()
     progress = Progress(total, 0, f"pre-train ({cfg.supervision} labels)", unit="updates", rate_unit="it/s")
     try:
@@ -99,7 +95,7 @@ def pretrain(cfg: PretrainConfig, train: Path, out: Path, device: torch.device) 
             running = torch.zeros((), device=device)
             for batch in loader:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(cfg, update, total)
+                    group["lr"] = learning_rate(schedule, update, total)
                 y = targets(batch.labels, cfg.supervision, image.patch_size, classes).to(device)
                 with autocast(device, cfg.precision):
                     logits = logits_of(model, classifier, batch.images.to(device), cfg)

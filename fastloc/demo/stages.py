@@ -140,15 +140,16 @@ def probed(probe_cfg: ProbeConfig) -> Callable[[], dict]:
 
 
 def aligned(cfg: DemoConfig, weights: str, common: dict) -> tuple[dict, Callable[[], dict]]:
-    """MaskEmbed's ``tiny`` preset on the baseline, then its best encoder exported; the run
-    directory is named by the inputs' digest (a killed run with the same inputs resumes)."""
+    """MaskEmbed's ``tiny`` preset on the baseline (its teacher less ``cfg.skip_blocks`` blocks),
+    then its best encoder exported; the run directory is named by the inputs' digest (a killed
+    run with the same inputs resumes)."""
     from fastloc.align.presets import PRESETS
 
     base = PRESETS["tiny"][1]
     data = cfg.data_dir / "synthetic"
     align = replace(
         base,
-        method=replace(base.method, backbone=cfg.backbone, weights=weights),
+        method=replace(base.method, backbone=cfg.backbone, weights=weights, skip_blocks=cfg.skip_blocks),
         data=replace(base.data, train=data / "train", val=data / "val", workers=cfg.workers),
         optim=replace(base.optim, epochs=cfg.align_epochs),
         system=replace(base.system, device=cfg.device, precision=precision(cfg)),

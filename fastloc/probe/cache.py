@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,13 +177,22 @@ def build_cache(
     """Write the cache from ``batches`` (one pass of an eval-order loader over the split; each
     rank its share) and publish it. ``encode`` maps images to features [B, T, D]."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    tmp = path.parent / f".partial-{path.name}"
+    tmp = _partial(path)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a killed build's leftovers: ours, never published
         tmp.mkdir(parents=True)
         for name in ARRAYS:
             np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtypes[name], shape=shapes[name]).flush()
     _barrier()
+    try:
+        return _fill(path, tmp, key, batches, encode, shapes, patch, progress)
+    except BaseException:
+        if rank == 0:  # ours, never published (a SIGKILLed build leaves its .partial- folder behind)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fill(path, tmp, key, batches, encode, shapes, patch, progress) -> CachedSplit:
+    rank = dist.get_rank() if dist.is_initialized() else 0
     out = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in ARRAYS}
     classes = key["num_classes"]
     for batch in batches:
@@ -219,11 +229,38 @@ def build_cache(
             "dim": shapes["features"][2],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if path.exists():  # another format's or a damaged cache: replaced only now that this one is whole
-            old = path.parent / f".old-{path.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, path)
+        _publish(tmp, path, key)
     _barrier()
     return open_cache(path, key)
+
+
+def _partial(path: Path) -> Path:
+    """This build's own folder (rank 0 names it, every rank writes into it): jobs that build the
+    same cache at once (a sweep's members on one backbone) never share or delete each other's."""
+    name = [f".partial-{path.name}-{socket.gethostname()}-{os.getpid()}"]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(name, src=0)
+    return path.parent / name[0]
+
+
+def _publish(tmp: Path, path: Path, key: dict) -> None:
+    """Rename the finished build into place. A valid cache another job published first is kept
+    (ours is dropped); another format's or a damaged one is replaced now that ours is whole."""
+    for _ in range(2):
+        if path.exists():
+            try:
+                theirs = open_cache(path, key)
+            except CacheError:
+                theirs = None
+            if theirs is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            old = path.parent / f".old-{path.name}-{os.getpid()}"
+            os.rename(path, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, path)
+            return
+        except OSError:  # another job published between our check and our rename: check again
+            continue
+    raise CacheError(f"{path}: could not publish the feature cache (another job keeps replacing it)")

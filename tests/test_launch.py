@@ -1,0 +1,223 @@
+"""``python -m fastloc.launch``: the sbatch script it writes, the values it refuses, and real runs,
+through submitit's local executor and through a real SLURM with accounting (tests/slurm_cluster.py):
+2 ranks with gloo equal torchrun, a time-limit signal requeues and resumes exactly, a probe array
+ends with its summary, a crash is reported as failed with its log."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from align_runs import args, assert_same_curve, make_shards, metrics
+
+from fastloc.launch.__main__ import main, split
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("launch-shards"))
+
+
+def align(shards: Path, out: Path, *extra) -> list[str]:
+    """``python -m fastloc.launch align`` arguments of a 2-epoch tiny run (16 updates), checkpoints every 3."""
+    return ["align", *args(shards, out, "--optim.epochs", 2, "--run.checkpoint-every", 3, *extra)[1:]]
+
+
+def probe(shards: Path, out: Path, *extra) -> list[str]:
+    common = ["--backbone", "tiny", "--weights", "random", "--epochs", "1", "--batch-size", "16", "--device", "cpu"]
+    common += ["--loader", "cpu", "--workers", "0", "--predictions", "0", "--precision", "fp32"]
+    common += ["--out", str(out), "--results", str(out / "results"), "--cache-dir", str(out / "cache")]
+    return ["probe", str(shards), *common, *map(str, extra)]
+
+
+CPU = ["--launch.gpus-per-node", "0", "--launch.cpus-per-task", "1", "--launch.time-min", "10"]
+
+
+# ---------------------------------------------------------------- without SLURM
+
+
+def test_launch_options_are_told_apart_from_the_jobs():
+    argv = ["tiny", "--launch.nodes", "2", "--optim.lr", "1e-4", "--launch.sbatch", "a=1", "b", "--launch.dry-run"]
+    argv += ["--launch.partition=x", "--run.name", "n"]
+    launch, job = split(argv)
+    assert launch == ["--launch.nodes", "2", "--launch.sbatch", "a=1", "b", "--launch.dry-run", "--launch.partition=x"]
+    assert job == ["tiny", "--optim.lr", "1e-4", "--run.name", "n"]
+
+
+def test_dry_run_prints_the_sbatch_script_and_the_resolved_config(shards, tmp_path, capsys):
+    argv = align(shards, tmp_path, "--launch.nodes", "8", "--launch.partition", "h100", "--launch.account", "vision")
+    argv += ["--launch.sbatch", "reservation=big", "requeue", "--launch.exclusive", "--launch.dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    script, config = out.split("\n{\n", 1)
+    for line in ("--nodes=8", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--signal=USR2@120"):
+        assert f"#SBATCH {line}\n" in script
+    for line in ("--partition=h100", "--account=vision", "--reservation=big", "--requeue", "--exclusive"):
+        assert f"#SBATCH {line}\n" in script
+    assert (
+        f"#SBATCH --output={tmp_path}/tiny/slurm/%j_0_log.out" in script and "--job-name=fastloc-align-tiny" in script
+    )
+    resolved = json.loads("{\n" + config)
+    assert resolved["run_dir"] == str(tmp_path / "tiny") and resolved["config"]["optim"]["epochs"] == 2
+    assert not (tmp_path / "tiny").exists()  # nothing submitted, nothing written
+
+
+def test_a_sweep_is_one_array_and_members_get_their_own_run_directories(shards, tmp_path, capsys):
+    argv = align(shards, tmp_path, "--launch.sweep", "optim.lr=1e-3,1e-4", "method.decoder-depth=1,2")
+    assert main([*argv, "--launch.parallel", "3", "--launch.dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-3%3\n" in out
+    members = [json.loads("{" + part) for part in out.split("\n{")[1:]]
+    assert [m["sweep"] for m in members] == [
+        {"optim.lr": a, "method.decoder-depth": d} for a in ("1e-3", "1e-4") for d in ("1", "2")
+    ]
+    assert [Path(m["run_dir"]).name for m in members] == [
+        f"tiny-lr{a}-decoder-depth{d}" for a in ("1e-3", "1e-4") for d in ("1", "2")
+    ]
+    assert [(m["config"]["optim"]["lr"], m["config"]["method"]["decoder_depth"]) for m in members] == [
+        (1e-3, 1),
+        (1e-3, 2),
+        (1e-4, 1),
+        (1e-4, 2),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--launch.job-name", "x\ntouch /tmp/fastloc-pwned"], "control character"),
+        (["--launch.partition", "gpu\n#SBATCH --uid=0"], "control character"),
+        (["--launch.sbatch", "comment=a\rb"], "control character"),
+        (["--launch.sbatch", "x;rm -rf ~=1"], "must be a word"),
+        (["--launch.sweep", "optim.lr"], "FIELD=V1,V2"),
+    ],
+)
+def test_hostile_or_malformed_values_are_refused_before_anything_is_written(shards, tmp_path, capsys, option, message):
+    assert main([*align(shards, tmp_path), *option, "--launch.dry-run"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "tiny").exists() and not Path("/tmp/fastloc-pwned").exists()
+
+
+def test_usage_errors_fail_at_submission(shards, tmp_path, capsys):
+    assert main(["train", "tiny"]) == 2
+    assert "unknown command 'train'" in capsys.readouterr().err
+    assert main([*align(shards, tmp_path), "--optim.lrr", "1", "--launch.dry-run"]) == 2  # tyro names the typo
+    assert main(probe(tmp_path / "missing", tmp_path) + ["--launch.dry-run"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "--launch.nodes" in capsys.readouterr().out
+
+
+def test_the_local_cluster_runs_a_probe_and_records_the_attempt(shards, tmp_path, capsys):
+    argv = probe(shards, tmp_path, "--name", "local") + ["--launch.cluster", "local", "--launch.wait", *CPU]
+    assert main(argv) == 0
+    ended = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert ended["state"] == "COMPLETED" and 0 <= ended["macro_ap"] <= 1
+    assert (tmp_path / "local" / "result.json").is_file()
+    events = [json.loads(line)["event"] for line in (tmp_path / "local" / "attempts.jsonl").read_text().splitlines()]
+    assert events == ["started", "finished"]
+
+
+# ---------------------------------------------------------------- through a real SLURM
+
+
+@pytest.fixture
+def on_slurm(slurm, monkeypatch):
+    """Point sbatch, squeue and sacct (run by submitit in this process) at the test cluster."""
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in slurm.env.items():
+        monkeypatch.setenv(key, value)
+    return slurm
+
+
+@pytest.fixture(scope="module")
+def torchrun(shards, tmp_path_factory) -> Path:
+    """The reference: the same 2-rank tiny run under torchrun."""
+    out = tmp_path_factory.mktemp("torchrun")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+    command += ["-m", "fastloc.align", *args(shards, out, "--optim.epochs", 2, "--run.checkpoint-every", 3)]
+    command += ["--data.batch-size", "8", "--data.val-batch-size", "4", "--data.workers", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "tiny"
+
+
+TWO_RANKS = ["--data.batch-size", "8", "--data.val-batch-size", "4", "--launch.tasks-per-node", "2", *CPU]
+
+
+def test_two_tasks_on_slurm_equal_torchrun(on_slurm, shards, torchrun, tmp_path, capsys):
+    assert main([*align(shards, tmp_path), *TWO_RANKS, "--data.workers", "0", "--launch.wait"]) == 0
+    ended = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert ended["state"] == "COMPLETED" and ended["step"] == 16
+    assert_same_curve(tmp_path / "tiny", torchrun)
+    attempt = json.loads((tmp_path / "tiny" / "attempts.jsonl").read_text().splitlines()[0])
+    assert (attempt["tasks"], attempt["attempt"]) == (2, 0)
+
+
+def wait_for(condition, what: str, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_the_time_limit_signal_requeues_the_job_and_it_resumes_exactly(on_slurm, shards, torchrun, tmp_path, capsys):
+    """With loader workers (2 per rank): SLURM signals every process of the step, and only the
+    task itself may requeue (a forked worker inheriting submitit's handler requeued it again)."""
+    run = tmp_path / "tiny"
+    assert main([*align(shards, tmp_path), *TWO_RANKS]) == 0
+    job_id = capsys.readouterr().out.split()[1].rstrip(":")
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and max(m["step"] for m in metrics(run)) >= 7, "update 7")
+    on_slurm.client("scancel", "--signal=USR2", job_id)  # what SLURM sends signal_delay_s before the limit
+    wait_for(lambda: state(on_slurm, job_id) == "PENDING", "the requeue")
+    # slurmctld holds a requeued job back (about 2 minutes here); as the cluster's admin, release it now
+    assert on_slurm.client("scontrol", "update", f"JobId={job_id}", "StartTime=now").returncode == 0
+    wait_for(lambda: state(on_slurm, job_id) == "COMPLETED", "the requeued attempt to finish")
+    assert events(run) == ["started", "requeued", "started", "finished"]
+    assert [json.loads(line)["attempt"] for line in (run / "attempts.jsonl").read_text().splitlines()] == [0, 0, 1, 1]
+    resumed = json.loads((run / "run.json").read_text())["attempts"][-1]
+    assert resumed["step"] in (6, 9) and resumed["resumed_from"].endswith(f"ckpt-{resumed['step']:08d}.pt")
+    assert_same_curve(run, torchrun)
+
+
+def state(cluster, job_id: str) -> str:
+    out = cluster.client("sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State").stdout.split()
+    return out[-1] if out else ""
+
+
+def events(run: Path) -> list[str]:
+    path = run / "attempts.jsonl"
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_a_probe_array_finishes_with_its_summary(on_slurm, shards, tmp_path, capsys):
+    argv = probe(shards, tmp_path / "runs") + ["--launch.sweep", "head=linear,mlp,transformer", *CPU]
+    argv += ["--launch.parallel", "2", "--launch.sweep-dir", str(tmp_path / "sweeps"), "--launch.wait"]
+    assert main(argv) == 0
+    (folder,) = (tmp_path / "sweeps").iterdir()
+    rows = list(csv.DictReader((folder / "summary.csv").read_text().splitlines()))
+    assert [(r["head"], r["state"]) for r in rows] == [(h, "COMPLETED") for h in ("linear", "mlp", "transformer")]
+    assert all(0 <= float(r["macro_ap"]) <= 1 and Path(r["run"]).is_dir() for r in rows)
+    assert len({r["job_id"].split("_")[0] for r in rows}) == 1  # one array
+    assert main(["summary", str(folder)]) == 0  # later, from the folder alone
+    assert "linear" in capsys.readouterr().out
+
+
+def test_a_crashing_job_is_reported_failed_with_its_log_and_its_name_stays_literal(on_slurm, shards, tmp_path, capsys):
+    hostile = "x$(touch pwned) `touch pwned2`; echo 'q' \"d\""
+    argv = align(shards, tmp_path, "--data.train", str(tmp_path / "no-shards"), "--launch.job-name", hostile, *CPU)
+    assert main([*argv, "--launch.wait"]) == 1
+    ended = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert ended["state"] == "FAILED" and "no-shards" in ended["error"]
+    assert "no-shards" in Path(ended["log"]).read_text()
+    assert not list(Path.cwd().glob("pwned*")) and not list(tmp_path.rglob("pwned*"))
+    job_id = Path(ended["log"]).name.split("_")[0]
+    shown = on_slurm.client("scontrol", "show", "job", job_id, "--oneliner").stdout  # (slurmdbd stores " as `)
+    assert re.search(r"JobName=(.*) UserId=", shown).group(1) == hostile
