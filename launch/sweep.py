@@ -37,12 +37,14 @@ def axes(sweep: tuple[str, ...]) -> list[tuple[str, list[str]]]:
 
 
 def member_args(command: str, args: tuple[str, ...], values: Values) -> tuple[str, ...]:
+    """A member's command line: the sweep's values appended as flags (later flags win)."""
     from fastloc.align.presets import PRESETS
 
     out = list(args)
     for key, value in values.items():
-        if command == "align" and key == "preset":
-            out = [value if a in PRESETS else a for a in out] if any(a in PRESETS for a in out) else [value, *out]
+        if command == "align" and key == "preset":  # the first preset name is the preset (as align reads it)
+            at = next((i for i, a in enumerate(out) if a in PRESETS), None)
+            out = [value, *out] if at is None else [*out[:at], value, *out[at + 1 :]]
         else:
             out += [f"--{key}", value]
     return tuple(out)

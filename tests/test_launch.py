@@ -89,6 +89,14 @@ def test_a_sweep_is_one_array_and_members_get_their_own_run_directories(shards, 
     ]
 
 
+def test_a_sweep_over_presets_replaces_the_preset(shards, tmp_path, capsys):
+    argv = align(shards, tmp_path, "--run.name", "tiny", "--launch.sweep", "preset=tiny,clip-vit-b")
+    assert main([*argv, "--launch.dry-run", "--launch.cluster", "local"]) == 0
+    members = [json.loads("{" + part) for part in capsys.readouterr().out.split("\n{")[1:]]
+    assert [m["config"]["method"]["backbone"] for m in members] == ["tiny", "clip-vit-b"]
+    assert [Path(m["run_dir"]).name for m in members] == ["tiny-presettiny", "tiny-presetclip-vit-b"]
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [
@@ -114,14 +122,21 @@ def test_usage_errors_fail_at_submission(shards, tmp_path, capsys):
     assert main(["--help"]) == 0 and "--launch.nodes" in capsys.readouterr().out
 
 
-def test_the_local_cluster_runs_a_probe_and_records_the_attempt(shards, tmp_path, capsys):
-    argv = probe(shards, tmp_path, "--name", "local") + ["--launch.cluster", "local", "--launch.wait", *CPU]
-    assert main(argv) == 0
-    ended = json.loads(capsys.readouterr().out.split("\n", 1)[1])
-    assert ended["state"] == "COMPLETED" and 0 <= ended["macro_ap"] <= 1
-    assert (tmp_path / "local" / "result.json").is_file()
-    events = [json.loads(line)["event"] for line in (tmp_path / "local" / "attempts.jsonl").read_text().splitlines()]
-    assert events == ["started", "finished"]
+def test_the_local_cluster_runs_a_sweep_and_its_summary_names_the_failed_member(shards, tmp_path, capsys):
+    missing = tmp_path / "missing.safetensors"
+    argv = probe(shards, tmp_path / "runs", "--head", "linear") + ["--launch.cluster", "local", *CPU]
+    argv += ["--launch.sweep", f"weights=random,{missing}", "--launch.sweep-dir", str(tmp_path / "sweeps")]
+    assert main([*argv, "--launch.wait"]) == 1  # not every member completed
+    out = capsys.readouterr().out
+    (folder,) = (tmp_path / "sweeps").iterdir()
+    ok, failed = list(csv.DictReader((folder / "summary.csv").read_text().splitlines()))
+    assert ok["state"] == "COMPLETED" and 0 <= float(ok["macro_ap"]) <= 1
+    assert failed["state"] == "FAILED" and "missing.safetensors" in failed["error"]
+    assert f"{failed['job_id']} FAILED: " in out and f"(log: {failed['log']})" in out
+    assert "missing.safetensors" in Path(failed["log"]).read_text()
+    run = Path(ok["run"])
+    events = [json.loads(line)["event"] for line in (run / "attempts.jsonl").read_text().splitlines()]
+    assert events == ["started", "finished"] and (run / "result.json").is_file()
 
 
 # ---------------------------------------------------------------- through a real SLURM
