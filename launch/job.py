@@ -110,6 +110,9 @@ class Job:
         checkpoints are the state, so the requeued job is this same job again."""
         import submitit
 
+        # submitit requeues next, and SLURM then stops this attempt's loader workers: torch's
+        # SIGCHLD handler would raise "worker killed" here, and submitit would record the job as failed
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.record("requeued", submitit.JobEnvironment())
         return submitit.helpers.DelayedSubmission(Job(self.command, self.args, self.run_dir))
 

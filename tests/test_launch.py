@@ -190,8 +190,10 @@ def test_the_time_limit_signal_requeues_the_job_and_it_resumes_exactly(on_slurm,
     assert main([*align(shards, tmp_path), *TWO_RANKS]) == 0
     job_id = capsys.readouterr().out.split()[1].rstrip(":")
     wait_for(lambda: (run / "metrics.jsonl").is_file() and max(m["step"] for m in metrics(run)) >= 7, "update 7")
-    on_slurm.client("scancel", "--signal=USR2", job_id)  # what SLURM sends signal_delay_s before the limit
-    wait_for(lambda: state(on_slurm, job_id) == "PENDING", "the requeue")
+    sent = on_slurm.client("scancel", "--signal=USR2", job_id)  # what SLURM sends signal_delay_s before the limit
+    assert sent.returncode == 0, sent.stderr
+    wait_for(lambda: state(on_slurm, job_id) in ("PENDING", "CANCELLED", "FAILED"), "the requeue")
+    assert state(on_slurm, job_id) == "PENDING", (events(run), on_slurm.log_tails())
     # slurmctld holds a requeued job back (about 2 minutes here); as the cluster's admin, release it now
     assert on_slurm.client("scontrol", "update", f"JobId={job_id}", "StartTime=now").returncode == 0
     wait_for(lambda: state(on_slurm, job_id) == "COMPLETED", "the requeued attempt to finish")
