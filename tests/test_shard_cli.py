@@ -59,7 +59,7 @@ def run_help(argv, capsys, monkeypatch) -> str:
 
 
 def test_every_subcommand_config_is_covered():
-    assert set(SUBCOMMANDS) == {"synthetic", "coco", "ade20k", "imagenet", "verify", "inspect"}
+    assert set(SUBCOMMANDS) == {"synthetic", "coco", "ade20k", "imagenet", "voc", "verify", "inspect"}
 
 
 @pytest.mark.parametrize("name", list(SUBCOMMANDS))

@@ -34,7 +34,7 @@ import PIL
 import fastloc
 from fastloc.progress import Progress
 from fastloc.shard.config import ConvertConfig, check_path_name
-from fastloc.shard.encode import label_dtype
+from fastloc.shard.encode import label_dtype, label_space
 from fastloc.shard.errors import ConversionError
 from fastloc.shard.jsonfile import read_json_object
 from fastloc.shard.lock import split_lock
@@ -473,7 +473,7 @@ def _manifest(
     skipped = [x for r in records for x in r.skipped]
     label = None
     if info.has_label:
-        dtype = label_dtype(info.num_classes).name
+        dtype = label_dtype(label_space(info.num_classes, info.label_encoding.get("ignore"))).name
         label = {"key": "seg.png", "format": f"single-channel {dtype} PNG", "dtype": dtype, **info.label_encoding}
     return {
         "format": FORMAT,

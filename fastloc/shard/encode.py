@@ -239,6 +239,11 @@ def prepare_image(
     return EncodedImage(encode_jpeg(image, quality), image.width, image.height, reason)
 
 
+def label_space(num_classes: int, ignore: int | None = None) -> int:
+    """How many values a label PNG must hold: the classes, and the ignore value when it lies above them."""
+    return max(num_classes, ignore + 1) if ignore is not None else num_classes
+
+
 def label_dtype(num_classes: int) -> np.dtype:
     """uint8 PNG when the classes fit, uint16 otherwise."""
     if num_classes <= 256:
@@ -248,8 +253,11 @@ def label_dtype(num_classes: int) -> np.dtype:
     raise ValueError(f"{num_classes} classes do not fit a 16-bit label PNG")
 
 
-def encode_label(path: str, label: np.ndarray, num_classes: int, size: tuple[int, int]) -> bytes:
-    """A single-channel PNG of the label map, after checking shape and class range."""
+def encode_label(
+    path: str, label: np.ndarray, num_classes: int, size: tuple[int, int], ignore: int | None = None
+) -> bytes:
+    """A single-channel PNG of the label map, after checking shape and class range (``ignore``, the
+    dataset's "do not score" value such as VOC's 255, is kept as is)."""
     width, height = size
     if label.ndim != 2:
         raise SampleError(path, f"label map has shape {label.shape}, expected [H, W]")
@@ -257,11 +265,14 @@ def encode_label(path: str, label: np.ndarray, num_classes: int, size: tuple[int
         raise SampleError(path, f"label map is {label.shape[1]}x{label.shape[0]} but the image is {width}x{height}")
     if not np.issubdtype(label.dtype, np.integer):
         raise SampleError(path, f"label map has non-integer dtype {label.dtype}")
-    lo, hi = int(label.min()), int(label.max())
-    if lo < 0 or hi >= num_classes:
-        bad = np.unique(label[(label < 0) | (label >= num_classes)])[:8].tolist()
-        raise SampleError(path, f"label ids {bad} outside the class space [0, {num_classes})")
-    dtype = label_dtype(num_classes)
+    outside = (label < 0) | (label >= num_classes)
+    if ignore is not None:
+        outside &= label != ignore
+    if outside.any():
+        bad = np.unique(label[outside])[:8].tolist()
+        also = f" (or {ignore} = ignore)" if ignore is not None else ""
+        raise SampleError(path, f"label ids {bad} outside the class space [0, {num_classes}){also}")
+    dtype = label_dtype(label_space(num_classes, ignore))
     image = Image.fromarray(np.ascontiguousarray(label, dtype=dtype))
     out = io.BytesIO()
     image.save(out, format="PNG", compress_level=3)

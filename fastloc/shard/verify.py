@@ -162,8 +162,10 @@ def _check_sample(
             problems.append(f"seg.png is {label.dtype}, manifest says {manifest['label']['dtype']}")
         if label.shape != (height, width):
             problems.append(f"seg.png is {label.shape[1]}x{label.shape[0]}, image is {width}x{height}")
-        if label.size and int(label.max()) >= manifest["num_classes"]:
-            problems.append(f"seg.png has id {int(label.max())} >= num_classes {manifest['num_classes']}")
+        ignore = manifest["label"].get("ignore")
+        ids = label[label != ignore] if ignore is not None else label
+        if ids.size and int(ids.max()) >= manifest["num_classes"]:
+            problems.append(f"seg.png has id {int(ids.max())} >= num_classes {manifest['num_classes']}")
     if manifest.get("cls"):
         text = data["cls"].decode("ascii", "replace")
         if not text.isdigit() or int(text) >= manifest["num_classes"]:

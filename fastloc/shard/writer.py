@@ -76,7 +76,9 @@ def encode_sample(sample: Sample, info: SourceInfo, cfg: ConvertConfig) -> tuple
             raise SampleError(sample.source, "no label map")
         size = (image.width, image.height)
         where = sample.label_source or sample.source
-        members.append(("seg.png", encode_label(where, sample.label, info.num_classes, size)))
+        members.append(
+            ("seg.png", encode_label(where, sample.label, info.num_classes, size, info.label_encoding.get("ignore")))
+        )
     if info.has_cls:
         if sample.cls is None or not 0 <= sample.cls < info.num_classes:
             raise SampleError(sample.source, f"class index {sample.cls} outside [0, {info.num_classes})")

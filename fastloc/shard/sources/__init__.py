@@ -4,6 +4,7 @@ from fastloc.shard.sources.ade20k import Ade20kConfig
 from fastloc.shard.sources.coco import CocoConfig
 from fastloc.shard.sources.imagenet import ImagenetConfig
 from fastloc.shard.sources.synthetic import SyntheticConfig
+from fastloc.shard.sources.voc import VocConfig
 
 # subcommand name -> config class (each config's .source() builds the source)
 CONVERTERS = {
@@ -11,4 +12,5 @@ CONVERTERS = {
     "coco": CocoConfig,
     "ade20k": Ade20kConfig,
     "imagenet": ImagenetConfig,
+    "voc": VocConfig,
 }

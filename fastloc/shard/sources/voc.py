@@ -1,0 +1,262 @@
+"""Pascal VOC 2012 semantic segmentation, with the SBD-augmented ``trainaug`` split.
+
+Official layout (VOCdevkit/VOC2012)::
+
+    ROOT/JPEGImages/<id>.jpg
+    ROOT/SegmentationClass/<id>.png               palette PNG: the palette index is the class
+    ROOT/ImageSets/Segmentation/{train,val}.txt   one id per line (1,464 and 1,449 ids)
+
+SBD-augmented training set (10,582 ids; images from JPEGImages)::
+
+    ROOT/SegmentationClassAug/<id>.png            grayscale PNG: the gray value is the class
+    ROOT/ImageSets/Segmentation/trainaug.txt      (or train_aug.txt) one id per line, or
+                                                  DeepLab's "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"
+
+Label values: 0 background, 1..20 the object classes, 255 void (object borders and difficult
+regions, ignored in evaluation). They are stored as they are: 255 stays 255, and the manifest's
+label encoding says it is to be ignored. Any other value skips the sample, naming the label file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+import numpy as np
+
+from fastloc.cli import flowing_help
+from fastloc.shard.config import ConvertConfig
+from fastloc.shard.encode import MAX_PIXELS_DEFAULT
+from fastloc.shard.errors import ConversionError, SampleError
+from fastloc.shard.sources.base import Item, Sample, SourceInfo, sanitize_key
+from fastloc.shard.sources.files import check_unique_keys, file_size, read_bytes, read_label_png
+
+# index = label value
+VOC_CLASSES = [
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
+VOID = 255  # object borders and difficult regions: not a class, ignored
+SPLITS = ("train", "val", "trainaug")
+AUG_LIST_NAMES = ("trainaug.txt", "train_aug.txt")
+LABEL_RULE = (
+    "label = PNG value (the palette index of SegmentationClass PNGs, the gray value of SegmentationClassAug "
+    "PNGs): 0 background, 1-20 the VOC object classes; 255 = void (object borders, difficult regions), "
+    "kept as 255, to be ignored"
+)
+
+
+@flowing_help
+@dataclass(frozen=True, kw_only=True)
+class VocConfig(ConvertConfig):
+    """Convert Pascal VOC 2012 semantic segmentation: train or val of the official release, or the
+    SBD-augmented trainaug split (10,582 images). 21 classes (0 background, 1-20 objects); the void
+    value 255 of object borders is kept as 255 and recorded as 'ignore' in the manifest."""
+
+    root: Path
+    """VOC 2012 root (VOCdevkit/VOC2012), holding JPEGImages/, SegmentationClass/ and
+    ImageSets/Segmentation/."""
+
+    split: Literal["train", "val", "trainaug"] = "train"
+    """Split to convert: train (1,464 images) or val (1,449), listed in
+    ImageSets/Segmentation/{split}.txt with labels from SegmentationClass/; or trainaug (10,582
+    images, SBD-augmented), listed in --aug-list with labels from --aug-labels."""
+
+    aug_labels: Path | None = None
+    """--split trainaug only: folder of the SBD-augmented label PNGs, grayscale with values 0-20 and
+    255 (default: ROOT/SegmentationClassAug)."""
+
+    aug_list: Path | None = None
+    """--split trainaug only: its list of image ids, one per line, or DeepLab's '<image path> <label
+    path>' pairs (default: ROOT/ImageSets/Segmentation/trainaug.txt, else train_aug.txt)."""
+
+    def source(self) -> VocSource:
+        return VocSource(
+            root=self.root,
+            split=self.split,
+            aug_labels=self.aug_labels,
+            aug_list=self.aug_list,
+            max_pixels=self.max_pixels,
+        )
+
+    def validate(self) -> None:
+        super().validate()
+        for flag, value in (("--aug-labels", self.aug_labels), ("--aug-list", self.aug_list)):
+            if value is not None and self.split != "trainaug":
+                raise ConversionError(f"{flag} is for --split trainaug only (this is --split {self.split})")
+
+
+class VocSource:
+    """Reads VOC 2012 samples of one split; see the module docstring."""
+
+    def __init__(
+        self,
+        root: Path,
+        split: Literal["train", "val", "trainaug"] = "train",
+        aug_labels: Path | None = None,
+        aug_list: Path | None = None,
+        max_pixels: int | None = MAX_PIXELS_DEFAULT,
+    ):
+        if split not in SPLITS:
+            raise ConversionError(f"unknown VOC split {split!r}: expected one of {list(SPLITS)}")
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ConversionError(f"{self.root}: VOC root not found")
+        self.split = split
+        self.max_pixels = max_pixels
+        self.image_dir = self.root / "JPEGImages"
+        if not self.image_dir.is_dir():
+            hint = ""
+            for child in (Path("VOC2012"), Path("VOCdevkit") / "VOC2012"):
+                if (self.root / child / "JPEGImages").is_dir():
+                    hint = f" (did you mean {self.root / child}?)"
+            raise ConversionError(f"{self.image_dir}: folder not found (VOC layout){hint}")
+        segmentation = self.root / "ImageSets" / "Segmentation"
+        if split == "trainaug":
+            self.label_dir = find_aug_labels(self.root, aug_labels)
+            self.list_path = find_aug_list(segmentation, aug_list)
+        else:
+            self.label_dir = self.root / "SegmentationClass"
+            self.list_path = segmentation / f"{split}.txt"
+            if not self.label_dir.is_dir():
+                raise ConversionError(f"{self.label_dir}: folder not found (VOC layout, split {split})")
+            if not self.list_path.is_file():
+                raise ConversionError(f"{self.list_path}: split list not found (VOC layout, split {split})")
+        self._items: list[Item] | None = None
+        self._info: SourceInfo | None = None
+
+    # ---- the Source protocol ----
+
+    def info(self) -> SourceInfo:
+        if self._info is None:
+            items = self.items()
+            inputs = {
+                "images": os.path.abspath(self.image_dir),
+                "labels": os.path.abspath(self.label_dir),
+                "list": os.path.abspath(self.list_path),
+            }
+            self._info = SourceInfo(
+                dataset="voc",
+                split=self.split,
+                source=os.path.abspath(self.root),
+                classes=list(VOC_CLASSES),
+                has_label=True,
+                label_encoding={"space": "voc2012-21", "unlabeled": None, "ignore": VOID, "rule": LABEL_RULE},
+                extra={"inputs": inputs, "listed": len(items)},
+                inputs=(os.path.abspath(self.root), *inputs.values()),
+            )
+        return self._info
+
+    def items(self) -> list[Item]:
+        if self._items is None:
+            items = []
+            for image_id in read_id_list(self.list_path):
+                image = str(self.image_dir / f"{image_id}.jpg")
+                label = str(self.label_dir / f"{image_id}.png")
+                # a listed image or label that is missing stays in the plan: load() reports it
+                items.append(
+                    Item(key=sanitize_key(image_id), size=file_size(image) + file_size(label), ref=(image, label))
+                )
+            check_unique_keys(items, lambda item: item.ref[0])
+            self._items = items
+        return self._items
+
+    def load(self, item: Item) -> Sample:
+        image, label_path = item.ref
+        jpg = read_bytes(image, what="image")
+        # np.asarray of a palette ("P") image gives its palette indices: the VOC class ids
+        label = read_label_png(label_path, ("P", "L"), "8-bit palette or grayscale", self.max_pixels)
+        bad = np.unique(label[(label >= len(VOC_CLASSES)) & (label != VOID)])
+        if bad.size:
+            shown = ", ".join(map(str, bad[:8].tolist())) + (", ..." if bad.size > 8 else "")
+            raise SampleError(label_path, f"label values {shown} are not VOC classes (0-20, or 255 = void)")
+        return Sample(
+            key=item.key, source=image, jpg=jpg, label=label.astype(np.uint8, copy=False), label_source=label_path
+        )
+
+
+# ---- layout helpers (each names what is missing and where) ----
+
+
+def find_aug_labels(root: Path, given: Path | None) -> Path:
+    """The SegmentationClassAug folder of --split trainaug."""
+    if given is not None:
+        if not Path(given).is_dir():
+            raise ConversionError(f"{given}: --aug-labels folder not found (the SBD-augmented label PNGs)")
+        return Path(given)
+    default = root / "SegmentationClassAug"
+    if not default.is_dir():
+        raise ConversionError(
+            f"--split trainaug needs the SBD-augmented label PNGs: {default} not found "
+            "(unpack SegmentationClassAug there, or give its folder with --aug-labels)"
+        )
+    return default
+
+
+def find_aug_list(segmentation: Path, given: Path | None) -> Path:
+    """The id list of --split trainaug: --aug-list, else trainaug.txt or train_aug.txt."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise ConversionError(f"{given}: --aug-list file not found (the trainaug id list)")
+        return Path(given)
+    candidates = [segmentation / name for name in AUG_LIST_NAMES]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConversionError(
+        f"--split trainaug needs its id list: looked for {' and '.join(map(str, candidates))} "
+        "(give the list file with --aug-list)"
+    )
+
+
+def read_id_list(path: Path) -> list[str]:
+    """The image ids of a VOC list file, in file order: one id per line, or DeepLab's
+    '<image path> <label path>' pairs, whose id is the image's file stem."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: cannot read the id list: {getattr(e, 'strerror', None) or e}") from None
+    ids: list[str] = []
+    first: dict[str, int] = {}  # id -> the line that listed it
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) == 1:
+            image_id = fields[0]
+        elif len(fields) == 2:
+            image_id, label_id = (PurePosixPath(f).stem for f in fields)
+            if image_id != label_id:
+                raise ConversionError(f"{path}:{line_no}: image {fields[0]} and label {fields[1]} name different ids")
+        else:
+            raise ConversionError(f"{path}:{line_no}: expected an image id (or '<image> <label>' paths), got {line!r}")
+        if image_id in (".", "..") or any(c in image_id for c in "/\\\0"):
+            raise ConversionError(f"{path}:{line_no}: {image_id!r} is not an image id (a file name without folders)")
+        if image_id in first:
+            raise ConversionError(f"{path}:{line_no}: id {image_id} listed twice (first on line {first[image_id]})")
+        first[image_id] = line_no
+        ids.append(image_id)
+    if not ids:
+        raise ConversionError(f"{path}: no image ids listed")
+    return ids
