@@ -81,7 +81,7 @@ def _leave_the_signal_to_the_task() -> None:
 
 
 class Job:
-    """The callable submitit pickles: ``Job(command, args)()`` on every task of the job."""
+    """The callable submitit pickles: ``Job(command, args, run_dir)()`` on every task of the job."""
 
     def __init__(self, command: str, args: tuple[str, ...], run_dir: Path):
         self.command, self.args, self.run_dir = command, tuple(args), Path(run_dir)

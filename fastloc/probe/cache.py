@@ -192,6 +192,7 @@ def build_cache(
 
 
 def _fill(path, tmp, key, batches, encode, shapes, patch, progress) -> CachedSplit:
+    """This rank's rows into ``tmp``; rank 0 then merges ``usable``, writes meta.json and publishes."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in ARRAYS}
     classes = key["num_classes"]
