@@ -99,12 +99,19 @@ def launch(command: str, argv: list[str]) -> int:
     while not all(job.done(force_check=True) for job in jobs):
         time.sleep(2)
     if cfg.sweep:
-        text, csv_path = sweep.summarize(folder)
-        print(f"{text}\nsummary: {csv_path}")
-        return 0 if all(sweep.outcome(job)["state"] == "COMPLETED" for job in jobs) else 1
+        return 0 if print_summary(folder) else 1
     ended = sweep.outcome(jobs[0])
     print(json.dumps(ended, indent=1, default=str))
     return 0 if ended["state"] == "COMPLETED" else 1
+
+
+def print_summary(folder: Path) -> bool:
+    """Print a sweep's table and where its CSV is; whether every member completed."""
+    from fastloc.launch import sweep
+
+    text, csv_path, completed = sweep.summarize(folder)
+    print(f"{text}\nsummary: {csv_path}")
+    return completed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,12 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command == "summary":
-            from fastloc.launch import sweep
-
             if len(rest) != 1:
                 raise ValueError("summary takes one argument: the sweep folder")
-            text, csv_path = sweep.summarize(Path(rest[0]))
-            print(f"{text}\nsummary: {csv_path}")
+            print_summary(Path(rest[0]))
             return 0
         if command not in COMMANDS:
             raise ValueError(f"unknown command {command!r}: one of {', '.join(COMMANDS)}, summary")

@@ -98,8 +98,9 @@ def outcome(job: submitit.Job) -> dict[str, Any]:
     return {"state": state, "error": lines[-1] if lines else "", "log": str(job.paths.stderr)}
 
 
-def summarize(folder: Path) -> tuple[str, Path]:
-    """The sweep's table (one row per member, failed ones with their log) and its CSV."""
+def summarize(folder: Path) -> tuple[str, Path, bool]:
+    """The sweep's table (one row per member, failed ones with their log), its CSV, and whether
+    every member completed."""
     record = json.loads((folder / "sweep.json").read_text())
     job_class = submitit.LocalJob if record["cluster"] == "local" else submitit.SlurmJob
     rows = []
@@ -112,7 +113,7 @@ def summarize(folder: Path) -> tuple[str, Path]:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    return table(rows, columns), path
+    return table(rows, columns), path, all(row["state"] == "COMPLETED" for row in rows)
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
