@@ -84,3 +84,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def voc(tmp_path_factory) -> Path:
+    """The dense protocols' tests: a small VOC (tests/dense_data.py) as shards/voc/{train,val,trainaug}."""
+    from dense_data import voc_shards
+
+    return voc_shards(tmp_path_factory.mktemp("voc"))

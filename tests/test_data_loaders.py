@@ -63,7 +63,13 @@ def reference(root: Path) -> dict[str, tuple[Image.Image, np.ndarray, int]]:
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(
     ("recipe", "kind", "norm"),
-    [("eval", "rkrc", True), ("train", "rkrc", False), ("train", "rrc", True), ("center-crop", "rkrc", False)],
+    [
+        ("eval", "rkrc", True),
+        ("train", "rkrc", False),
+        ("train", "rrc", True),
+        ("center-crop", "rkrc", False),
+        ("square", "rkrc", False),
+    ],
 )
 def test_batches_follow_the_contract(synthetic, name, recipe, kind, norm):
     cfg = config(synthetic, recipe=recipe, train=TrainRecipe(kind=kind), normalize=norm)
@@ -103,10 +109,11 @@ def test_batch_contents_follow_the_options(synthetic, name):
     [
         {"recipe": "eval", "shuffle": False, "drop_last": False},
         {"recipe": "center-crop", "center_crop": CenterCropRecipe(crop_pct=0.9), "drop_last": False},
+        {"recipe": "square", "shuffle": False, "drop_last": False},
         {"recipe": "train", "seed": 3},
         {"recipe": "train", "train": TrainRecipe(kind="rrc"), "world_size": 3, "rank": 1, "batch_size": 4},
     ],
-    ids=["eval", "center-crop", "train-rkrc", "train-rrc-rank1of3"],
+    ids=["eval", "center-crop", "square", "train-rkrc", "train-rrc-rank1of3"],
 )
 def test_both_loaders_yield_the_same_batches(synthetic, kw):
     """Same seed, epoch and rank: the same keys, labels, classes and valid flags in the same

@@ -24,8 +24,10 @@ from fastloc.data.transforms import (
     image_eval,
     image_rkrc,
     image_rrc,
+    image_square,
     label_center_crop,
     label_eval,
+    label_square,
     largest_center_square,
     pil_filter,
     pil_nearest_indices,
@@ -36,6 +38,7 @@ from fastloc.data.transforms import (
     window_eval,
     window_rkrc,
     window_rrc,
+    window_square,
 )
 
 S = 32
@@ -157,6 +160,22 @@ def test_eval_matches_patchseg_reference():
         ref_label = Image.fromarray(label[top : top + m, left : left + m].astype(np.int32), mode="I")
         assert np.array_equal(label_t.numpy(), np.asarray(ref_label.resize((S, S), Image.Resampling.NEAREST)))
         assert label_t.dtype == torch.int64
+
+
+def test_square_is_torchvision_resize_of_the_whole_image():
+    """Leopart's and Hummingbird's evaluation input: Resize((S, S)) on the PIL image and mask."""
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(4)
+    for h, w in [(40, 57), (57, 40), (101, 64)]:
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        label = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        assert np.array_equal(image_square(image, S).permute(1, 2, 0).numpy(), np.asarray(v2.Resize((S, S))(image)))
+        nearest = v2.Resize((S, S), interpolation=v2.InterpolationMode.NEAREST)(Image.fromarray(label))
+        assert np.array_equal(label_square(label, S), np.asarray(nearest))
+        got = _through_window(image, window_square(h, w, S))
+        assert np.array_equal(got, image_square(image, S).numpy())
 
 
 def test_rkrc_draws_follow_the_recipe():

@@ -1,4 +1,4 @@
-"""Dense-feature metrics (fastloc.probe.dense_metrics) against hand-computed answers."""
+"""Dense-feature metrics (fastloc.probe.dense.metrics) against hand-computed answers."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from fastloc.probe.dense_metrics import (
+from fastloc.probe.dense.metrics import (
     IGNORE_INDEX,
     KNN_K,
     KNN_TEMPERATURE,

@@ -169,7 +169,7 @@ def concurrent_builds_keep_one_cache_and_leave_no_partial(cache: Path, key: dict
         yield
 
     with pytest.raises(RuntimeError, match="the loader died"):
-        build_cache(cache.parent / "new", key, failing(), lambda x: x, shapes, dtypes, patch=8)
+        build_cache(cache.parent / "new", key, failing(), lambda x: x, shapes, dtypes, targets=dict)
     assert sorted(p.name for p in cache.parent.iterdir() if p.name.startswith(".")) == []
 
 
@@ -271,7 +271,7 @@ def test_the_results_csv_is_never_mixed_with_another_table(blocks, tmp_path, cap
     cfg = config(blocks, tmp_path, epochs=1, predictions=0)
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "outputs-t.csv").write_text("a, b, c\n")
-    with pytest.raises(ValueError, match="not the Patch-Seg results header"):
+    with pytest.raises(ValueError, match="not this protocol.s results header"):
         probe(cfg)
     assert (tmp_path / "results" / "outputs-t.csv").read_text() == "a, b, c\n"
 

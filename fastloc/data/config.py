@@ -79,9 +79,10 @@ class LoaderConfig:
     size: int = 224
     """Output side S in pixels."""
 
-    recipe: Literal["train", "eval", "center-crop"] = "train"
+    recipe: Literal["train", "eval", "center-crop", "square"] = "train"
     """train = MaskEmbed augmentation (random); eval = Patch-Seg centre square; center-crop = timm's
-    eval transform (MaskEmbed validation). The last two are deterministic."""
+    eval transform (MaskEmbed validation); square = the whole image resized to S x S, its aspect
+    ratio not kept (Leopart's and Hummingbird's evaluations). The last three are deterministic."""
 
     train: TrainRecipe = field(default_factory=TrainRecipe)
     """Parameters of the train recipe."""

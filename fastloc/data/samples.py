@@ -30,16 +30,19 @@ from fastloc.data.transforms import (
     draw_rrc,
     image_center_crop,
     image_eval,
+    image_square,
     image_rkrc,
     image_rrc,
     label_center_crop,
     label_eval,
+    label_square,
     label_rkrc,
     label_rrc,
     normalize,
     sample_rng,
     window_center_crop,
     window_eval,
+    window_square,
     window_rkrc,
     window_rrc,
 )
@@ -135,7 +138,7 @@ class SampleReader:
         pixels: bool,
         wide_labels: bool = True,
     ):
-        if cfg.recipe not in ("train", "eval", "center-crop"):
+        if cfg.recipe not in ("train", "eval", "center-crop", "square"):
             raise ValueError(f"unknown recipe {cfg.recipe!r}")
         if not 0 < cfg.center_crop.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {cfg.center_crop.crop_pct}")
@@ -167,6 +170,9 @@ class SampleReader:
         if recipe == "eval":
             window, draw = window_eval(height, width, size), None
             label = None if label is None else label_eval(label, size)
+        elif recipe == "square":
+            window, draw = window_square(height, width, size), None
+            label = None if label is None else label_square(label, size)
         elif recipe == "center-crop":
             crop = self.cfg.center_crop
             window, draw = window_center_crop(height, width, size, crop.crop_pct, crop.interpolation), None
@@ -187,6 +193,8 @@ class SampleReader:
                 return Skipped(shard, key, f"jpg does not decode: {exc}")
             if recipe == "eval":
                 image = image_eval(pil, size)
+            elif recipe == "square":
+                image = image_square(pil, size)
             elif recipe == "center-crop":
                 image = image_center_crop(pil, size, self.cfg.center_crop.crop_pct, self.cfg.center_crop.interpolation)
             else:

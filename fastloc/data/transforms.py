@@ -1,5 +1,6 @@
-"""The two recipes (MaskEmbed's rkrc or RandomResizedCrop for training, Patch-Seg's centre square
-for evaluation), applied identically to an image and its label map.
+"""The recipes (MaskEmbed's rkrc or RandomResizedCrop for training; Patch-Seg's centre square,
+timm's centre crop and the dense evaluations' whole-image square for evaluation), applied
+identically to an image and its label map.
 
 Each recipe comes in parts, so that both loaders share all but the image resampling:
 
@@ -222,6 +223,11 @@ def label_center_crop(label: np.ndarray, size: int, crop_pct: float) -> np.ndarr
     return _gather(label, _axis(h, rh, size), _axis(w, rw, size), False)
 
 
+def label_square(label: np.ndarray, size: int) -> np.ndarray:
+    """[H, W] -> [S, S]: the whole map, PIL NEAREST (torchvision ``Resize((S, S))`` on a mask)."""
+    return resize_label(label, size, size)
+
+
 def label_eval(label: np.ndarray, size: int) -> np.ndarray:
     """[H, W] -> [S, S]: Patch-Seg's largest centre square, PIL NEAREST."""
     top, left, m = largest_center_square(*label.shape)
@@ -270,6 +276,12 @@ def image_eval(image: Image.Image, size: int) -> torch.Tensor:
     top, left, m = largest_center_square(image.height, image.width)
     box = (left, top, left + m, top + m)
     return _image_tensor(np.asarray(image.crop(box).resize((size, size), Image.Resampling.BILINEAR)), False)
+
+
+def image_square(image: Image.Image, size: int) -> torch.Tensor:
+    """The dense evaluations' input (Leopart, Hummingbird): the whole image, PIL bilinear
+    (antialiased) to S x S, its aspect ratio not kept (torchvision ``Resize((S, S))`` on PIL)."""
+    return _image_tensor(np.asarray(image.resize((size, size), Image.Resampling.BILINEAR)), False)
 
 
 def _label_tensor(label: np.ndarray | None) -> torch.Tensor | None:
@@ -342,6 +354,10 @@ def _whole(crop: tuple[int, int, int, int], size: int, interpolation: str, flip:
 
 def window_rrc(size: int, draw: RrcDraw) -> Window:
     return _whole((draw.top, draw.left, draw.height, draw.width), size, draw.interpolation, draw.flip)
+
+
+def window_square(h: int, w: int, size: int) -> Window:
+    return _whole((0, 0, h, w), size, "bilinear", False)
 
 
 def window_eval(h: int, w: int, size: int) -> Window:

@@ -67,6 +67,8 @@ BACKBONES: dict[str, Backbone] = {
     "ijepa-vit-h": Backbone("vit_huge_patch14_gap_224.in22k_ijepa"),
     "eva02-vit-l": Backbone("eva02_large_patch14_clip_224.merged2b", **_PLAIN),
     "dinov2-vit-l": Backbone("vit_large_patch14_reg4_dinov2.lvd142m", {"img_size": 224}),
+    # the dense evaluations' reference backbone: Leopart starts from DINO ViT-S/16 (OTHER-METHODS.md section 1)
+    "dino-vit-s": Backbone("vit_small_patch16_224.dino"),
     # a small ViT for CPU runs and tests, random weights only: 64 px, 8 px patches, width 96, 4 blocks
     "tiny": Backbone(
         "vit_tiny_patch16_224", {"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}

@@ -12,6 +12,9 @@ memory maps, so RAM stays bounded whatever the split's size:
     usable.npy    [S]         False for a sample the loaders could not use
     meta.json                 the key, the shapes, the format version; written last
 
+The dense evaluations (``fastloc.probe.dense``) keep the same folder with other target arrays
+(the label maps themselves, ``labels.npy`` [S, H, W]): ``meta.json`` lists a cache's arrays.
+
 It is built in a hidden ``.partial-*`` folder that is renamed into place when complete, so a
 killed build leaves no cache that looks whole. With several ranks each writes its share of the
 rows into the same files (a shared file system, as SLURM clusters have).
@@ -37,7 +40,6 @@ import torch.distributed as dist
 from fastloc.kernels.label_pool import label_pool
 
 FORMAT = 1
-ARRAYS = ("features", "union", "majority", "global", "usable")
 
 
 class CacheError(RuntimeError):
@@ -123,7 +125,9 @@ class CachedSplit:
         if self.meta["key"]["feature_dtype"] == "bfloat16":
             features = features.view(torch.bfloat16)  # stored as int16 bits: numpy has no bf16
         stored = {
-            k: torch.from_numpy(np.ascontiguousarray(self.arrays[k][index])) for k in ("union", "majority", "global")
+            k: torch.from_numpy(np.ascontiguousarray(v[index]))
+            for k, v in self.arrays.items()
+            if k not in ("features", "usable")
         }
         return features, stored
 
@@ -146,7 +150,7 @@ def open_cache(path: Path, key: dict) -> CachedSplit | None:
     if meta.get("key") != key:
         raise CacheError(f"{path}: made for other inputs than this run's; delete it to rebuild it")
     arrays = {}
-    for name in ARRAYS:
+    for name in meta.get("arrays", {}):
         try:
             arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r")
         except (OSError, ValueError) as exc:
@@ -171,37 +175,39 @@ def build_cache(
     encode: Callable[[torch.Tensor], torch.Tensor],
     shapes: dict[str, tuple[int, ...]],
     dtypes: dict[str, np.dtype],
-    patch: int,
+    targets: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     progress=None,
 ) -> CachedSplit:
     """Write the cache from ``batches`` (one pass of an eval-order loader over the split; each
-    rank its share) and publish it. ``encode`` maps images to features [B, T, D]."""
+    rank its share) and publish it. ``encode`` maps images to features [B, T, D]; ``targets``
+    maps label maps [B, S, S] to the other arrays' rows (a ValueError for labels that do not
+    fit). ``shapes`` and ``dtypes`` name every array, ``features`` and ``usable`` among them."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp = _partial(path)
     if rank == 0:
         tmp.mkdir(parents=True)
-        for name in ARRAYS:
+        for name in shapes:
             np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtypes[name], shape=shapes[name]).flush()
     _barrier()
     try:
-        return _fill(path, tmp, key, batches, encode, shapes, patch, progress)
+        return _fill(path, tmp, key, batches, encode, shapes, targets, progress)
     except BaseException:
         if rank == 0:  # ours, never published (a SIGKILLed build leaves its .partial- folder behind)
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _fill(path, tmp, key, batches, encode, shapes, patch, progress) -> CachedSplit:
+def _fill(path, tmp, key, batches, encode, shapes, targets, progress) -> CachedSplit:
     """This rank's rows into ``tmp``; rank 0 then merges ``usable``, writes meta.json and publishes."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    out = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in ARRAYS}
+    out = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in shapes}
     classes = key["num_classes"]
     for batch in batches:
         valid = batch.valid.cpu().numpy()
         rows = batch.index.numpy()[valid]
         features = encode(batch.images)[torch.from_numpy(valid).to(batch.images.device)]
         try:
-            stored = pool_targets(batch.labels, patch, classes)
+            stored = targets(batch.labels)
         except ValueError as exc:
             raise CacheError(
                 f"{key['dataset']}/{key['split']}: a label map of samples {', '.join(batch.keys[:4])}... does not fit "

@@ -38,20 +38,20 @@ def csv_row(cfg, dataset: str, selected: dict[str, Any]) -> list[str]:
     return [*given, str(cfg.epochs), repr(float(selected["loss"])), *(repr(float(v)) for v in metrics)]
 
 
-def append_csv(path: Path, row: list[str]) -> None:
-    """Append ``row``, writing the header first into a new file; a file with another header is
-    refused rather than mixed. Locked, so that array jobs can share one file."""
+def append_csv(path: Path, row: list[str], columns: tuple[str, ...] = COLUMNS, *more: list[str]) -> None:
+    """Append ``row`` (and ``more`` rows), writing the header first into a new file; a file with
+    another header is refused rather than mixed. Locked, so that array jobs can share one file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = SEPARATOR.join(COLUMNS)
+    header = SEPARATOR.join(columns)
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         first = f.readline().rstrip("\n")
         if first and first != header:
-            raise ValueError(f"{path}: its header is not the Patch-Seg results header; write elsewhere (--results)")
+            raise ValueError(f"{path}: its header is not this protocol's results header; write elsewhere (--results)")
         if not first:
             f.write(header + "\n")
-        f.write(SEPARATOR.join(row) + "\n")
+        f.writelines(SEPARATOR.join(r) + "\n" for r in (row, *more))
 
 
 def prevalence_flag(metrics: dict[str, Any]) -> str | None:

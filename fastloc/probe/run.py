@@ -139,7 +139,8 @@ def cached_split(cfg, split, model, digest, image, runtime, encode) -> object:
     }
     progress = Progress(n, 0, f"features {split.manifest['split']}", enabled=runtime.main, unit="images")
     try:
-        cache = build_cache(path, key, iter(loader), encode, shapes, dtypes, image.patch_size, progress)
+        pool = lambda labels: pool_targets(labels, image.patch_size, key["num_classes"])  # noqa: E731
+        cache = build_cache(path, key, iter(loader), encode, shapes, dtypes, pool, progress)
     finally:
         progress.close()
         loader.close()

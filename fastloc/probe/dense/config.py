@@ -1,0 +1,198 @@
+"""The dense evaluations' configs: what every protocol shares, then each protocol's own knobs.
+
+The defaults are the published recipes (../shared/methods/OTHER-METHODS.md section 1, the
+open-hummingbird-eval and DINOv3 code); a knob that moves numbers (section 4) is a field, and the
+result JSON records every field under the protocol's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+from fastloc.cli import flowing_help
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseConfig:
+    """What every dense protocol shares: the data, the frozen backbone, where results go."""
+
+    data: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="DATA")]
+    """The shard set (e.g. shards/voc from python -m fastloc.shard voc), holding the splits named below."""
+
+    backbone: str = "dino-vit-s"
+    """A registered short name (python -m fastloc.probe --help lists them), a timm id, or a file
+    written by python -m fastloc.align export. dino-vit-s is Leopart's starting point."""
+
+    weights: str = "pretrained"
+    """pretrained (timm's hub), random, or a local weights file (safetensors or a timm checkpoint)."""
+
+    skip_blocks: int = 0
+    """Drop the backbone's last k blocks (its final norm is kept); 0 = last-block tokens, as the protocols."""
+
+    image_size: int = 448
+    """The side of the square input; the backbone's position embedding is resampled to it."""
+
+    zero_is_ignore: bool = False
+    """Score label 0 as void and shift the other classes down by one (mmseg's reduce_zero_label:
+    ADE20k's and COCO-Stuff's 'unlabeled'). VOC's class 0 is background, a class like any other."""
+
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16 autocast for the backbone (cached features are then bf16); fp32 for everything."""
+
+    eval_batch_size: int = 60
+    """Feature-extraction batch (Leopart: 60)."""
+
+    seed: int = 0
+    """Seed of everything random in the protocol (k-means, heads, memory sampling, order)."""
+
+    cache: bool = True
+    """Keep the evaluation split's features and label maps in the feature cache, to be reused."""
+
+    cache_dir: Path = Path("runs/probe/cache")
+    """Where feature caches live (shared with Patch-Seg's)."""
+
+    out: Path = Path("runs/probe")
+    """Parent folder of run directories (result.json)."""
+
+    name: str = ""
+    """Run directory name under out (default: protocol-dataset-backbone-sizeN)."""
+
+    results: Path = Path("results")
+    """Folder of the results CSV (dense-PROTOCOL-DATASET.csv, one row per figure, appended)."""
+
+    train_split: str = ""
+    """The training split's folder under data (default: train or training; Leopart's linear probe: trainaug)."""
+
+    val_split: str = ""
+    """The evaluation split's folder under data (default: val or validation)."""
+
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """cuda when available, else cpu."""
+
+    loader: Literal["auto", "gpu", "cpu"] = "auto"
+    """gpu = DALI decoding on the GPU, cpu = the torch twin; auto = gpu when CUDA is present."""
+
+    workers: int = 4
+    """Host worker processes of the loaders (0: in this process)."""
+
+
+@flowing_help
+@dataclass(frozen=True, kw_only=True)
+class OverclusterConfig(DenseConfig):
+    """Leopart's overclustering: k-means on the evaluation split's patch tokens, clusters matched to
+    classes, mIoU. Defaults: VOC val, 448 square, StandardScaler + PCA-50 fitted on the eval set,
+    k-means 100 iterations x 5 restarts, K 100/300/500 many-to-one (precision) and 21 Hungarian,
+    maps at 100 x 100, mean of 5 seeds."""
+
+    clusters: tuple[int, ...] = (100, 300, 500, 21)
+    """The values of K. K = the number of classes is matched one-to-one (Hungarian on IoU); a larger
+    K many-to-one."""
+
+    seeds: int = 5
+    """Clusterings per K (seeds seed .. seed + seeds - 1); the figure is their mean."""
+
+    iterations: int = 100
+    """k-means (Lloyd) iterations per restart (faiss niter)."""
+
+    restarts: int = 5
+    """k-means restarts per clustering, the lowest objective kept (faiss nredo)."""
+
+    max_points_per_centroid: int = 256
+    """faiss's default: k-means trains on a random subset of K x this many points (0: all points);
+    every point is then assigned to its nearest centroid."""
+
+    pca_dim: int = 50
+    """PCA output dimension after the StandardScaler (0: no scaler, no PCA)."""
+
+    mask_size: int = 100
+    """Cluster maps (nearest from the patch grid) and ground truth (nearest from the input size)
+    are compared at this side."""
+
+    many_to_one: Literal["precision", "iou"] = "precision"
+    """K > classes: each cluster goes to the class of highest precision (Leopart) or IoU."""
+
+    batch_size: int = 60
+    """Images per batch; with drop_last the split's last partial batch is left out (Leopart: 60 ->
+    1,440 of VOC val's 1,449)."""
+
+    drop_last: bool = True
+    """Leave out the last partial batch (Leopart's loader); False clusters every image."""
+
+
+@flowing_help
+@dataclass(frozen=True, kw_only=True)
+class LinearConfig(DenseConfig):
+    """A linear probe on frozen patch tokens, trained then scored by mIoU over the evaluation split.
+    Two named protocols: leopart-voc (Leopart's VOC linear probe) and dinov3-ade20k (DINOv2/v3's
+    ADE20k linear probe: BatchNorm + linear, sliding-window full-resolution mIoU)."""
+
+    protocol: Literal["leopart-voc", "dinov3-ade20k"] = "leopart-voc"
+    """The recipe; the fields below left at 0 take its values (python -m fastloc.probe linear --help)."""
+
+    lr: float = 0.0
+    """Learning rate (0: the protocol's: leopart-voc 0.01, Leopart's for DINO/Leopart ViT-S (0.1 for
+    ViT-B and MAE, 1.0 for MoCo-v3); dinov3-ade20k 1e-3)."""
+
+    epochs: int = 0
+    """leopart-voc: passes over the training split (0: 25; lr x 0.1 at 80% of them, epoch 20 of 25)."""
+
+    iterations: int = 0
+    """dinov3-ade20k: updates (0: 40,000; scale it down on small hardware and say so, the result records it)."""
+
+    batch_size: int = 0
+    """Global training batch (0: leopart-voc 120 = 60 x 2 GPUs; dinov3-ade20k 16 = 2 x 8 GPUs)."""
+
+    crop_size: int = 512
+    """dinov3-ade20k: the training crop and the sliding window's side."""
+
+    stride: int = 341
+    """dinov3-ade20k: the sliding window's stride."""
+
+    short_side: int = 512
+    """dinov3-ade20k: evaluation images are resized (aspect kept) to this short side, scored at
+    their original resolution."""
+
+    probe_size: int = 100
+    """leopart-voc: features are bilinearly upsampled to this side, and the loss is computed there."""
+
+
+@flowing_help
+@dataclass(frozen=True, kw_only=True)
+class HummingbirdConfig(DenseConfig):
+    """Hummingbird in-context retrieval (open-hummingbird-eval): a memory bank of training patch
+    tokens with their label distributions, k-NN label transfer onto evaluation patches, mIoU."""
+
+    image_size: int = 512
+    """The side of the square input (the reference's script: 512)."""
+
+    neighbours: int = 30
+    """Neighbours retrieved per patch (the reference: 30)."""
+
+    temperature: float = 0.02
+    """Softmax temperature on the cosine similarities (the reference's beta: 0.02)."""
+
+    memory_size: int = 102_400
+    """Bank entries (0: every patch of every augmented training image). The reference's script:
+    1024 x 10^2; its paper runs: 1024 x 10^4. Each image gives memory_size // (images x
+    augmentation_epochs) patches, those of its rarest classes first."""
+
+    augmentation_epochs: int = 1
+    """Passes over the training split into the bank, each with fresh augmentation."""
+
+    augment: bool = True
+    """The reference's bank augmentation: RandomResizedCrop(scale 0.5-2.0) and colour jitter
+    (brightness, contrast, saturation, hue 0.1, each with probability 0.5). False: the square resize."""
+
+    train_images: int = 0
+    """Use only the first N training images (0: all), as the reference's data-efficiency runs."""
+
+    matching: Literal["hungarian", "none"] = "hungarian"
+    """The reference scores predictions after Hungarian matching to the classes (its PredsmIoU);
+    none scores them as predicted."""
+
+    bank_chunk: int = 65_536
+    """Bank rows compared per step of the exact k-NN search (memory: queries x chunk similarities)."""

@@ -1,0 +1,206 @@
+"""The dense protocols' inputs: the backbone at the protocol's size, the label space, the feature
+cache of an evaluation split, and the live loaders of augmented training images.
+
+The evaluation split goes through the ``square`` recipe (the whole image resized to S x S, as
+Leopart's and Hummingbird's evaluations do) once per backbone, split and size; its patch tokens
+and its label maps at S x S are cached (``fastloc.probe.cache``) and read back by every protocol.
+Labels become int64 with -1 for void (the manifest's ``ignore`` value, and 0 under
+``zero_is_ignore``), so that classes and void never collide, whatever the dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from fastloc.align.step import autocast
+from fastloc.data.config import LoaderConfig, TrainRecipe
+from fastloc.data.loader import make_loader
+from fastloc.models.registry import ImageConfig, image_config
+from fastloc.probe.backbone import fingerprint, load_backbone
+from fastloc.probe.cache import CachedSplit, CacheError, build_cache, cache_key, cache_path, open_cache
+from fastloc.probe.data import ProbeData, open_data
+from fastloc.probe.dense.config import DenseConfig
+from fastloc.progress import Progress
+
+VOID = -1  # the void label inside the dense protocols
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """The classes a protocol scores, and how a split's stored labels map onto them."""
+
+    names: list[str | None]
+    ignore: int | None  # the manifest's void value (VOC: 255), or None
+    zero_is_ignore: bool
+
+    @classmethod
+    def of(cls, data: ProbeData, zero_is_ignore: bool) -> LabelSpace:
+        label = data.val.manifest.get("label") or {}
+        names = list(data.classes)
+        if zero_is_ignore:
+            names = names[1:]
+        if not names:
+            raise ValueError(f"{data.val.root}: no classes left to score")
+        return cls(names, label.get("ignore"), zero_is_ignore)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def map(self, labels: torch.Tensor) -> torch.Tensor:
+        """Stored labels (any integer dtype) -> int64 class ids, VOID for void."""
+        labels = labels.long()
+        void = labels == self.ignore if self.ignore is not None else torch.zeros_like(labels, dtype=torch.bool)
+        if self.zero_is_ignore:
+            void |= labels == 0
+            labels = labels - 1
+        return torch.where(void, torch.full_like(labels, VOID), labels)
+
+
+@dataclass
+class Backbone:
+    """The frozen backbone at the protocol's input size."""
+
+    model: torch.nn.Module
+    image: ImageConfig
+    digest: str
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.num_features)
+
+
+def dense_backbone(cfg: DenseConfig, device: torch.device) -> Backbone:
+    """``cfg.backbone`` frozen, its position embedding resampled to ``cfg.image_size`` (timm's
+    ``set_input_size``); the size must be a multiple of the patch size."""
+    model = load_backbone(cfg.backbone, cfg.weights, cfg.skip_blocks)
+    patch = image_config(model).patch_size
+    if cfg.image_size < patch or cfg.image_size % patch:
+        raise ValueError(
+            f"--image-size {cfg.image_size}: must be a positive multiple of {cfg.backbone}'s patch {patch}"
+        )
+    if image_config(model).size != cfg.image_size:
+        model.set_input_size(img_size=cfg.image_size)
+    model = model.to(device).eval().requires_grad_(False)
+    return Backbone(model, image_config(model), fingerprint(model))
+
+
+def feature_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def patch_encoder(backbone: Backbone, precision: str, device: torch.device):
+    """Images [B, 3, S, S] -> last-block patch tokens after the final norm [B, g * g, D] (the prefix
+    tokens dropped), in the cache's dtype."""
+    prefix = backbone.image.prefix_tokens
+
+    @torch.no_grad()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            tokens = backbone.model.forward_features(images.to(device, non_blocking=True))
+        return tokens[:, prefix:].to(feature_dtype(precision))
+
+    return encode
+
+
+def loader_config(split, image: ImageConfig, batch: int, cfg: DenseConfig, **kw) -> LoaderConfig:
+    """A split in the ``square`` recipe, in order, every sample once (the evaluation's loader);
+    ``kw`` overrides (a training recipe, shuffling)."""
+    base = LoaderConfig(
+        shards=split.root,
+        batch_size=batch,
+        size=image.size,
+        recipe="square",
+        mean=image.mean,
+        std=image.std,
+        shuffle=False,
+        drop_last=False,
+        seed=cfg.seed,
+        device=cfg.loader,
+        workers=cfg.workers,
+    )
+    return replace(base, **kw)
+
+
+def train_loader(split, image: ImageConfig, batch: int, cfg: DenseConfig, recipe: TrainRecipe, **kw):
+    """Augmented, shuffled training batches (labels included): the live loader, epoch by epoch."""
+    return make_loader(
+        loader_config(split, image, batch, cfg, recipe="train", train=recipe, shuffle=True, drop_last=True, **kw)
+    )
+
+
+def label_storage(split) -> np.dtype:
+    """The numpy dtype that holds the split's stored labels (uint8, or int32 for wider ones)."""
+    return np.dtype(np.uint8) if split.manifest["label"]["dtype"] == "uint8" else np.dtype(np.int32)
+
+
+def eval_split(cfg: DenseConfig, split, backbone: Backbone, device: torch.device, main: bool = True) -> CachedSplit:
+    """The split's cache of patch tokens [N, g * g, D] and square label maps [N, S, S]: reused when
+    it is there, else built (every sample through the ``square`` recipe, in order)."""
+    image = backbone.image
+    image_key = {"size": image.size, "patch_size": image.patch_size, "mean": image.mean, "std": image.std}
+    dtype = str(feature_dtype(cfg.precision))[6:]
+    key = cache_key(backbone.digest, split.manifest, image_key, cfg.skip_blocks, dtype)
+    key["recipe"] = "square"
+    key["arrays"] = "patch-tokens+labels"
+    path = cache_path(cfg.cache_dir, key)
+    if cfg.cache:
+        try:
+            cache = open_cache(path, key)
+        except CacheError as exc:
+            if main:
+                print(f"features: {exc}; rebuilding it")
+            cache = None
+        if cache is not None:
+            if main:
+                print(f"features: reusing the cache {path} ({cache.num_samples} samples)")
+            return cache
+    n, side, grid = split.num_samples, image.size, image.grid
+    storage = label_storage(split)
+    shapes = {"features": (n, grid * grid, backbone.dim), "labels": (n, side, side), "usable": (n,)}
+    dtypes = {
+        "features": np.int16 if cfg.precision == "bf16" else np.float32,  # bf16 bits
+        "labels": storage,
+        "usable": np.bool_,
+    }
+    loader = make_loader(loader_config(split, image, cfg.eval_batch_size, cfg))
+    progress = Progress(n, 0, f"features {split.manifest['split']}", enabled=main, unit="images")
+    encode = patch_encoder(backbone, cfg.precision, device)
+
+    def targets(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"labels": labels.to(torch.uint8 if storage == np.uint8 else torch.int32)}
+
+    try:
+        cache = build_cache(path, key, iter(loader), encode, shapes, dtypes, targets, progress)
+    finally:
+        progress.close()
+        loader.close()
+    if main:
+        print(f"features: cached in {path}")
+    return cache
+
+
+def eval_batches(
+    cache: CachedSplit, batch: int, device: torch.device, labels: LabelSpace, drop_last: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(patch tokens [B, g * g, D] float32, labels [B, S, S] int64 with VOID) of the usable
+    samples in order; ``drop_last`` leaves out the last partial batch (Leopart's loader)."""
+    rows = np.flatnonzero(np.asarray(cache.usable))
+    count = len(rows) // batch if drop_last else math.ceil(len(rows) / batch)
+    for b in range(count):
+        index = rows[b * batch : (b + 1) * batch]
+        features, stored = cache.rows(index)
+        yield (
+            features.to(device, non_blocking=True).float(),
+            labels.map(stored["labels"].to(device, non_blocking=True)),
+        )
+
+
+def open_dense_data(cfg: DenseConfig) -> ProbeData:
+    """The shard set's training and evaluation splits (FileNotFoundError / ValueError otherwise)."""
+    return open_data(cfg.data, cfg.train_split, cfg.val_split)

@@ -1,0 +1,77 @@
+"""What a dense protocol run leaves behind: result.json (the protocol's name and every knob, the
+figures, per-class IoU) and rows of ``results/dense-PROTOCOL-DATASET.csv``, one per figure.
+
+``python -m fastloc.probe compare`` reads these results beside Patch-Seg's: ``selected`` holds
+the headline figures by name and ``per_class_iou`` the class table of each.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fastloc.probe.backbone import describe
+from fastloc.probe.dense.config import DenseConfig
+from fastloc.probe.report import append_csv, write_json
+
+COLUMNS = ("protocol", "dataset", "backbone", "weights", "skip_blocks", "image_size", "figure", "value", "knobs")
+SEPARATOR = ", "
+
+
+def run_dir(cfg: DenseConfig, protocol: str, dataset: str) -> Path:
+    if cfg.name:
+        return Path(cfg.out) / cfg.name
+    backbone = Path(cfg.backbone).stem if cfg.backbone.endswith(".safetensors") else cfg.backbone
+    return (
+        Path(cfg.out) / f"{protocol}-{dataset}-{backbone.replace('/', '_')}-size{cfg.image_size}-skip{cfg.skip_blocks}"
+    )
+
+
+def write_result(
+    cfg: DenseConfig,
+    protocol: dict[str, Any],
+    data,
+    labels,
+    model,
+    figures: dict[str, float],
+    per_class_iou: dict[str, list[float]],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write result.json and the CSV rows; returns the run directory. ``protocol`` holds ``name``
+    and every knob; ``figures`` the headline numbers (mIoU in [0, 1]) by name."""
+    out = run_dir(cfg, protocol["name"], data.dataset)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "protocol": protocol,
+        "dataset": {
+            "name": data.dataset,
+            "train": str(data.train.root),
+            "val": str(data.val.root),
+            "num_classes": labels.num_classes,
+            "classes": labels.names,
+            "ignore": labels.ignore,
+            "zero_is_ignore": labels.zero_is_ignore,
+        },
+        "backbone": describe(cfg.backbone, cfg.weights, model),
+        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "selected": figures,
+        "per_class_iou": per_class_iou,
+        **(extra or {}),
+    }
+    write_json(out / "result.json", result)
+    csv = Path(cfg.results) / f"dense-{protocol['name']}-{data.dataset}.csv"
+    knobs = json.dumps({k: v for k, v in protocol.items() if k != "name"}, sort_keys=True, default=str)
+    given = [protocol["name"], data.dataset, cfg.backbone, cfg.weights, str(cfg.skip_blocks), str(cfg.image_size)]
+    rows = [[*given, figure, repr(float(value)), _quoted(knobs)] for figure, value in figures.items()]
+    append_csv(csv, rows[0], COLUMNS, *rows[1:])
+    for figure, value in figures.items():
+        print(f"{protocol['name']} {figure}: {100 * value:.2f}")
+    print(f"results: {out / 'result.json'}, {len(figures)} rows appended to {csv}")
+    return out
+
+
+def _quoted(text: str) -> str:
+    """The knobs' JSON as one CSV field (double quotes doubled)."""
+    return '"' + text.replace('"', '""') + '"'
