@@ -263,6 +263,10 @@ def test_bad_inputs_are_clear_errors(blocks, tmp_path, capsys):
     message = error(few, "--epochs", "1")
     assert "does not fit the manifest's 4 classes" in message and "blocks_" in message
     assert not any((tmp_path / "c").glob("t-*"))  # nothing half-written published
+    # void pixels (VOC's 255): the dense protocols' data, not Patch-Seg's
+    label = json.loads((blocks / "val" / "manifest.json").read_text())["label"]
+    void = doctored(blocks, tmp_path / "void", {"label": {**label, "ignore": 255}})
+    assert "mark void pixels (255)" in error(void) and "python -m fastloc.probe overcluster" in error(void)
     assert "--skip-blocks 4: tiny has 4 blocks" in error(blocks, "--skip-blocks", "4")
     assert "union reduction only" in error(blocks, "--head", "transformer-cls", "--reduction", "majority")
 

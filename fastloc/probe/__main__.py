@@ -1,12 +1,17 @@
-"""python -m fastloc.probe: the Patch-Seg benchmark.
+"""python -m fastloc.probe: the Patch-Seg benchmark and the dense evaluations beside it.
 
-    python -m fastloc.probe DATA [--backbone NAME] [--field VALUE ...]   train a head, score it
+    python -m fastloc.probe DATA [--backbone NAME] [--field VALUE ...]   Patch-Seg: train a head, score it
+    python -m fastloc.probe overcluster DATA [...]                         Leopart's overclustering mIoU
+    python -m fastloc.probe linear DATA --protocol leopart-voc|dinov3-ade20k   linear-probe mIoU
+    python -m fastloc.probe hummingbird DATA [...]                         in-context retrieval mIoU
     python -m fastloc.probe compare A.json B.json [--out PNG]             before/after of two runs
 
 DATA is a shard set with train and validation splits (python -m fastloc.shard converts COCO,
 ADE20k and the synthetic set). "--help" explains every field. The run writes DATA's results
 CSV row (results/outputs-DATASET.csv) and a run directory: result.json, head.safetensors,
 recall.png, predictions.png. Under torchrun every rank runs the same command.
+Each dense protocol writes result.json (its name and every knob) and rows of
+results/dense-PROTOCOL-DATASET.csv; python -m fastloc.shard voc converts Pascal VOC for them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,22 @@ from fastloc.data.shards import ShardError
 from fastloc.models.registry import WeightsError
 from fastloc.probe.cache import CacheError
 
+DENSE = ("overcluster", "linear", "hummingbird")
+
+
+def dense(protocol: str, args: list[str]) -> int:
+    """Parse one dense protocol's config and run it."""
+    import importlib
+
+    from fastloc.probe.dense import config
+
+    cls = {"overcluster": config.OverclusterConfig, "linear": config.LinearConfig}.get(
+        protocol, config.HummingbirdConfig
+    )
+    cfg = tyro.cli(cls, args=args, prog=f"python -m fastloc.probe {protocol}")
+    importlib.import_module(f"fastloc.probe.dense.{protocol}").run(cfg)
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -30,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             from fastloc.probe.compare import CompareConfig, run_compare
 
             return run_compare(tyro.cli(CompareConfig, args=argv[1:], prog="python -m fastloc.probe compare"))
+        if argv[0] in DENSE:
+            return dense(argv[0], argv[1:])
         from fastloc.models.registry import BACKBONES
         from fastloc.probe.config import ProbeConfig
         from fastloc.probe.run import probe

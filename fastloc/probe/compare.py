@@ -1,8 +1,9 @@
-"""Compare two Patch-Seg results (e.g. a baseline and its aligned backbone): a table and a plot.
+"""Compare two probe results (e.g. a baseline and its aligned backbone): a table and a plot.
 
 ``python -m fastloc.probe compare A.json B.json`` prints the headline metrics of both with B - A
 and writes a before/after PNG. Two results are only compared when they were measured the same
-way (dataset, reduction, image size, threshold, epochs, classes); ``--force`` overrides that.
+way (Patch-Seg: dataset, reduction, image size, threshold, epochs, classes; a dense protocol: its
+name and every knob); ``--force`` overrides that.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import tyro
 
 from fastloc.cli import flowing_help
-from fastloc.probe.plots import class_name, describe, plot_comparison
+from fastloc.probe.plots import class_name, describe, is_dense, plot_comparison
 
 RESULT_FILE = "result.json"
 
@@ -94,6 +95,8 @@ def load_result(path: Path) -> dict:
 
 def comparable(a: dict, b: dict) -> list[str]:
     """The differences in how A and B were measured, one readable line each; empty when comparable."""
+    if is_dense(a) or is_dense(b):
+        return _dense_differences(a, b)
     facts = (
         ("dataset", ("dataset", "name")),
         ("reduction", ("protocol", "reduction")),
@@ -118,6 +121,26 @@ def comparable(a: dict, b: dict) -> list[str]:
     return lines
 
 
+# what a dense run measured on, not how: these may differ between comparable runs
+_RUN_FACTS = ("bank_size", "seconds")
+
+
+def _dense_differences(a: dict, b: dict) -> list[str]:
+    """A dense protocol's results compare when the protocol (name and every knob), the dataset and
+    its classes are the same."""
+    pa, pb = a["protocol"], b["protocol"]
+    lines = [
+        f"protocol {key}: {pa.get(key)} (A) vs {pb.get(key)} (B)"
+        for key in sorted(set(pa) | set(pb), key=lambda k: (k != "name", k))
+        if key not in _RUN_FACTS and pa.get(key) != pb.get(key)
+    ]
+    for what, key in (("dataset", "name"), ("number of classes", "num_classes")):
+        va, vb = a.get("dataset", {}).get(key), b.get("dataset", {}).get(key)
+        if va != vb:
+            lines.append(f"{what}: {va} (A) vs {vb} (B)")
+    return lines
+
+
 def compare_table(a: dict, b: dict, labels: tuple[str, str] = ("A", "B")) -> str:
     """A plain-text table of the headline metrics: rows of metrics, columns A, B and B - A."""
     rows = _metric_rows(a, b)
@@ -136,6 +159,8 @@ def compare_table(a: dict, b: dict, labels: tuple[str, str] = ("A", "B")) -> str
 def _metric_rows(a: dict, b: dict) -> list[tuple[str, float, float]]:
     """(name, A, B) for every row of the table; groups and size buckets only where both results have them."""
     sel_a, sel_b = a["selected"], b["selected"]
+    if is_dense(a) or is_dense(b):  # a dense protocol's figures, by name
+        return [(name, _float(sel_a.get(name)), _float(sel_b.get(name))) for name in sel_a if name in sel_b]
     keys = (
         ("macro recall", "macro_recall"),
         ("macro precision", "macro_precision"),
@@ -166,6 +191,8 @@ def _metric_rows(a: dict, b: dict) -> list[tuple[str, float, float]]:
 
 def _run_line(label: str, result: dict) -> str:
     """Which run a column is: backbone, head, reduction, dataset and the selected epoch."""
+    if is_dense(result):
+        return f"{label}: {describe(result)}"
     selected = result["selected"]
     epoch = selected.get("epoch", result.get("selected_epoch", 0) + 1)
     total = len(result.get("epochs") or []) or result["protocol"].get("epochs", "?")

@@ -128,7 +128,7 @@ def plot_comparison(a: dict, b: dict, path: Path, labels: tuple[str, str] | None
     """
     names = legend_names(a, b, labels)
     has_size = bool(a["selected"].get("by_size")) and bool(b["selected"].get("by_size"))
-    ids = np.intersect1d(_valid_ids(a["selected"]), _valid_ids(b["selected"]))
+    ids = np.intersect1d(_compared_ids(a), _compared_ids(b))
     top = _rows_height(len(ids)) + 1.0
     bottom = 3.0 if has_size else 0.0
     fig = Figure(figsize=(9.0, top + bottom + 0.4), layout="constrained")
@@ -139,6 +139,33 @@ def plot_comparison(a: dict, b: dict, path: Path, labels: tuple[str, str] | None
         ax_class = fig.add_subplot()
     _draw_class_dumbbells(ax_class, a, b, ids, names)
     return _save(fig, path)
+
+
+def is_dense(result: dict) -> bool:
+    """A dense protocol's result (overcluster, linear, hummingbird) rather than Patch-Seg's."""
+    return result.get("protocol", {}).get("name", "patch-seg") != "patch-seg"
+
+
+def headline(result: dict) -> tuple[str, float]:
+    """The figure a plot leads with: macro recall (Patch-Seg), or a dense protocol's first figure."""
+    if is_dense(result):
+        name, value = next(iter(result["selected"].items()))
+        return name, _float(value)
+    return "macro recall", _float(result["selected"].get("macro_recall"))
+
+
+def class_values(result: dict) -> tuple[np.ndarray, str]:
+    """Per-class values of the headline figure and their name: recall (Patch-Seg) or IoU (dense)."""
+    if is_dense(result):
+        name = headline(result)[0]
+        return _floats(result["per_class_iou"][name]), f"IoU ({name})"
+    return _floats(result["selected"]["per_class"]["recall"]), "recall (selected epoch)"
+
+
+def _compared_ids(result: dict) -> np.ndarray:
+    if is_dense(result):
+        return np.flatnonzero(np.isfinite(class_values(result)[0]))
+    return _valid_ids(result["selected"])
 
 
 def legend_names(a: dict, b: dict, labels: tuple[str, str] | None = None) -> tuple[str, str]:
@@ -152,8 +179,10 @@ def legend_names(a: dict, b: dict, labels: tuple[str, str] | None = None) -> tup
 
 
 def describe(result: dict) -> str:
-    """One line naming a run: backbone, head, reduction, dataset."""
+    """One line naming a run: backbone, head, reduction, dataset (dense: backbone, protocol, dataset)."""
     protocol, dataset = result.get("protocol", {}), result.get("dataset", {})
+    if is_dense(result):
+        return f"{_backbone(result)} · {protocol['name']} · {dataset.get('name', '?')}"
     head = result.get("head", "?")
     head = head.get("name", "?") if isinstance(head, dict) else head
     return f"{_backbone(result)} · {head} head · {protocol.get('reduction', '?')} · {dataset.get('name', '?')}"
@@ -165,9 +194,10 @@ def class_name(result: dict, class_id: int) -> str:
 
 
 def _draw_class_dumbbells(ax, a: dict, b: dict, ids: np.ndarray, names: tuple[str, str]) -> None:
-    """One row per class valid in both: a line from A's recall to B's, sorted by B - A (gains on top)."""
-    recall_a = _floats(a["selected"]["per_class"]["recall"])[ids]
-    recall_b = _floats(b["selected"]["per_class"]["recall"])[ids]
+    """One row per class valid in both: a line from A's value (recall, or a dense protocol's IoU) to
+    B's, sorted by B - A (gains on top)."""
+    (recall_a, what), (recall_b, _) = class_values(a), class_values(b)
+    recall_a, recall_b = recall_a[ids], recall_b[ids]
     order = np.argsort(recall_b - recall_a, kind="stable")
     ids, recall_a, recall_b = ids[order], recall_a[order], recall_b[order]
     n = len(ids)
@@ -182,12 +212,13 @@ def _draw_class_dumbbells(ax, a: dict, b: dict, ids: np.ndarray, names: tuple[st
     ax.set_xlim(-0.02, 1.02)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlabel("recall (selected epoch)")
-    macro_a, macro_b = _float(a["selected"].get("macro_recall")), _float(b["selected"].get("macro_recall"))
-    dataset, reduction = b.get("dataset", {}).get("name", "?"), b.get("protocol", {}).get("reduction", "?")
+    ax.set_xlabel(what)
+    (figure, macro_a), (_, macro_b) = headline(a), headline(b)
+    protocol = b.get("protocol", {})
+    dataset, reduction = b.get("dataset", {}).get("name", "?"), protocol.get("reduction", protocol.get("name", "?"))
     ax.set_title(
-        f"{dataset} · {reduction}: per-class recall of {n} classes, sorted by B - A\n"
-        f"macro recall {names[0]} {macro_a:.4f} → {names[1]} {macro_b:.4f}",
+        f"{dataset} · {reduction}: per-class {what.split(' ')[0]} of {n} classes, sorted by B - A\n"
+        f"{figure} {names[0]} {macro_a:.4f} → {names[1]} {macro_b:.4f}",
         fontsize=9,
     )
 

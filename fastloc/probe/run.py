@@ -236,6 +236,12 @@ def probe(cfg: ProbeConfig, pool=pool_targets) -> Path:
         raise ValueError("--epochs, --batch-size and --eval-batch-size must be at least 1")
     runtime = setup(SystemConfig(device=cfg.device))
     data = open_data(cfg.data, cfg.train_split, cfg.val_split)
+    void = (data.val.manifest.get("label") or {}).get("ignore")
+    if void is not None:
+        raise ValueError(
+            f"{data.val.root}: its label maps mark void pixels ({void}), and Patch-Seg's reductions have no void; "
+            "score this set with the dense protocols (python -m fastloc.probe overcluster | linear | hummingbird)"
+        )
     run_dir = Path(cfg.out) / run_name(cfg, data.dataset)
     seed_everything(cfg.seed)
     model = load_backbone(cfg.backbone, cfg.weights, cfg.skip_blocks).to(runtime.device)

@@ -1,0 +1,72 @@
+"""Dense protocols' results: result.json and the CSV rows they write, and `python -m fastloc.probe
+compare` on them (the figures by name, the protocol's knobs checked, the per-class IoU plot)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastloc.probe.__main__ import main
+from fastloc.probe.compare import compare
+from fastloc.probe.dense.config import OverclusterConfig
+from fastloc.probe.dense.data import LabelSpace
+from fastloc.probe.dense.report import write_result
+from fastloc.probe.report import SEPARATOR
+
+
+def written(tmp_path, name: str, figures: dict, per_class: list, knobs: dict | None = None):
+    cfg = OverclusterConfig(data=tmp_path, out=tmp_path / "runs", results=tmp_path / "results", name=name)
+    names = ["background", "cat", None]
+    data = SimpleNamespace(
+        dataset="voc",
+        train=SimpleNamespace(root=tmp_path / "train"),
+        val=SimpleNamespace(root=tmp_path / "val"),
+        classes=names,
+    )
+    labels = LabelSpace(names, 255, False)
+    model = torch.nn.Identity()
+    model.blocks, model.num_features = [0, 0], 8
+    model.patch_embed = SimpleNamespace(img_size=(64, 64), patch_size=(8, 8))
+    model.pretrained_cfg, model.num_prefix_tokens = {}, 1
+    protocol = {"name": "overcluster", "clusters": [30, 3], "mask_size": 100, **(knobs or {})}
+    per_class_iou = {name: per_class for name in figures}
+    return write_result(cfg, protocol, data, labels, model, figures, per_class_iou)
+
+
+def test_result_json_and_csv_rows(tmp_path):
+    run = written(tmp_path, "a", {"miou_k30": 0.5, "miou_k3": 0.25}, [0.6, 0.4, None])
+    result = json.loads((run / "result.json").read_text())
+    assert result["protocol"] == {"name": "overcluster", "clusters": [30, 3], "mask_size": 100}
+    assert result["selected"] == {"miou_k30": 0.5, "miou_k3": 0.25}
+    assert result["dataset"]["ignore"] == 255 and result["dataset"]["num_classes"] == 3
+    assert result["config"]["name"] == "a"
+    rows = (tmp_path / "results" / "dense-overcluster-voc.csv").read_text().splitlines()
+    assert rows[0].split(SEPARATOR)[:3] == ["protocol", "dataset", "backbone"] and len(rows) == 3
+    assert rows[1].split(SEPARATOR)[6:8] == ["miou_k30", "0.5"]
+    assert json.loads(rows[1].split(SEPARATOR, 8)[8][1:-1].replace('""', '"')) == {
+        "clusters": [30, 3],
+        "mask_size": 100,
+    }
+    written(tmp_path, "b", {"miou_k30": 0.6}, [0.6, 0.6, None])  # the same file, the header once
+    rows = (tmp_path / "results" / "dense-overcluster-voc.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[3].split(SEPARATOR)[6:8] == ["miou_k30", "0.6"]
+
+
+def test_compare_reads_dense_results(tmp_path, capsys):
+    a = written(tmp_path, "a", {"miou_k30": 0.5, "miou_k3": 0.25}, [0.6, 0.4, None])
+    b = written(tmp_path, "b", {"miou_k30": 0.6, "miou_k3": 0.2}, [0.7, 0.5, None])
+    table, png = compare(a, b)
+    lines = table.splitlines()
+    assert lines[0] == "a: dino-vit-s · overcluster · voc"
+    k30 = next(line for line in lines if line.startswith("miou_k30")).split()
+    assert k30[1:] == ["0.5000", "0.6000", "+0.1000"]
+    assert next(line for line in lines if line.startswith("miou_k3 ")).split()[3] == "-0.0500"
+    assert png.is_file() and png.stat().st_size > 1000
+    other = written(tmp_path, "c", {"miou_k30": 0.6}, [0.7, 0.5, None], {"mask_size": 448})
+    with pytest.raises(ValueError, match=r"protocol mask_size: 100 \(A\) vs 448 \(B\)"):
+        compare(a, other)
+    assert main(["compare", str(a), str(other)]) == 2
+    assert "not comparable" in capsys.readouterr().err
