@@ -2,6 +2,7 @@
 
     python -m fastloc.launch align PRESET [--section.field VALUE ...] [--launch.FIELD VALUE ...]
     python -m fastloc.launch probe DATA [--field VALUE ...] [--launch.FIELD VALUE ...]
+    python -m fastloc.launch probe overcluster|linear|hummingbird DATA [...]   a dense protocol
     python -m fastloc.launch summary SWEEP_DIR                      how each member of a sweep ended
 
 The job's own arguments are exactly those of python -m fastloc.align train / python -m

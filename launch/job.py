@@ -21,6 +21,8 @@ from typing import Any
 
 import tyro
 
+from fastloc.probe.dense.config import PROTOCOLS
+
 COMMANDS = ("align", "probe")
 
 
@@ -44,6 +46,8 @@ def parse(command: str, args: tuple[str, ...]) -> Spec:
         cfg = tyro.extras.overridable_config_cli(PRESETS, args=list(args), prog=prog)
         preset = next((a for a in args if a in PRESETS), "")
         return Spec(command, args, cfg, preset, cfg.run.out / (cfg.run.name or preset or "align"))
+    if command == "probe" and args and args[0] in PROTOCOLS:
+        return _dense(args)
     if command == "probe":
         from fastloc.probe.config import ProbeConfig
         from fastloc.probe.data import open_data
@@ -54,6 +58,16 @@ def parse(command: str, args: tuple[str, ...]) -> Spec:
     raise ValueError(f"unknown command {command!r}: one of {', '.join(COMMANDS)}")
 
 
+def _dense(args: tuple[str, ...]) -> Spec:
+    """A dense protocol's job: ``probe PROTOCOL DATA ...`` as python -m fastloc.probe parses it."""
+    from fastloc.probe.dense.config import parse
+    from fastloc.probe.dense.data import open_dense_data
+    from fastloc.probe.dense.report import run_dir
+
+    cfg = parse(args[0], list(args[1:]), prog=f"python -m fastloc.launch probe {args[0]}")
+    return Spec("probe", args, cfg, "", run_dir(cfg, open_dense_data(cfg).dataset))
+
+
 def run(spec: Spec) -> dict[str, Any]:
     """Run a resolved job in this process (every rank calls it); a short result for the summary."""
     if spec.command == "align":
@@ -61,6 +75,11 @@ def run(spec: Spec) -> dict[str, Any]:
 
         run_dir = train(spec.config, spec.preset)
         return {"run": str(run_dir), **_last_validation(run_dir / "metrics.jsonl")}
+    if spec.args and spec.args[0] in PROTOCOLS:
+        import importlib
+
+        run_dir = importlib.import_module(f"fastloc.probe.dense.{spec.args[0]}").run(spec.config)
+        return {"run": str(run_dir), **json.loads((run_dir / "result.json").read_text())["selected"]}
     from fastloc.probe.run import probe
 
     run_dir = probe(spec.config)

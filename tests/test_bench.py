@@ -246,3 +246,29 @@ def test_probe_benchmark_original_pool_gives_the_kernels_targets():
         assert set(stored) == set(expected)
         for name, value in stored.items():
             assert value.dtype == expected[name].dtype and torch.equal(value, expected[name]), (reduction, name)
+
+
+def test_evals_benchmark_runs_each_protocol_beside_its_baseline(tmp_path, capsys, monkeypatch):
+    """The tiny scale on a CPU: a row per dense protocol (a whole run, its headline figure) and its
+    baseline row (k-means against scipy's, the head step in both orders, chunked k-NN against one
+    matrix), and nothing left behind but the JSON."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "evals.json"
+    assert main(["evals", "--out", str(out), "--workdir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "aim on one H100 at VOC size: < 120 s" in printed and "aim on one H100 at VOC size: < 600 s" in printed
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "evals" and record["scale"] == "tiny" and record["missing"] == []
+    rows = {r["row"]: r for r in record["rows"]}
+    assert list(rows) == ["overcluster", "kmeans", "linear", "linear head step", "hummingbird", "knn transfer"]
+    for name in ("overcluster", "linear", "hummingbird"):
+        assert rows[name]["seconds"] > 0 and 0 <= rows[name]["value"] <= 1, name
+    assert rows["overcluster"]["figure"].startswith("miou_k") and rows["linear"]["setting"] == "linear-leopart-voc"
+    for name in ("kmeans", "linear head step", "knn transfer"):
+        row = rows[name]
+        assert row["seconds"] > 0 and row["speedup"] == pytest.approx(row["baseline_s"] / row["seconds"]), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evals.json"]
+    assert main(["evals", "--protocols", "hummingbird", "--out", str(out), "--workdir", str(tmp_path)]) == 0
+    record = json.loads(out.read_text())
+    assert [r["row"] for r in record["rows"]] == ["hummingbird", "knn transfer"]
+    assert [m["row"] for m in record["missing"]] == ["overcluster", "linear"]

@@ -139,6 +139,27 @@ def test_the_local_cluster_runs_a_sweep_and_its_summary_names_the_failed_member(
     assert events == ["started", "finished"] and (run / "result.json").is_file()
 
 
+def test_a_dense_protocol_sweep_runs_and_reports_its_figures(voc, tmp_path, capsys):
+    """python -m fastloc.launch probe overcluster ...: parsed as python -m fastloc.probe overcluster
+    parses it (the run directory named by the protocol), run on the local cluster, its figures in
+    the summary."""
+    argv = ["probe", "overcluster", str(voc), "--backbone", "tiny", "--weights", "random", "--image-size", "64"]
+    argv += ["--clusters", "30", "--seeds", "1", "--iterations", "5", "--restarts", "1", "--mask-size", "32"]
+    argv += ["--batch-size", "4", "--device", "cpu", "--loader", "cpu", "--workers", "0", "--precision", "fp32"]
+    argv += ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")]
+    assert main([*argv, "--launch.dry-run"]) == 0
+    resolved = json.loads("{" + capsys.readouterr().out.split("\n{", 1)[1])
+    assert resolved["run_dir"] == str(tmp_path / "runs" / "overcluster-voc-tiny-size64-skip0")
+    assert resolved["config"]["clusters"] == [30]
+    sweep = ["--launch.sweep", "seed=0,1", "--launch.sweep-dir", str(tmp_path / "sweeps"), "--launch.wait"]
+    assert main([*argv, "--launch.cluster", "local", *CPU, *sweep]) == 0
+    (folder,) = (tmp_path / "sweeps").iterdir()
+    rows = list(csv.DictReader((folder / "summary.csv").read_text().splitlines()))
+    assert [row["state"] for row in rows] == ["COMPLETED", "COMPLETED"]
+    assert all(0 <= float(row["miou_k30"]) <= 1 for row in rows)
+    assert [Path(row["run"]).name for row in rows] == [f"overcluster-voc-tiny-size64-skip0-seed{s}" for s in (0, 1)]
+
+
 # ---------------------------------------------------------------- through a real SLURM
 
 

@@ -9,6 +9,7 @@ Examples:
     python -m fastloc.bench shard --images 4000
     python -m fastloc.bench align --preset clip-vit-b
     python -m fastloc.bench probe --backbone clip-vit-b --data shards/coco --epochs 5
+    python -m fastloc.bench evals --scale voc
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Annotated, Any, Union
 
 import tyro
 
-from fastloc.bench import align, kernels, loader, probe, shard
+from fastloc.bench import align, evals, kernels, loader, probe, shard
 
 # benchmark name -> (config class, runner(config, command) -> JSON path)
 BENCHMARKS: dict[str, tuple[type, Callable[[Any, str], Path]]] = {
@@ -31,6 +32,7 @@ BENCHMARKS: dict[str, tuple[type, Callable[[Any, str], Path]]] = {
     "loader": (loader.LoaderBench, loader.run),
     "align": (align.AlignBench, align.run),
     "probe": (probe.ProbeBench, probe.run),
+    "evals": (evals.EvalsBench, evals.run),
 }
 PROG = "python -m fastloc.bench"
 

@@ -23,21 +23,16 @@ import tyro
 from fastloc.data.shards import ShardError
 from fastloc.models.registry import WeightsError
 from fastloc.probe.cache import CacheError
-
-DENSE = ("overcluster", "linear", "hummingbird")
+from fastloc.probe.dense.config import PROTOCOLS
 
 
 def dense(protocol: str, args: list[str]) -> int:
-    """Parse one dense protocol's config and run it."""
+    """Parse one dense protocol's config and run it (fastloc.probe.dense.PROTOCOL.run)."""
     import importlib
 
-    from fastloc.probe.dense import config
+    from fastloc.probe.dense.config import parse
 
-    cls = {"overcluster": config.OverclusterConfig, "linear": config.LinearConfig}.get(
-        protocol, config.HummingbirdConfig
-    )
-    cfg = tyro.cli(cls, args=args, prog=f"python -m fastloc.probe {protocol}")
-    importlib.import_module(f"fastloc.probe.dense.{protocol}").run(cfg)
+    importlib.import_module(f"fastloc.probe.dense.{protocol}").run(parse(protocol, args))
     return 0
 
 
@@ -51,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             from fastloc.probe.compare import CompareConfig, run_compare
 
             return run_compare(tyro.cli(CompareConfig, args=argv[1:], prog="python -m fastloc.probe compare"))
-        if argv[0] in DENSE:
+        if argv[0] in PROTOCOLS:
             return dense(argv[0], argv[1:])
         from fastloc.models.registry import BACKBONES
         from fastloc.probe.config import ProbeConfig

@@ -79,6 +79,10 @@ class DenseConfig:
     workers: int = 4
     """Host worker processes of the loaders (0: in this process)."""
 
+    def protocol_name(self) -> str:
+        """The protocol's name in results, CSV file names and run directories."""
+        return {OverclusterConfig: "overcluster", HummingbirdConfig: "hummingbird"}.get(type(self), "dense")
+
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
@@ -147,7 +151,8 @@ class LinearConfig(DenseConfig):
     """Global training batch (0: leopart-voc 120 = 60 x 2 GPUs; dinov3-ade20k 16 = 2 x 8 GPUs)."""
 
     crop_size: int = 512
-    """dinov3-ade20k: the training crop and the sliding window's side."""
+    """dinov3-ade20k: the training crop, the sliding window's side and the backbone's input side
+    (--image-size is set to it); a multiple of the patch size."""
 
     stride: int = 341
     """dinov3-ade20k: the sliding window's stride."""
@@ -158,6 +163,9 @@ class LinearConfig(DenseConfig):
 
     probe_size: int = 100
     """leopart-voc: features are bilinearly upsampled to this side, and the loss is computed there."""
+
+    def protocol_name(self) -> str:
+        return f"linear-{self.protocol}"
 
 
 @flowing_help
@@ -188,7 +196,8 @@ class HummingbirdConfig(DenseConfig):
     (brightness, contrast, saturation, hue 0.1, each with probability 0.5). False: the square resize."""
 
     train_images: int = 0
-    """Use only the first N training images (0: all), as the reference's data-efficiency runs."""
+    """Use only the first N training images (0: all); the reference's data-efficiency runs take a
+    random fraction instead."""
 
     matching: Literal["hungarian", "none"] = "hungarian"
     """The reference scores predictions after Hungarian matching to the classes (its PredsmIoU);
@@ -196,3 +205,20 @@ class HummingbirdConfig(DenseConfig):
 
     bank_chunk: int = 65_536
     """Bank rows compared per step of the exact k-NN search (memory: queries x chunk similarities)."""
+
+    bank_void: Literal["background", "ignore"] = "background"
+    """Void pixels (VOC's 255) in the bank's label distributions: background counts them as class 0
+    (the reference's y[y == 255] = 0); ignore leaves them out of each patch's distribution."""
+
+
+PROTOCOLS: dict[str, type[DenseConfig]] = {
+    "overcluster": OverclusterConfig,
+    "linear": LinearConfig,
+    "hummingbird": HummingbirdConfig,
+}
+
+
+def parse(protocol: str, args: list[str], prog: str = "") -> DenseConfig:
+    """One protocol's config from its command line, as python -m fastloc.probe PROTOCOL parses it
+    (SystemExit on a usage error)."""
+    return tyro.cli(PROTOCOLS[protocol], args=args, prog=prog or f"python -m fastloc.probe {protocol}")

@@ -17,7 +17,6 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from scipy.optimize import linear_sum_assignment
 
 IGNORE_INDEX = 255  # Pascal VOC's "void" label
 # Hummingbird defaults, as in vpariza/open-hummingbird-eval (hbird/hbird_eval.py @ 0fd976f): hbird_evaluation(...,
@@ -199,6 +198,8 @@ def many_to_one(contingency: torch.Tensor, score: Literal["precision", "iou"] = 
 def hungarian(contingency: torch.Tensor) -> torch.Tensor:
     """One-to-one map of K <= C clusters to distinct classes maximising the total cluster-class IoU (Leopart's
     K = C overclustering): int64 [K] on the contingency's device. scipy's linear_sum_assignment, on the host."""
+    from scipy.optimize import linear_sum_assignment  # here: the other protocols run without scipy
+
     K, C = contingency.shape
     if K > C:
         raise ValueError(f"one-to-one matching needs K <= C, got K={K} clusters for C={C} classes: use many_to_one")

@@ -20,9 +20,11 @@ COLUMNS = ("protocol", "dataset", "backbone", "weights", "skip_blocks", "image_s
 SEPARATOR = ", "
 
 
-def run_dir(cfg: DenseConfig, protocol: str, dataset: str) -> Path:
+def run_dir(cfg: DenseConfig, dataset: str) -> Path:
+    """RUN_DIR: --out/--name, or --out/PROTOCOL-DATASET-BACKBONE-sizeS-skipK."""
     if cfg.name:
         return Path(cfg.out) / cfg.name
+    protocol = cfg.protocol_name()
     backbone = Path(cfg.backbone).stem if cfg.backbone.endswith(".safetensors") else cfg.backbone
     return (
         Path(cfg.out) / f"{protocol}-{dataset}-{backbone.replace('/', '_')}-size{cfg.image_size}-skip{cfg.skip_blocks}"
@@ -41,7 +43,7 @@ def write_result(
 ) -> Path:
     """Write result.json and the CSV rows; returns the run directory. ``protocol`` holds ``name``
     and every knob; ``figures`` the headline numbers (mIoU in [0, 1]) by name."""
-    out = run_dir(cfg, protocol["name"], data.dataset)
+    out = run_dir(cfg, data.dataset)
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "protocol": protocol,
