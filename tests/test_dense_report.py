@@ -70,3 +70,14 @@ def test_compare_reads_dense_results(tmp_path, capsys):
         compare(a, other)
     assert main(["compare", str(a), str(other)]) == 2
     assert "not comparable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("protocol", ["overcluster", "linear", "hummingbird"])
+def test_each_protocol_refuses_torchrun_before_touching_anything(protocol, tmp_path, monkeypatch, capsys):
+    """A protocol's work is one device's: under torchrun (WORLD_SIZE > 1) it exits 2 with one line."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "train").mkdir()
+    assert main([protocol, str(tmp_path), "--out", str(tmp_path / "runs"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"python -m fastloc.probe {'linear-leopart-voc' if protocol == 'linear' else protocol} runs in one" in err
+    assert not (tmp_path / "runs").exists()

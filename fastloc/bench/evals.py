@@ -153,7 +153,14 @@ def _config(name: str, scale: str, common: dict, scipy: bool) -> dense.DenseConf
             cfg = replace(cfg, clusters=(100, 300, 500, classes))
     else:
         tiny = {
-            "overcluster": {"clusters": (30, classes), "seeds": 2, "iterations": 20, "restarts": 2, "mask_size": 32},
+            "overcluster": {
+                "clusters": (30, classes),
+                "seeds": 2,
+                "iterations": 20,
+                "restarts": 2,
+                "mask_size": 32,
+                "batch_size": 16,
+            },
             "linear": {"epochs": 2, "batch_size": 16, "probe_size": 16},
             "hummingbird": {"memory_size": 1024},
         }

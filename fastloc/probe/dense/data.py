@@ -11,12 +11,15 @@ Labels become int64 with -1 for void (the manifest's ``ignore`` value, and 0 und
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from fastloc.align.config import SystemConfig
+from fastloc.align.prepare import setup
 from fastloc.align.step import autocast
 from fastloc.data.config import LoaderConfig, TrainRecipe
 from fastloc.data.loader import make_loader
@@ -25,9 +28,23 @@ from fastloc.probe.backbone import fingerprint, load_backbone
 from fastloc.probe.cache import CachedSplit, CacheError, build_cache, cache_key, cache_path, open_cache
 from fastloc.probe.data import ProbeData, open_data
 from fastloc.probe.dense.config import DenseConfig
+from fastloc.probe.run import seed_everything
 from fastloc.progress import Progress
 
 VOID = -1  # the void label inside the dense protocols
+
+
+def dense_runtime(cfg: DenseConfig) -> torch.device:
+    """The device of a protocol's one process, everything seeded from ``cfg.seed``. A protocol's
+    work is one device's (its global batch, its k-means, its bank), so under torchrun it refuses
+    before any process group is made."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            f"python -m fastloc.probe {cfg.protocol_name()} runs in one process: start it without torchrun"
+        )
+    device = setup(SystemConfig(device=cfg.device)).device
+    seed_everything(cfg.seed)
+    return device
 
 
 @dataclass(frozen=True)

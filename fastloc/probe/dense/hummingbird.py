@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from fastloc.align.config import SystemConfig
-from fastloc.align.prepare import setup
 from fastloc.data.config import TrainRecipe
 from fastloc.data.loader import make_loader
 from fastloc.data.transforms import normalize
@@ -30,6 +28,7 @@ from fastloc.probe.dense.data import (
     Backbone,
     LabelSpace,
     dense_backbone,
+    dense_runtime,
     eval_batches,
     eval_split,
     feature_dtype,
@@ -332,11 +331,7 @@ def wait(device: torch.device) -> None:
 def run(cfg: HummingbirdConfig) -> Path:
     """Build the bank, transfer labels onto the evaluation split, score; returns the run directory."""
     check(cfg)
-    runtime = setup(SystemConfig(device=cfg.device))
-    if runtime.distributed:
-        raise ValueError("hummingbird runs in one process: launch it without torchrun")
-    device = runtime.device
-    torch.manual_seed(cfg.seed)
+    device = dense_runtime(cfg)
     data = open_dense_data(cfg)
     labels = LabelSpace.of(data, cfg.zero_is_ignore)
     backbone = dense_backbone(cfg, device)

@@ -16,7 +16,6 @@ many-to-one there, a K it never runs).
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastloc.align.config import SystemConfig
-from fastloc.align.prepare import setup
 from fastloc.probe.dense import report
 from fastloc.probe.dense.config import OverclusterConfig
-from fastloc.probe.dense.data import VOID, LabelSpace, dense_backbone, eval_batches, eval_split, open_dense_data
+from fastloc.probe.dense.data import (
+    VOID,
+    LabelSpace,
+    dense_backbone,
+    dense_runtime,
+    eval_batches,
+    eval_split,
+    open_dense_data,
+)
 from fastloc.probe.dense.kmeans import PCA_MAX_POINTS_PER_DIM, kmeans, standardize_and_project
 from fastloc.probe.dense.metrics import SegCounts, class_iou, fold_clusters, hungarian, many_to_one, mean_iou
 
@@ -194,13 +199,7 @@ def check(cfg: OverclusterConfig) -> None:
 def run(cfg: OverclusterConfig) -> Path:
     """The whole protocol; returns the run directory (result.json, and the CSV rows under cfg.results)."""
     check(cfg)
-    runtime = setup(SystemConfig(device=cfg.device))
-    if runtime.world_size > 1:
-        raise ValueError("overcluster runs in one process: start it without torchrun")
-    device = runtime.device
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    device = dense_runtime(cfg)
     data = open_dense_data(cfg)
     labels = LabelSpace.of(data, cfg.zero_is_ignore)
     backbone = dense_backbone(cfg, device)
