@@ -93,6 +93,9 @@ def _last_validation(metrics: Path) -> dict[str, float]:
     return {"step": val[-1]["step"], "val_loss": val[-1]["val_loss"]} if val else {}
 
 
+_REQUEUED = False  # checkpoint() ran in this process: the attempt is stopping, not failing
+
+
 def _leave_the_signal_to_the_task() -> None:
     """In a forked child (a loader worker): ignore the time-limit signal. SLURM signals every
     process of the step, and a worker would inherit submitit's handler and requeue the job again."""
@@ -117,8 +120,10 @@ class Job:
         try:
             result = run(parse(self.command, self.args))
         except BaseException as exc:
+            # after checkpoint() the attempt is stopping: submitit's SystemExit, or what it became
+            # while the run unwound (e.g. a collective whose peer had left) is not the job failing
             if environment.global_rank == 0 and not isinstance(exc, SystemExit):
-                self.record("failed", environment, error=f"{type(exc).__name__}: {exc}")
+                self.record("stopped" if _REQUEUED else "failed", environment, error=f"{type(exc).__name__}: {exc}")
             raise
         if environment.global_rank == 0:
             self.record("finished", environment, **result)
@@ -132,6 +137,8 @@ class Job:
         # submitit requeues next, and SLURM then stops this attempt's loader workers: torch's
         # SIGCHLD handler would raise "worker killed" here, and submitit would record the job as failed
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        global _REQUEUED
+        _REQUEUED = True
         self.record("requeued", submitit.JobEnvironment())
         return submitit.helpers.DelayedSubmission(Job(self.command, self.args, self.run_dir))
 

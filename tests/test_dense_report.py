@@ -81,3 +81,30 @@ def test_each_protocol_refuses_torchrun_before_touching_anything(protocol, tmp_p
     err = capsys.readouterr().err
     assert f"python -m fastloc.probe {'linear-leopart-voc' if protocol == 'linear' else protocol} runs in one" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("protocol", ["overcluster", "linear", "hummingbird"])
+def test_each_protocol_gives_the_cpus_figure_on_cuda(protocol, voc, tmp_path):
+    """fp32 end to end on CUDA and on the CPU: the same recipe, seeds and (CPU-drawn) random
+    streams, so the figures agree up to float rounding in the features and the head's training.
+    No Hungarian matching here: the GPU machine may lack scipy."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (run on a GPU machine)")
+    extra = {
+        "overcluster": ["--clusters", "30", "--seeds", "2", "--iterations", "10", "--mask-size", "32"],
+        "linear": ["--train-split", "trainaug", "--probe-size", "16", "--epochs", "3"],
+        "hummingbird": ["--train-split", "trainaug", "--memory-size", "500", "--matching", "none"],
+    }[protocol]
+    batch = "--eval-batch-size" if protocol == "hummingbird" else "--batch-size"
+    figures = []
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        argv = [protocol, str(voc), "--backbone", "tiny", "--weights", "random", "--image-size", "64", batch, "4"]
+        argv += ["--precision", "fp32", "--device", device, "--loader", "cpu", "--workers", "0", *extra]
+        argv += ["--out", str(out), "--results", str(out), "--cache-dir", str(out / "cache"), "--name", "run"]
+        assert main(argv) == 0
+        figures.append(json.loads((out / "run" / "result.json").read_text())["selected"])
+    cpu, cuda = figures
+    for name, value in cpu.items():
+        assert cuda[name] == pytest.approx(value, abs=0.05), name

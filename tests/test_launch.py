@@ -218,8 +218,10 @@ def test_the_time_limit_signal_requeues_the_job_and_it_resumes_exactly(on_slurm,
     # slurmctld holds a requeued job back (about 2 minutes here); as the cluster's admin, release it now
     assert on_slurm.client("scontrol", "update", f"JobId={job_id}", "StartTime=now").returncode == 0
     wait_for(lambda: state(on_slurm, job_id) == "COMPLETED", "the requeued attempt to finish")
-    assert events(run) == ["started", "requeued", "started", "finished"]
-    assert [json.loads(line)["attempt"] for line in (run / "attempts.jsonl").read_text().splitlines()] == [0, 0, 1, 1]
+    lines = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
+    lines = [line for line in lines if line["event"] != "stopped"]  # how the requeued attempt unwound, if noisily
+    assert [line["event"] for line in lines] == ["started", "requeued", "started", "finished"], lines
+    assert [line["attempt"] for line in lines] == [0, 0, 1, 1]
     resumed = json.loads((run / "run.json").read_text())["attempts"][-1]
     assert resumed["step"] in (6, 9) and resumed["resumed_from"].endswith(f"ckpt-{resumed['step']:08d}.pt")
     assert_same_curve(run, torchrun)
