@@ -108,3 +108,22 @@ def test_each_protocol_gives_the_cpus_figure_on_cuda(protocol, voc, tmp_path):
     cpu, cuda = figures
     for name, value in cpu.items():
         assert cuda[name] == pytest.approx(value, abs=0.05), name
+
+
+def test_each_protocol_opens_the_splits_it_needs(voc, tmp_path):
+    """overcluster needs only the evaluation split; leopart-voc and hummingbird train on trainaug
+    where it is there (their references), dinov3-ade20k on train; --train-split overrides."""
+    from fastloc.probe.dense.config import HummingbirdConfig, LinearConfig
+    from fastloc.probe.dense.data import open_dense_data
+
+    only_val = tmp_path / "only-val"
+    only_val.mkdir()
+    (only_val / "val").symlink_to(voc / "val")
+    data = open_dense_data(OverclusterConfig(data=only_val))
+    assert data.train is None and data.val.manifest["split"] == "val" and data.dataset == "voc"
+    split = lambda cfg: open_dense_data(cfg).train.manifest["split"]  # noqa: E731
+    assert split(LinearConfig(data=voc)) == "trainaug" and split(HummingbirdConfig(data=voc)) == "trainaug"
+    assert split(LinearConfig(data=voc, protocol="dinov3-ade20k")) == "train"
+    assert split(LinearConfig(data=voc, train_split="train")) == "train"
+    with pytest.raises(FileNotFoundError, match="no training split .looked for trainaug/manifest.json or train/"):
+        open_dense_data(HummingbirdConfig(data=only_val))

@@ -33,7 +33,9 @@ class ProbeData:
         return class_groups(self.val.manifest)
 
 
-def _split(root: Path, given: str, defaults: tuple[str, ...], role: str) -> Path:
+def split_folder(root: Path, given: str, defaults: tuple[str, ...], role: str) -> Path:
+    """The folder of a split under ``root``: ``given``, else the first of ``defaults`` that holds a
+    manifest (FileNotFoundError naming what was looked for)."""
     names = (given,) if given else defaults
     for name in names:
         if (root / name / "manifest.json").is_file():
@@ -50,14 +52,25 @@ def open_data(root: Path, train_split: str = "", val_split: str = "") -> ProbeDa
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such shard set (python -m fastloc.shard converts one)")
-    train = open_shards(_split(root, train_split, TRAIN_SPLITS, "training"))
-    val = open_shards(_split(root, val_split, VAL_SPLITS, "validation"))
+    train = open_shards(split_folder(root, train_split, TRAIN_SPLITS, "training"))
+    val = open_shards(split_folder(root, val_split, VAL_SPLITS, "validation"))
     for split in (train, val):
-        if "seg.png" not in split.manifest["keys"]:
-            raise ValueError(
-                f"{split.root}: its samples have no label maps (seg.png; members {split.manifest['keys']}), and "
-                "every Patch-Seg reduction is made from them"
-            )
+        check_labelled(split)
+    check_same_classes(train, val)
+    return ProbeData(train, val)
+
+
+def check_labelled(split: ShardSet) -> None:
+    """ValueError unless the split's samples carry label maps."""
+    if "seg.png" not in split.manifest["keys"]:
+        raise ValueError(
+            f"{split.root}: its samples have no label maps (seg.png; members {split.manifest['keys']}), and "
+            "every reduction and dense protocol is made from them"
+        )
+
+
+def check_same_classes(train: ShardSet, val: ShardSet) -> None:
+    """ValueError unless the two splits share one class table."""
     if train.manifest["num_classes"] != val.manifest["num_classes"] or (
         train.manifest["classes"] != val.manifest["classes"]
     ):
@@ -65,7 +78,6 @@ def open_data(root: Path, train_split: str = "", val_split: str = "") -> ProbeDa
             f"{train.root} and {val.root} have different class tables "
             f"({train.manifest['num_classes']} and {val.manifest['num_classes']} classes)"
         )
-    return ProbeData(train, val)
 
 
 def class_groups(manifest: dict) -> dict[str, list[int]]:

@@ -65,7 +65,8 @@ class DenseConfig:
     """Folder of the results CSV (dense-PROTOCOL-DATASET.csv, one row per figure, appended)."""
 
     train_split: str = ""
-    """The training split's folder under data (default: train or training; Leopart's linear probe: trainaug)."""
+    """The training split's folder under data (default: trainaug when there, else train or training,
+    for leopart-voc and hummingbird, as their references; train or training for dinov3-ade20k)."""
 
     val_split: str = ""
     """The evaluation split's folder under data (default: val or validation)."""
@@ -82,6 +83,11 @@ class DenseConfig:
     def protocol_name(self) -> str:
         """The protocol's name in results, CSV file names and run directories."""
         return {OverclusterConfig: "overcluster", HummingbirdConfig: "hummingbird"}.get(type(self), "dense")
+
+    def train_splits(self) -> tuple[str, ...] | None:
+        """The training split's folder names in order of preference when --train-split is not given
+        (None: the protocol trains on nothing)."""
+        return None
 
 
 @flowing_help
@@ -167,6 +173,10 @@ class LinearConfig(DenseConfig):
     def protocol_name(self) -> str:
         return f"linear-{self.protocol}"
 
+    def train_splits(self) -> tuple[str, ...]:
+        """Leopart trains on VOC's trainaug where the shard set has it."""
+        return ("trainaug", "train") if self.protocol == "leopart-voc" else ("train", "training")
+
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
@@ -205,6 +215,10 @@ class HummingbirdConfig(DenseConfig):
 
     bank_chunk: int = 65_536
     """Bank rows compared per step of the exact k-NN search (memory: queries x chunk similarities)."""
+
+    def train_splits(self) -> tuple[str, ...]:
+        """The reference's bank comes from VOC's trainaug, where the shard set has it."""
+        return ("trainaug", "train", "training")
 
     bank_void: Literal["background", "ignore"] = "background"
     """Void pixels (VOC's 255) in the bank's label distributions: background counts them as class 0

@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,10 +24,11 @@ from fastloc.align.prepare import setup
 from fastloc.align.step import autocast
 from fastloc.data.config import LoaderConfig, TrainRecipe
 from fastloc.data.loader import make_loader
+from fastloc.data.shards import ShardSet, open_shards
 from fastloc.models.registry import ImageConfig, image_config
 from fastloc.probe.backbone import fingerprint, load_backbone
 from fastloc.probe.cache import CachedSplit, CacheError, build_cache, cache_key, cache_path, open_cache
-from fastloc.probe.data import ProbeData, open_data
+from fastloc.probe.data import VAL_SPLITS, check_labelled, check_same_classes, split_folder
 from fastloc.probe.dense.config import DenseConfig
 from fastloc.probe.run import seed_everything
 from fastloc.progress import Progress
@@ -56,7 +58,7 @@ class LabelSpace:
     zero_is_ignore: bool
 
     @classmethod
-    def of(cls, data: ProbeData, zero_is_ignore: bool) -> LabelSpace:
+    def of(cls, data: DenseData, zero_is_ignore: bool) -> LabelSpace:
         label = data.val.manifest.get("label") or {}
         names = list(data.classes)
         if zero_is_ignore:
@@ -218,6 +220,36 @@ def eval_batches(
         )
 
 
-def open_dense_data(cfg: DenseConfig) -> ProbeData:
-    """The shard set's training and evaluation splits (FileNotFoundError / ValueError otherwise)."""
-    return open_data(cfg.data, cfg.train_split, cfg.val_split)
+@dataclass(frozen=True)
+class DenseData:
+    """A protocol's splits: the evaluation split, and the training split when it trains (None for
+    overcluster, which needs none)."""
+
+    val: ShardSet
+    train: ShardSet | None
+
+    @property
+    def dataset(self) -> str:
+        return self.val.manifest["dataset"]
+
+    @property
+    def classes(self) -> list[str | None]:
+        return list(self.val.manifest["classes"])
+
+
+def open_dense_data(cfg: DenseConfig) -> DenseData:
+    """The evaluation split (--val-split, else val or validation) and, for a protocol that trains,
+    its training split (--train-split, else the first of ``cfg.train_splits()`` there: Leopart and
+    Hummingbird train on VOC's trainaug)."""
+    train = cfg.train_splits()
+    root = Path(cfg.data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such shard set (python -m fastloc.shard converts one)")
+    val = open_shards(split_folder(root, cfg.val_split, VAL_SPLITS, "validation"))
+    check_labelled(val)
+    if train is None:
+        return DenseData(val, None)
+    train_set = open_shards(split_folder(root, cfg.train_split, train, "training"))
+    check_labelled(train_set)
+    check_same_classes(train_set, val)
+    return DenseData(val, train_set)

@@ -292,7 +292,7 @@ def check(cfg: HummingbirdConfig) -> None:
         raise ValueError("--zero-is-ignore leaves no background class for void: use --bank-void ignore")
 
 
-def protocol(cfg: HummingbirdConfig, bank: Bank, backbone: Backbone) -> dict:
+def protocol(cfg: HummingbirdConfig, bank: Bank, backbone: Backbone, split_name: str) -> dict:
     """The protocol's name and every knob (the CSV's knobs column); the prose of DIFFERENCES goes
     into result.json beside it."""
     image = backbone.image
@@ -316,6 +316,7 @@ def protocol(cfg: HummingbirdConfig, bank: Bank, backbone: Backbone) -> dict:
         "bank_void": cfg.bank_void,
         "train_images": cfg.train_images,
         "train_images_used": bank.images,
+        "train_split": split_name,
         "matching": cfg.matching,
         "search": "exact cosine, chunked (reference: approximate ScaNN)",
         "feature_dtype": str(feature_dtype(cfg.precision))[6:],
@@ -353,4 +354,5 @@ def run(cfg: HummingbirdConfig) -> Path:
     figures = {"miou": mean_iou(scored, include_background=True), "pixel_accuracy": pixel_accuracy(scored)}
     per_class = {"miou": class_iou(scored).tolist()}
     extra = {"timings_s": timings, "differences": DIFFERENCES}
-    return write_result(cfg, protocol(cfg, bank, backbone), data, labels, backbone.model, figures, per_class, extra)
+    knobs = protocol(cfg, bank, backbone, data.train.manifest["split"])
+    return write_result(cfg, knobs, data, labels, backbone.model, figures, per_class, extra)

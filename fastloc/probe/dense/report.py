@@ -49,7 +49,7 @@ def write_result(
         "protocol": protocol,
         "dataset": {
             "name": data.dataset,
-            "train": str(data.train.root),
+            "train": str(data.train.root) if data.train is not None else None,
             "val": str(data.val.root),
             "num_classes": labels.num_classes,
             "classes": labels.names,
