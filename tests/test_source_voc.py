@@ -400,3 +400,20 @@ def test_real_voc_samples(fixtures):
                 assert sample.jpg == Path(image).read_bytes()
                 checked += 1
     assert checked, f"{roots}: no listed sample with both image and label"
+
+
+def test_the_contact_sheet_draws_void_white_and_never_as_a_class():
+    """inspect's tiles: VOC's 255 blended white, not clamped into the last class (tvmonitor's colour)."""
+    from fastloc.shard.inspect import TILE, _tile, class_colors
+
+    label = np.zeros((TILE, TILE), np.uint8)
+    label[:, : TILE // 2] = 255  # void on the left half, class 1 on the right
+    label[:, TILE // 2 :] = 1
+    image, png = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (TILE, TILE), "black").save(image, format="JPEG")
+    Image.fromarray(label).save(png, format="PNG")
+    colors = class_colors(21)
+    tile = np.asarray(_tile("k", {"jpg": image.getvalue(), "seg.png": png.getvalue()}, NAMES, colors, None, 255))
+    void, cat = tile[TILE // 2, TILE // 4].astype(int), tile[TILE // 2, 3 * TILE // 4].astype(int)
+    assert np.abs(void - 127).max() <= 3  # half black image, half white
+    assert np.abs(cat - colors[1] // 2).max() <= 3 and np.abs(void - colors[20] // 2).max() > 20

@@ -83,6 +83,7 @@ def contact_sheet(
     limit = conversion_max_pixels(manifest) if max_pixels is None else max_pixels
     classes = manifest["classes"]
     colors = class_colors(max(manifest["num_classes"], 1))
+    void = (manifest.get("label") or {}).get("ignore")
     tiles: list[Image.Image] = []
     problems: list[str] = []
     for shard in manifest["shards"]:
@@ -90,7 +91,8 @@ def contact_sheet(
         try:
             for key, members in iter_samples(tar):
                 try:
-                    tiles.append(_tile(key, {ext: data for ext, _, data in members}, classes, colors, limit))
+                    members = {ext: data for ext, _, data in members}
+                    tiles.append(_tile(key, members, classes, colors, limit, void))
                 except Exception as exc:  # any decoder failure is a finding, not a crash
                     problems.append(f"{shard['tar']} sample {key}: {exc}")
                     tiles.append(_blank_tile(key, str(exc)))
@@ -120,7 +122,11 @@ def _blank_tile(key: str, reason: str) -> Image.Image:
     return tile
 
 
-def _tile(key: str, data: dict[str, bytes], classes: list, colors: np.ndarray, max_pixels: int | None) -> Image.Image:
+def _tile(
+    key: str, data: dict[str, bytes], classes: list, colors: np.ndarray, max_pixels: int | None, void: int | None
+) -> Image.Image:
+    """One sample's tile: the image, its label map blended in (void pixels white, never named), its
+    key and its three largest classes."""
     size = jpeg_size(data["jpg"])  # read without Pillow, which refuses absurd sizes unnamed
     too_large = pixel_problem(*size, max_pixels) if size else None
     if too_large is not None:
@@ -139,9 +145,10 @@ def _tile(key: str, data: dict[str, bytes], classes: list, colors: np.ndarray, m
     names = []
     if "seg.png" in data:
         label = np.asarray(Image.fromarray(decode_label(data["seg.png"], max_pixels)).resize(size, Image.NEAREST))
-        label = np.minimum(label, len(colors) - 1)
-        overlay = colors[label].astype(np.float32)
-        labelled = (label > 0)[..., None]
+        blank = label == void if void is not None else np.zeros(label.shape, bool)
+        label = np.where(blank, 0, np.minimum(label, len(colors) - 1))
+        overlay = np.where(blank[..., None], 255.0, colors[label].astype(np.float32))
+        labelled = ((label > 0) | blank)[..., None]
         pixels = np.where(labelled, 0.5 * pixels + 0.5 * overlay, pixels)
         for cid, _ in Counter(label[label > 0].tolist()).most_common(3):
             names.append(str(classes[cid] if cid < len(classes) else cid))
