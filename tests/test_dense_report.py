@@ -127,3 +127,28 @@ def test_each_protocol_opens_the_splits_it_needs(voc, tmp_path):
     assert split(LinearConfig(data=voc, train_split="train")) == "train"
     with pytest.raises(FileNotFoundError, match="no training split .looked for trainaug/manifest.json or train/"):
         open_dense_data(HummingbirdConfig(data=only_val))
+
+
+@pytest.mark.parametrize("protocol", ["overcluster", "linear", "hummingbird"])
+def test_every_option_has_help_as_flowing_text(protocol, capsys, monkeypatch):
+    """python -m fastloc.probe PROTOCOL --help: every field (its base's too) with its docstring on one line."""
+    import dataclasses
+
+    from fastloc.probe.dense.config import PROTOCOLS
+    from test_bench import field_docs
+
+    cfg = PROTOCOLS[protocol]
+    docs = {}
+    for klass in reversed(cfg.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs |= field_docs(klass)
+    fields = [f.name for f in dataclasses.fields(cfg)]
+    assert [f for f in fields if not docs.get(f, "").strip()] == [], f"{protocol}: options without help"
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main([protocol, "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for field in fields:
+        option = "DATA" if field == "data" else "--" + field.replace("_", "-")  # the one positional
+        assert any(option in line for line in lines), f"{protocol}: {option} not in --help"
+        text = " ".join(docs[field].split())
+        assert any(text in line for line in lines), f"{protocol} {option}: help broken over lines: {text!r}"
