@@ -134,8 +134,9 @@ def test_every_option_has_help_as_flowing_text(protocol, capsys, monkeypatch):
     """python -m fastloc.probe PROTOCOL --help: every field (its base's too) with its docstring on one line."""
     import dataclasses
 
-    from fastloc.probe.dense.config import PROTOCOLS
     from test_bench import field_docs
+
+    from fastloc.probe.dense.config import PROTOCOLS
 
     cfg = PROTOCOLS[protocol]
     docs = {}
