@@ -45,7 +45,7 @@ from fastloc.probe.dense.metrics import (
     mean_iou,
     pixel_accuracy,
 )
-from fastloc.probe.dense.report import write_result
+from fastloc.probe.dense.report import counted, write_result
 from fastloc.progress import Progress
 
 # get_hbird_train_transforms: the shared crop (flip commented out there), then four RandomApply(ColorJitter)
@@ -348,11 +348,12 @@ def run(cfg: HummingbirdConfig) -> Path:
     cache = eval_split(cfg, data.val, backbone, device)
     timings["features_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    counts = transfer_counts(cfg, cache, bank, labels, backbone.image.grid, device).checked_counts()
+    segcounts = transfer_counts(cfg, cache, bank, labels, backbone.image.grid, device)
+    counts = segcounts.checked_counts()
     timings["search_s"] = time.perf_counter() - start
     scored = matched_counts(counts, cfg.matching)
     figures = {"miou": mean_iou(scored, include_background=True), "pixel_accuracy": pixel_accuracy(scored)}
     per_class = {"miou": class_iou(scored).tolist()}
-    extra = {"timings_s": timings, "differences": DIFFERENCES}
+    extra = {"timings_s": timings, "differences": DIFFERENCES, **counted(segcounts)}
     knobs = protocol(cfg, bank, backbone, data.train.manifest["split"])
     return write_result(cfg, knobs, data, labels, backbone.model, figures, per_class, extra)

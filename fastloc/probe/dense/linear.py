@@ -50,7 +50,7 @@ from fastloc.probe.dense.data import (
     train_loader,
 )
 from fastloc.probe.dense.metrics import SegCounts
-from fastloc.probe.dense.report import write_result
+from fastloc.probe.dense.report import counted, write_result
 from fastloc.probe.dense.slide import score_split
 from fastloc.progress import Progress
 
@@ -453,7 +453,7 @@ def run(cfg: LinearConfig) -> Path:
         backbone.model,
         figures,
         {"miou": counts.iou().tolist()},
-        extra={"train_loss": losses, "timings_s": timings},
+        extra={"train_loss": losses, "timings_s": timings, **counted(counts)},
     )
     save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(out / "head.safetensors"))
     return out

@@ -74,6 +74,11 @@ def write_result(
     return out
 
 
+def counted(counts) -> dict[str, int]:
+    """How many pixels a SegCounts scored and how many were void: the figures' denominators."""
+    return {"pixels_counted": int(counts.checked_counts().sum()), "pixels_void": int(counts.ignored)}
+
+
 def _quoted(text: str) -> str:
     """The knobs' JSON as one CSV field (double quotes doubled)."""
     return '"' + text.replace('"', '""') + '"'
