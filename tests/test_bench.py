@@ -272,3 +272,23 @@ def test_evals_benchmark_runs_each_protocol_beside_its_baseline(tmp_path, capsys
     record = json.loads(out.read_text())
     assert [r["row"] for r in record["rows"]] == ["hummingbird", "knn transfer"]
     assert [m["row"] for m in record["missing"]] == ["overcluster", "linear"]
+
+
+def test_evals_benchmark_without_scipy_leaves_out_what_needs_it(tmp_path, capsys, monkeypatch):
+    """The GPU machine's minimal install has no scipy: no Hungarian matching (overcluster's K = C,
+    Hummingbird's matching) and no scipy k-means row, each named as missing."""
+    monkeypatch.chdir(tmp_path)
+    for name in [m for m in sys.modules if m == "scipy" or m.startswith("scipy.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy... raises ImportError
+    out = tmp_path / "evals.json"
+    argv = ["evals", "--protocols", "overcluster", "hummingbird", "--out", str(out), "--workdir", str(tmp_path)]
+    assert main(argv) == 0
+    record = json.loads(out.read_text())
+    rows = {r["row"]: r for r in record["rows"]}
+    assert list(rows) == ["overcluster", "hummingbird", "knn transfer"]
+    assert [k for k in rows["overcluster"]["selected"]] == ["miou_k30"]  # K = C (16) left out
+    assert [m["row"] for m in record["missing"]] == [
+        "linear",
+        "overcluster K = C, hummingbird Hungarian matching, kmeans",
+    ]
