@@ -165,7 +165,8 @@ class LinearConfig(DenseConfig):
 
     short_side: int = 512
     """dinov3-ade20k: evaluation images are resized (aspect kept) to this short side, scored at
-    their original resolution."""
+    their original resolution; training images to int(short_side x U(0.5, 2)) (dinov3's img_size 512
+    for both)."""
 
     probe_size: int = 100
     """leopart-voc: features are bilinearly upsampled to this side, and the loss is computed there."""

@@ -7,7 +7,9 @@ cross-entropy at 100 x 100 on live RandomResizedCrop batches, scored on the whol
 ADE20k linear probe (facebookresearch/dinov3 dinov3/eval/segmentation: configs/
 config-ade20k-linear-training.yaml, train.py, loss.py, schedulers.py, models/heads/linear_head.py,
 transforms.py, inference.py): Dropout2d -> BatchNorm -> Conv1x1 trained by AdamW under
-WarmupOneCycleLR, scored by sliding windows at full resolution (slide.py).
+WarmupOneCycleLR on the reference's training pipeline (mmseg.py: random short side, a crop with
+cat_max_ratio, flip, PhotoMetricDistortion, padding), scored by sliding windows at full resolution
+(slide.py).
 
 Where fastloc departs from them (each result's protocol dict lists the same under "differences"):
 both score the last update's head (Leopart keeps its top-3 checkpoints by mIoU on 8 validation
@@ -15,11 +17,11 @@ batches; dinov3 reports the best of its evaluations every 5,000 iterations) and 
 under --precision (bf16 by default; the references run fp32). leopart-voc runs its global batch of
 120 in one process (the reference averages two GPUs' losses over 60 images each) and leaves a class
 neither present nor predicted out of the mean (Leopart counts it as 0; dinov3 leaves it out too).
-dinov3-ade20k trains on RandomResizedCrop(crop, scale 0.25-1, square) + flip instead of the short
-side resized to 512 x U(0.5, 2), a 512 crop with cat_max_ratio 0.75, flip, PhotoMetricDistortion
-and padding; its warmup is scaled with --iterations (1,500 of 40,000); its backbone takes the crop
-as its input size, so a window smaller than the crop is zero-padded (slide.py). The 1x1 conv runs
-on the patch grid and its logits are upsampled: equal to upsampling the features first (they commute).
+dinov3-ade20k's warmup is scaled with --iterations (1,500 of 40,000); its training pipeline departs
+from dinov3's only as mmseg.py says (fastloc's seeded draws, --short-side as the base short side, a
+sample that does not decode replaced); its backbone takes the crop as its input size, so a window
+smaller than the crop is zero-padded (slide.py). The 1x1 conv runs on the patch grid and its logits
+are upsampled: equal to upsampling the features first (they commute).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fastloc.data.config import TrainRecipe
+from fastloc.probe.dense import mmseg
 from fastloc.probe.dense.config import LinearConfig
 from fastloc.probe.dense.data import (
     VOID,
@@ -77,9 +80,6 @@ LEOPART_AUGMENTATION = TrainRecipe(kind="rrc", scale=(0.8, 1.0), flip_p=0.5, int
 # dinov3: config-ade20k-linear-training.yaml (optimizer, scheduler kwargs) and config.py (dropout)
 DINOV3_BETAS, DINOV3_WEIGHT_DECAY, DINOV3_DROPOUT = (0.9, 0.999), 1e-3, 0.1
 DINOV3_WARMUP, DINOV3_TOTAL, DINOV3_WARMUP_RATIO = 1500, 40_000, 1e-6
-DINOV3_AUGMENTATION = TrainRecipe(
-    kind="rrc", scale=(0.25, 1.0), ratio=(1.0, 1.0), flip_p=0.5, interpolations=("bilinear",)
-)
 LOG_EVERY = 50  # dinov3's MetricLogger interval: updates per loss line
 
 
@@ -204,13 +204,25 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # --------------------------------------------------------------------------- training
 
 
-def make_train_loader(cfg: LinearConfig, data, backbone: Backbone):
-    recipe = LEOPART_AUGMENTATION if cfg.protocol == "leopart-voc" else DINOV3_AUGMENTATION
-    loader = train_loader(data.train, backbone.image, cfg.batch_size, cfg, recipe)
-    if len(loader) == 0:
-        loader.close()
+def make_train_loader(cfg: LinearConfig, data, backbone: Backbone, labels: LabelSpace):
+    """leopart-voc: the shared loader's RandomResizedCrop; dinov3-ade20k: the reference's pipeline
+    (mmseg.py), its labels already mapped (VOID)."""
+    if data.train.num_samples < cfg.batch_size:
         raise ValueError(f"{data.train.root}: fewer samples than one batch of {cfg.batch_size}")
-    return loader
+    if cfg.protocol == "dinov3-ade20k":
+        image = backbone.image
+        return mmseg.train_loader(
+            data.train,
+            labels,
+            cfg.batch_size,
+            cfg.seed,
+            cfg.short_side,
+            cfg.crop_size,
+            image.mean,
+            image.std,
+            cfg.workers,
+        )
+    return train_loader(data.train, backbone.image, cfg.batch_size, cfg, LEOPART_AUGMENTATION)
 
 
 def train_leopart(cfg: LinearConfig, head, loader, encode, grid: int, labels: LabelSpace, device) -> list[float]:
@@ -242,8 +254,9 @@ def train_leopart(cfg: LinearConfig, head, loader, encode, grid: int, labels: La
 
 
 def train_dinov3(cfg: LinearConfig, head, loader, encode, grid: int, labels: LabelSpace, device) -> list[float]:
-    """AdamW over ``iterations`` updates under WarmupOneCycleLR, looping epochs of the loader; the
-    mean loss of every LOG_EVERY updates (read from the device once per interval)."""
+    """AdamW over ``iterations`` updates under WarmupOneCycleLR, looping epochs of the loader (its
+    labels already mapped by ``labels``); the mean loss of every LOG_EVERY updates (read from the
+    device once per interval)."""
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=DINOV3_BETAS, weight_decay=DINOV3_WEIGHT_DECAY)
     warmup, losses, step = dinov3_warmup(cfg.iterations), [], 0
     total = torch.zeros((), device=device)
@@ -253,7 +266,7 @@ def train_dinov3(cfg: LinearConfig, head, loader, encode, grid: int, labels: Lab
         for batch in loader:
             lr = update_lr(step, cfg.iterations, warmup, cfg.lr)
             set_lr(optimizer, lr)
-            target = labels.map(batch.labels.to(device, non_blocking=True))  # [B, crop, crop]
+            target = batch.labels.to(device, non_blocking=True)  # [B, crop, crop], VOID for void
             logits = upsample(head(to_grid(encode(batch.images), grid)), target.shape[-2:])
             # mmseg's CrossEntropyLoss (avg_non_ignore=False): void pixels add 0 but count in the mean
             loss = F.cross_entropy(logits, target, ignore_index=VOID, reduction="none").mean()
@@ -390,9 +403,7 @@ def protocol(cfg: LinearConfig, backbone: Backbone, data, labels: LabelSpace, up
             "stepped": "after every update but the first",
         },
         "iterations": cfg.iterations,
-        "train_augmentation": "RandomResizedCrop(crop_size, scale (0.25, 1.0), ratio 1, bilinear; labels nearest) + "
-        "horizontal flip 0.5, approximating the short side resized to crop x U(0.5, 2.0), a random crop with "
-        "cat_max_ratio 0.75, flip 0.5, PhotoMetricDistortion, padding to the crop",
+        "train_augmentation": mmseg.describe(cfg.short_side, cfg.crop_size),
         "evaluation": {
             "mode": "slide",
             "short_side": cfg.short_side,
@@ -405,8 +416,7 @@ def protocol(cfg: LinearConfig, backbone: Backbone, data, labels: LabelSpace, up
         "selection": "last iteration",
         "differences": [
             *differences,
-            "train_augmentation: RandomResizedCrop approximation (no photometric distortion, no cat_max_ratio, "
-            "no zoom-out padding)",
+            *mmseg.DIFFERENCES,
             f"warmup: {dinov3_warmup(cfg.iterations)} of {cfg.iterations} updates (the reference: 1500 of 40000)",
             "selection: the last iteration (the reference: the best of evaluations every 5,000 iterations)",
             "windows smaller than the crop are zero-padded (the reference runs them unpadded)",
@@ -431,7 +441,7 @@ def run(cfg: LinearConfig) -> Path:
     start = time.perf_counter()
     cache = eval_split(cfg, data.val, backbone, device) if cfg.protocol == "leopart-voc" else None
     timings["features_s"] = time.perf_counter() - start
-    loader = make_train_loader(cfg, data, backbone)
+    loader = make_train_loader(cfg, data, backbone, labels)
     updates_per_epoch = len(loader)
     train = train_leopart if cfg.protocol == "leopart-voc" else train_dinov3
     start = time.perf_counter()
