@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastloc.probe.dense.config import OverclusterConfig
-from fastloc.probe.dense.data import VOID, LabelSpace, dense_backbone, eval_split, open_dense_data
+from fastloc.probe.dense.data import VOID, LabelSpace, dense_backbone, eval_split, open_dense_data, resize_nearest
 from fastloc.probe.dense.kmeans import (
     SPLIT_EPS,
     Scaler,
@@ -22,8 +22,6 @@ from fastloc.probe.dense.overcluster import (
     cluster_and_score,
     cluster_counts,
     gather,
-    resize_clusters,
-    resize_labels,
     score,
 )
 
@@ -170,16 +168,16 @@ def label_map(target: list[list[int]]) -> torch.Tensor:
 
 def test_resizes_are_nearest_and_keep_void():
     clusters = torch.tensor([[[0, 1], [2, 3]]])
-    assert torch.equal(resize_clusters(clusters, 4)[0], clusters[0].repeat_interleave(2, 0).repeat_interleave(2, 1))
+    assert torch.equal(resize_nearest(clusters, 4)[0], clusters[0].repeat_interleave(2, 0).repeat_interleave(2, 1))
     target = [[0, 0, 1, 1], [0, VOID, 1, 1], [2, 2, 1, 0], [2, 2, 0, 0]]
-    assert resize_labels(label_map(target), 4)[0].tolist() == target
+    assert resize_nearest(label_map(target), 4)[0].tolist() == target
 
 
 def test_many_to_one_scores_a_hand_case():
     # quadrants of a 2 x 2 cluster map over the 4 x 4 target: cluster 0 = 3 px of class 0 (one void),
     # 1 = 4 px of class 1, 2 = 4 px of class 2, 3 = 3 px of class 0 and 1 of class 1 -> 0, 1, 2, 0
     target = label_map([[0, 0, 1, 1], [0, VOID, 1, 1], [2, 2, 1, 0], [2, 2, 0, 0]])
-    counts = cluster_counts(torch.tensor([0, 1, 2, 3]), resize_labels(target, 4), 2, 4, 3, batch=1)
+    counts = cluster_counts(torch.tensor([0, 1, 2, 3]), resize_nearest(target, 4), 2, 4, 3, batch=1)
     assert counts.counts.tolist() == [[3, 0, 0], [0, 4, 0], [0, 0, 4], [3, 1, 0]]
     assert int(counts.ignored) == 1
     iou, miou = score(counts, "precision")
@@ -191,7 +189,7 @@ def test_k_equal_to_classes_is_hungarian_not_majority():
     # cluster 2 (the bottom half) is mostly class 0, but cluster 0 holds class 0 better: one-to-one sends 2 to
     # class 2 (IoU 3/8 + 2/8 beats 5/11 + 0), where a majority vote would send it to class 0
     target = label_map([[0, 0, 1, 1], [0, VOID, 1, 1], [0, 2, 1, 0], [0, 2, 0, 0]])
-    counts = cluster_counts(torch.tensor([0, 1, 2, 2]), resize_labels(target, 4), 2, 3, 3, batch=1)
+    counts = cluster_counts(torch.tensor([0, 1, 2, 2]), resize_nearest(target, 4), 2, 3, 3, batch=1)
     iou, miou = score(counts)
     assert iou.tolist() == pytest.approx([3 / 8, 4 / 5, 2 / 8])
     assert miou == pytest.approx((3 / 8 + 4 / 5 + 2 / 8) / 3)

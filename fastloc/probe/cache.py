@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from fastloc.kernels.label_pool import label_pool
+from fastloc.progress import Progress
 
 FORMAT = 1
 
@@ -96,6 +97,46 @@ def cache_key(backbone: str, manifest: dict[str, Any], image: dict[str, Any], sk
         "recipe": "eval",
     }
     return json.loads(json.dumps(key))  # as meta.json gives it back (tuples become lists)
+
+
+def image_key(image) -> dict[str, Any]:
+    """What of a backbone's ImageConfig the cached features depend on."""
+    return {"size": image.size, "patch_size": image.patch_size, "mean": image.mean, "std": image.std}
+
+
+def feature_storage(precision: str) -> type:
+    """The numpy dtype of cached features: bf16 bits as int16 (numpy has no bf16), or float32."""
+    return np.int16 if precision == "bf16" else np.float32
+
+
+def reuse_or_build(path: Path, key: dict, build: Callable[[], CachedSplit], main: bool, reuse: bool = True):
+    """The cache at ``path`` when it is complete for ``key``, else ``build()``'s; each said on rank 0.
+    One of other inputs, another format or damaged is rebuilt; ``reuse=False`` always builds."""
+    cache = None
+    if reuse:
+        try:
+            cache = open_cache(path, key)
+        except CacheError as exc:
+            if main:
+                print(f"features: {exc}; rebuilding it")
+        if cache is not None:
+            if main:
+                print(f"features: reusing the cache {path} ({cache.num_samples} samples)")
+            return cache
+    cache = build()
+    if main:
+        print(f"features: cached in {path}")
+    return cache
+
+
+def build_from_loader(path: Path, key: dict, loader, encode, shapes, dtypes, targets, main: bool) -> CachedSplit:
+    """``build_cache`` from one eval-order pass of ``loader`` (closed after), with a progress line."""
+    progress = Progress(shapes["features"][0], 0, f"features {key['split']}", enabled=main, unit="images")
+    try:
+        return build_cache(path, key, iter(loader), encode, shapes, dtypes, targets, progress)
+    finally:
+        progress.close()
+        loader.close()
 
 
 def cache_path(root: Path, key: dict) -> Path:

@@ -33,7 +33,15 @@ from fastloc.data.order import EpochPlan
 from fastloc.models.registry import ImageConfig, image_config
 from fastloc.probe import report
 from fastloc.probe.backbone import describe, fingerprint, load_backbone
-from fastloc.probe.cache import CacheError, build_cache, cache_key, cache_path, open_cache, pool_targets
+from fastloc.probe.cache import (
+    build_from_loader,
+    cache_key,
+    cache_path,
+    feature_storage,
+    image_key,
+    pool_targets,
+    reuse_or_build,
+)
 from fastloc.probe.config import ProbeConfig
 from fastloc.probe.data import ProbeData, open_data
 from fastloc.probe.heads import HeadShape, build_head
@@ -108,20 +116,7 @@ def loader_config(cfg: ProbeConfig, split, image: ImageConfig, runtime: Runtime,
 
 def cached_split(cfg, split, model, digest, image, runtime, encode) -> object:
     """The split's feature cache: reused when it is there, else built (and said so)."""
-    image_key = {"size": image.size, "patch_size": image.patch_size, "mean": image.mean, "std": image.std}
-    key = cache_key(digest, split.manifest, image_key, cfg.skip_blocks, str(feature_dtype(cfg.precision))[6:])
-    path = cache_path(cfg.cache_dir, key)
-    try:
-        cache = open_cache(path, key)
-    except CacheError as exc:
-        if runtime.main:
-            print(f"features: {exc}; rebuilding it")
-        cache = None
-    if cache is not None:
-        if runtime.main:
-            print(f"features: reusing the cache {path} ({cache.num_samples} samples)")
-        return cache
-    loader = make_loader(loader_config(cfg, split, image, runtime, train=False, batch=cfg.eval_batch_size))
+    key = cache_key(digest, split.manifest, image_key(image), cfg.skip_blocks, str(feature_dtype(cfg.precision))[6:])
     n, c8 = split.num_samples, math.ceil(key["num_classes"] / 8)
     shapes = {
         "features": (n, image.tokens, int(model.num_features)),
@@ -131,22 +126,20 @@ def cached_split(cfg, split, model, digest, image, runtime, encode) -> object:
         "usable": (n,),
     }
     dtypes = {
-        "features": np.int16 if cfg.precision == "bf16" else np.float32,  # bf16 bits
+        "features": feature_storage(cfg.precision),
         "union": np.uint8,
         "majority": np.uint8 if key["num_classes"] <= 256 else np.int16,
         "global": np.uint8,
         "usable": np.bool_,
     }
-    progress = Progress(n, 0, f"features {split.manifest['split']}", enabled=runtime.main, unit="images")
-    try:
-        pool = lambda labels: pool_targets(labels, image.patch_size, key["num_classes"])  # noqa: E731
-        cache = build_cache(path, key, iter(loader), encode, shapes, dtypes, pool, progress)
-    finally:
-        progress.close()
-        loader.close()
-    if runtime.main:
-        print(f"features: cached in {path}")
-    return cache
+    pool = lambda labels: pool_targets(labels, image.patch_size, key["num_classes"])  # noqa: E731
+
+    def build():
+        loader = make_loader(loader_config(cfg, split, image, runtime, train=False, batch=cfg.eval_batch_size))
+        return build_from_loader(path, key, loader, encode, shapes, dtypes, pool, runtime.main)
+
+    path = cache_path(cfg.cache_dir, key)
+    return reuse_or_build(path, key, build, runtime.main)
 
 
 def make_sources(cfg, data: ProbeData, model, image, runtime, pool=pool_targets):

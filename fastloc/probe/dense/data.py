@@ -18,20 +18,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fastloc.align.config import SystemConfig
 from fastloc.align.prepare import setup
-from fastloc.align.step import autocast
 from fastloc.data.config import LoaderConfig, TrainRecipe
 from fastloc.data.loader import make_loader
 from fastloc.data.shards import ShardSet, open_shards
 from fastloc.models.registry import ImageConfig, image_config
 from fastloc.probe.backbone import fingerprint, load_backbone
-from fastloc.probe.cache import CachedSplit, CacheError, build_cache, cache_key, cache_path, open_cache
+from fastloc.probe.cache import (
+    CachedSplit,
+    build_from_loader,
+    cache_key,
+    cache_path,
+    feature_storage,
+    image_key,
+    reuse_or_build,
+)
 from fastloc.probe.data import VAL_SPLITS, check_labelled, check_same_classes, split_folder
 from fastloc.probe.dense.config import DenseConfig
-from fastloc.probe.run import seed_everything
-from fastloc.progress import Progress
+from fastloc.probe.run import eval_recipe, feature_dtype, frozen_encoder, seed_everything
 
 VOID = -1  # the void label inside the dense protocols
 
@@ -109,41 +116,24 @@ def dense_backbone(cfg: DenseConfig, device: torch.device) -> Backbone:
     return Backbone(model, image_config(model), fingerprint(model))
 
 
-def feature_dtype(precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
 def patch_encoder(backbone: Backbone, precision: str, device: torch.device):
     """Images [B, 3, S, S] -> last-block patch tokens after the final norm [B, g * g, D] (the prefix
-    tokens dropped), in the cache's dtype."""
-    prefix = backbone.image.prefix_tokens
+    tokens dropped), in the cache's dtype: Patch-Seg's frozen encoder, its prefix cut."""
+    encode, prefix = frozen_encoder(backbone.model, precision, device), backbone.image.prefix_tokens
+    return lambda images: encode(images)[:, prefix:]
 
-    @torch.no_grad()
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        with autocast(device, precision):
-            tokens = backbone.model.forward_features(images.to(device, non_blocking=True))
-        return tokens[:, prefix:].to(feature_dtype(precision))
 
-    return encode
+def resize_nearest(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, H, W] integer maps (labels with VOID, cluster ids) -> [B, size, size] int64 by
+    F.interpolate mode="nearest" on floats (floor(i x in / out)), as Leopart resizes masks."""
+    return F.interpolate(maps[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
 
 
 def loader_config(split, image: ImageConfig, batch: int, cfg: DenseConfig, **kw) -> LoaderConfig:
-    """A split in the ``square`` recipe, in order, every sample once (the evaluation's loader);
-    ``kw`` overrides (a training recipe, shuffling)."""
-    base = LoaderConfig(
-        shards=split.root,
-        batch_size=batch,
-        size=image.size,
-        recipe="square",
-        mean=image.mean,
-        std=image.std,
-        shuffle=False,
-        drop_last=False,
-        seed=cfg.seed,
-        device=cfg.loader,
-        workers=cfg.workers,
-    )
-    return replace(base, **kw)
+    """A split in the ``square`` recipe, in order, every sample once (the evaluation's loader):
+    Patch-Seg's eval loader with the whole image resized; ``kw`` overrides (a training recipe, shuffling)."""
+    base = eval_recipe(split, image, batch)
+    return replace(base, **{"recipe": "square", "seed": cfg.seed, "device": cfg.loader, "workers": cfg.workers, **kw})
 
 
 def train_loader(split, image: ImageConfig, batch: int, cfg: DenseConfig, recipe: TrainRecipe, **kw):
@@ -162,46 +152,25 @@ def eval_split(cfg: DenseConfig, split, backbone: Backbone, device: torch.device
     """The split's cache of patch tokens [N, g * g, D] and square label maps [N, S, S]: reused when
     it is there, else built (every sample through the ``square`` recipe, in order)."""
     image = backbone.image
-    image_key = {"size": image.size, "patch_size": image.patch_size, "mean": image.mean, "std": image.std}
     dtype = str(feature_dtype(cfg.precision))[6:]
-    key = cache_key(backbone.digest, split.manifest, image_key, cfg.skip_blocks, dtype)
+    key = cache_key(backbone.digest, split.manifest, image_key(image), cfg.skip_blocks, dtype)
     key["recipe"] = "square"
     key["arrays"] = "patch-tokens+labels"
-    path = cache_path(cfg.cache_dir, key)
-    if cfg.cache:
-        try:
-            cache = open_cache(path, key)
-        except CacheError as exc:
-            if main:
-                print(f"features: {exc}; rebuilding it")
-            cache = None
-        if cache is not None:
-            if main:
-                print(f"features: reusing the cache {path} ({cache.num_samples} samples)")
-            return cache
     n, side, grid = split.num_samples, image.size, image.grid
     storage = label_storage(split)
     shapes = {"features": (n, grid * grid, backbone.dim), "labels": (n, side, side), "usable": (n,)}
-    dtypes = {
-        "features": np.int16 if cfg.precision == "bf16" else np.float32,  # bf16 bits
-        "labels": storage,
-        "usable": np.bool_,
-    }
-    loader = make_loader(loader_config(split, image, cfg.eval_batch_size, cfg))
-    progress = Progress(n, 0, f"features {split.manifest['split']}", enabled=main, unit="images")
-    encode = patch_encoder(backbone, cfg.precision, device)
+    dtypes = {"features": feature_storage(cfg.precision), "labels": storage, "usable": np.bool_}
 
     def targets(labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"labels": labels.to(torch.uint8 if storage == np.uint8 else torch.int32)}
 
-    try:
-        cache = build_cache(path, key, iter(loader), encode, shapes, dtypes, targets, progress)
-    finally:
-        progress.close()
-        loader.close()
-    if main:
-        print(f"features: cached in {path}")
-    return cache
+    def build() -> CachedSplit:
+        loader = make_loader(loader_config(split, image, cfg.eval_batch_size, cfg))
+        encode = patch_encoder(backbone, cfg.precision, device)
+        return build_from_loader(path, key, loader, encode, shapes, dtypes, targets, main)
+
+    path = cache_path(cfg.cache_dir, key)
+    return reuse_or_build(path, key, build, main, reuse=cfg.cache)
 
 
 def eval_batches(

@@ -50,6 +50,7 @@ from fastloc.probe.dense.data import (
     eval_split,
     open_dense_data,
     patch_encoder,
+    resize_nearest,
     train_loader,
 )
 from fastloc.probe.dense.metrics import SegCounts
@@ -163,11 +164,6 @@ def upsample(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def nearest_labels(labels: torch.Tensor, size: int) -> torch.Tensor:
-    """[B, S, S] int64 -> [B, size, size]: F.interpolate mode="nearest", as Leopart shrinks its masks."""
-    return F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-
-
 # --------------------------------------------------------------------------- schedules
 
 
@@ -239,7 +235,7 @@ def train_leopart(cfg: LinearConfig, head, loader, encode, grid: int, labels: La
         total = torch.zeros((), device=device)
         bar = Progress(len(loader), 0, f"head epoch {epoch + 1}/{cfg.epochs}", unit="updates", rate_unit="it/s")
         for batch in loader:
-            target = nearest_labels(labels.map(batch.labels.to(device, non_blocking=True)), cfg.probe_size)
+            target = resize_nearest(labels.map(batch.labels.to(device, non_blocking=True)), cfg.probe_size)
             logits = upsample(head(to_grid(encode(batch.images), grid)), cfg.probe_size)  # [B, C, P, P]
             loss = F.cross_entropy(logits, target, ignore_index=VOID)  # mean over counted pixels
             optimizer.zero_grad(set_to_none=True)

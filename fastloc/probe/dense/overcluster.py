@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fastloc.probe.dense import report
 from fastloc.probe.dense.config import OverclusterConfig
@@ -34,6 +33,7 @@ from fastloc.probe.dense.data import (
     eval_batches,
     eval_split,
     open_dense_data,
+    resize_nearest,
 )
 from fastloc.probe.dense.kmeans import PCA_MAX_POINTS_PER_DIM, kmeans, standardize_and_project
 from fastloc.probe.dense.metrics import SegCounts, class_iou, fold_clusters, hungarian, many_to_one, mean_iou
@@ -54,16 +54,6 @@ class Clustering:
     score_s: float
 
 
-def resize_labels(labels: torch.Tensor, size: int) -> torch.Tensor:
-    """[B, S, S] int64 (VOID = -1) -> [B, size, size], nearest (on floats, as Leopart; -1 survives)."""
-    return F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-
-
-def resize_clusters(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """Cluster maps [B, g, g] -> [B, size, size], nearest."""
-    return F.interpolate(maps[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-
-
 def gather(
     cache, cfg: OverclusterConfig, device: torch.device, labels: LabelSpace
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +62,7 @@ def gather(
     tokens, targets = [], []
     for features, label in eval_batches(cache, cfg.batch_size, device, labels, drop_last=cfg.drop_last):
         tokens.append(features.flatten(0, 1))  # [B * g * g, D]
-        targets.append(resize_labels(label, cfg.mask_size))
+        targets.append(resize_nearest(label, cfg.mask_size))
     if not tokens:
         raise ValueError(
             f"no batch of {cfg.batch_size} images in the evaluation split: lower --batch-size or pass --no-drop-last"
@@ -89,7 +79,7 @@ def cluster_counts(
     maps = assignments.view(-1, grid, grid)  # [N, g, g]
     side = targets.shape[-1]
     for start in range(0, maps.shape[0], batch):
-        counts.update(resize_clusters(maps[start : start + batch], side), targets[start : start + batch])
+        counts.update(resize_nearest(maps[start : start + batch], side), targets[start : start + batch])
     return counts
 
 
