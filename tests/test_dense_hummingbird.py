@@ -225,6 +225,12 @@ def shuffled_baseline(cfg: HummingbirdConfig) -> tuple[float, float]:
     return scores[0], scores[1]
 
 
+def tiny(voc, **kw) -> HummingbirdConfig:
+    """The tiny ViT at 64 px on the small VOC's trainaug, every patch in the bank, on the CPU."""
+    common = {"train_split": "trainaug", "backbone": "tiny", "weights": "random", "image_size": 64}
+    return HummingbirdConfig(data=voc, memory_size=0, device="cpu", loader="cpu", workers=0, **common, **kw)
+
+
 def test_cli_end_to_end_beats_a_bank_with_shuffled_labels(voc, tmp_path):
     from fastloc.probe.__main__ import main
 
@@ -240,39 +246,14 @@ def test_cli_end_to_end_beats_a_bank_with_shuffled_labels(voc, tmp_path):
         assert result["protocol"]["name"] == "hummingbird" and result["protocol"]["matching"] == "hungarian"
         assert len(result["per_class_iou"]["miou"]) == 21
         assert 0 <= result["selected"]["pixel_accuracy"] <= 1
-    cfg = HummingbirdConfig(
-        data=voc,
-        train_split="trainaug",
-        backbone="tiny",
-        weights="random",
-        image_size=64,
-        memory_size=0,
-        eval_batch_size=5,
-        device="cpu",
-        loader="cpu",
-        workers=0,
-        cache_dir=tmp_path / "cache",
-    )
+    cfg = tiny(voc, eval_batch_size=5, cache_dir=tmp_path / "cache")
     real, shuffled = shuffled_baseline(cfg)
     assert real == pytest.approx(results["all"]["selected"]["miou"], abs=1e-6)  # the same bank as the CLI's
     assert real > shuffled + 0.25 and results["sampled"]["selected"]["miou"] > shuffled + 0.25
 
 
 def test_a_seed_gives_one_bank_and_train_images_takes_the_first(voc, tmp_path):
-    cfg = HummingbirdConfig(
-        data=voc,
-        train_split="trainaug",
-        backbone="tiny",
-        weights="random",
-        image_size=64,
-        memory_size=0,
-        eval_batch_size=3,
-        train_images=5,
-        augmentation_epochs=2,
-        device="cpu",
-        loader="cpu",
-        workers=0,
-    )
+    cfg = tiny(voc, eval_batch_size=3, train_images=5, augmentation_epochs=2)
     device = torch.device("cpu")
     data = open_dense_data(cfg)
     labels = LabelSpace.of(data, False)

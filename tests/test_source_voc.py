@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dense_data import voc_palette
 from PIL import Image
 
 from fastloc.shard.__main__ import main
@@ -37,21 +38,6 @@ AUG_ONLY = ["2008_000002", "2010_005000"]  # SBD images outside the official seg
 TRAINAUG = sorted(TRAIN + AUG_ONLY)
 LISTED = {"train": TRAIN, "val": VAL, "trainaug": TRAINAUG}
 FAST = dict(processes=1, shard_samples=2, progress=False, fsync=False)
-
-
-def voc_palette() -> list[int]:
-    """The VOC colour map: the bits of the class id interleaved into R, G, B (255 -> 224,224,192)."""
-    palette = []
-    for k in range(256):
-        r = g = b = 0
-        c = k
-        for j in range(8):
-            r |= (c & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 def label_map(n: int, classes: tuple[int, int], void: bool) -> np.ndarray:

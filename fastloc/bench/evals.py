@@ -35,11 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from fastloc.bench.common import MissingRow, print_table, time_runs, write_results
+from fastloc.bench.probe import synthetic_set
 from fastloc.cli import flowing_help
 from fastloc.probe.dense import config as dense
 from fastloc.probe.dense.metrics import knn_transfer
-from fastloc.shard.convert import convert
-from fastloc.shard.sources.synthetic import SyntheticConfig
 
 PROTOCOLS = ("overcluster", "linear", "hummingbird")
 AIMS = {"overcluster": 120.0, "linear": 600.0}  # seconds on one H100 at VOC size
@@ -89,7 +88,7 @@ def run(cfg: EvalsBench, command: str) -> Path:
     rows = []
     with tempfile.TemporaryDirectory(dir=cfg.workdir) as scratch:
         work = Path(scratch)
-        data = cfg.data or _generate(work / "data", train, val, sides)
+        data = cfg.data or synthetic_set(work / "data", train, val, sides)
         common = {
             "data": data,
             "backbone": cfg.backbone or backbone,
@@ -129,24 +128,6 @@ def _have_scipy() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _generate(root: Path, train: int, val: int, sides: tuple[int, int]) -> Path:
-    """A synthetic shard set with train and val splits (untimed)."""
-    for split, count in (("train", train), ("val", val)):
-        synthetic = SyntheticConfig(
-            out=root,
-            split=split,
-            num_samples=count,
-            shard_samples=256,
-            min_size=sides[0],
-            max_size=sides[1],
-            progress=False,
-            fsync=False,
-        )
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-            convert(synthetic)
-    return root / "synthetic"
 
 
 def _config(name: str, scale: str, common: dict, scipy: bool) -> dense.DenseConfig:

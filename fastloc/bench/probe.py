@@ -102,7 +102,7 @@ def run(cfg: ProbeBench, command: str) -> Path:
     rows, missing = [], []
     with tempfile.TemporaryDirectory(dir=cfg.workdir) as scratch:
         work = Path(scratch)
-        data = cfg.data or _generate(work / "data", cfg.images, cfg.val_images)
+        data = cfg.data or synthetic_set(work / "data", cfg.images, cfg.val_images)
         base = replace(base, data=data, cache_dir=work / "cache", out=work / "runs", results=work / "results")
         source = str(cfg.data) if cfg.data else "generated synthetic set, 64-96 px"
         splits = open_data(data)
@@ -152,16 +152,17 @@ def _probe_config(cfg: ProbeBench) -> ProbeConfig:
     )
 
 
-def _generate(root: Path, images: int, val_images: int) -> Path:
-    """A synthetic shard set with train and val splits, 64-96 px (untimed)."""
+def synthetic_set(root: Path, images: int, val_images: int, sides: tuple[int, int] = (64, 96)) -> Path:
+    """A synthetic shard set with train and val splits, images of ``sides`` px (untimed; the
+    converter's output silenced)."""
     for split, count in (("train", images), ("val", val_images)):
         synthetic = SyntheticConfig(
             out=root,
             split=split,
             num_samples=count,
             shard_samples=256,
-            min_size=64,
-            max_size=96,
+            min_size=sides[0],
+            max_size=sides[1],
             progress=False,
             fsync=False,
         )
@@ -174,7 +175,7 @@ def _warm_up(root: Path, base: ProbeConfig) -> None:
     """One untimed cold run of one epoch on 2 + 1 batches of generated images, in its own folders:
     library loading, thread pools, the CUDA context and the loader's start-up are paid here."""
     print("warming up ...", flush=True)
-    data = _generate(root / "data", 2 * base.batch_size, base.eval_batch_size)
+    data = synthetic_set(root / "data", 2 * base.batch_size, base.eval_batch_size)
     cfg = replace(base, data=data, epochs=1, cache_dir=root / "cache", out=root / "runs", results=root / "results")
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         probe(replace(cfg, name="warmup"))
