@@ -1,7 +1,9 @@
 """What every tyro command line of fastloc shares.
 
 ``flowing_help`` hands tyro each field's docstring as one flowing paragraph, so that ``--help``
-wraps it to the terminal instead of keeping the source's line breaks.
+wraps it to the terminal instead of keeping the source's line breaks. ``require``, ``check_name``
+and ``check_writable`` refuse bad option values before any work (``BadValue``: one line, exit 2);
+``os_error_line`` turns a file-system failure into one line that names the path.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
+from pathlib import Path
 
 
 def flowing_help(cls):
@@ -61,3 +64,52 @@ def _class_body(klass: type) -> list[ast.stmt]:
         if isinstance(node, ast.ClassDef) and node.name == klass.__qualname__:
             return node.body
     raise OSError(f"{klass.__qualname__} not found at the top level of {filename}")
+
+
+# ---------------------------------------------------------------- bad values, names, folders
+
+
+class BadValue(ValueError):
+    """An option value that makes no sense, found before any work: the message names the option,
+    the rule and the value (every CLI prints it as one ``error:`` line and exits 2)."""
+
+
+def require(ok: bool, flag: str, value: object, rule: str) -> None:
+    """A ``BadValue`` ``--flag RULE, got VALUE`` unless ``ok``."""
+    if not ok:
+        raise BadValue(f"{flag} {rule}, got {value!r}")
+
+
+def check_name(flag: str, value: str) -> None:
+    """A name that becomes one folder or file name: one plain path component (not empty, no '/',
+    not '.' or '..', not starting with '.', no control character)."""
+    bad = not value or value.startswith(".") or any(c in value for c in "/\\") or not value.isprintable()
+    require(not bad, flag, value, "must be a plain name (not empty, no '/', not starting with '.', no control characters)")
+
+
+def check_writable(flag: str, folder: Path) -> Path:
+    """Create ``folder`` (and its parents) and prove a file can be written in it, before any work;
+    a ``BadValue`` naming the option and the path otherwise. Nothing is left behind but the folder."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "not a folder", str(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fastloc-write-check-"):
+            pass
+    except OSError as exc:
+        raise BadValue(f"{flag} {folder}: cannot write there ({exc.strerror or exc})") from None
+    return folder
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line that names the path: ``PATH: REASON`` (a full disk adds what to do)."""
+    import errno
+
+    where = f"{exc.filename}: " if exc.filename else ""
+    line = f"{where}{exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        line += "; free some space and rerun the same command"
+    return line

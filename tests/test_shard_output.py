@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from fs_faults import in_private_mount, needs_unshare
+
 from fastloc.progress import Progress
 from fastloc.shard import tario
 from fastloc.shard.__main__ import main
@@ -52,33 +54,6 @@ def reference(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
     assert main([str(a) for a in ARGS] + ["--processes", "1", "--out", str(out)]) == 0
     return out / "synthetic" / "train"
-
-
-def _unshare_works() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True, check=False
-    )
-    return probe.returncode == 0
-
-
-needs_unshare = pytest.mark.skipif(not _unshare_works(), reason="no private mount namespace (unshare) here")
-
-
-def in_private_mount(script: str) -> subprocess.CompletedProcess:
-    """Run a shell script as root of a private user and mount namespace (its tmpfs mounts vanish
-    with it); skip the test when the script says it could not mount (exit 98 or 99)."""
-    result = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if result.returncode in (98, 99):
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr}")
-    return result
 
 
 # ------------------------------------------------------------------ a full disk
