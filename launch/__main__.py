@@ -28,9 +28,11 @@ from pathlib import Path
 import tyro
 
 from fastloc.align.checkpoint import CheckpointError
+from fastloc.cli import os_error_line
 from fastloc.data.shards import ShardError
 from fastloc.launch.config import LaunchConfig
 from fastloc.launch.job import COMMANDS
+from fastloc.launch.submit import SubmitError
 from fastloc.models.registry import WeightsError
 from fastloc.probe.cache import CacheError
 
@@ -70,7 +72,7 @@ def launch(command: str, argv: list[str]) -> int:
     from fastloc.launch import submit, sweep
 
     launch_args, job_args = split(argv)
-    cfg = tyro.cli(_Args, args=launch_args, prog=f"python -m fastloc.launch {command}").launch
+    cfg = tyro.cli(_Args, args=launch_args, prog=f"python -m fastloc.launch {command}").launch.validate()
     if cfg.sweep:
         pairs = sweep.members(command, tuple(job_args), cfg.sweep)
         folder = cfg.folder or cfg.sweep_dir / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -138,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         return launch(command, rest)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    except (ShardError, WeightsError, CacheError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (ShardError, WeightsError, CacheError, CheckpointError, SubmitError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. a job folder that cannot be written: one line naming the path
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -1,4 +1,8 @@
-"""Where and how a job runs: the launcher's one config (``--launch.FIELD`` on the command line)."""
+"""Where and how a job runs: the launcher's one config (``--launch.FIELD`` on the command line).
+
+``validate`` refuses numbers SLURM would misread or reject (``#SBATCH --nodes=0``, a negative time)
+before any script is built or any file written: one ``error:`` line naming the option, exit 2.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fastloc.cli import flowing_help
+from fastloc.cli import flowing_help, require
 
 
 @flowing_help
@@ -85,3 +89,25 @@ class LaunchConfig:
     @property
     def tasks(self) -> int:
         return self.tasks_per_node or max(1, self.gpus_per_node)
+
+    def validate(self) -> LaunchConfig:
+        """Refuse nonsense numbers (``BadValue`` naming the option); ``self`` when all is well."""
+        for name in ("nodes", "cpus_per_task", "time_min", "parallel"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("gpus_per_node", "signal_delay_s", "max_requeues"):
+            _at_least(name, getattr(self, name), 0)
+        for name in ("tasks_per_node", "mem_gb"):  # None: SLURM's default
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        # a signal due before the job starts would requeue every attempt at once, forever
+        require(
+            self.signal_delay_s < 60 * self.time_min,
+            "--launch.signal-delay-s",
+            self.signal_delay_s,
+            f"must be shorter than the time limit (--launch.time-min {self.time_min} = {60 * self.time_min} s)",
+        )
+        return self
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    require(value >= low, f"--launch.{name.replace('_', '-')}", value, f"must be at least {low}")

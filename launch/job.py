@@ -1,7 +1,8 @@
 """What a launched job runs: the local CLIs' own entry points, under SLURM's ranks.
 
 ``parse`` resolves a command line exactly as ``python -m fastloc.align train`` or ``python -m
-fastloc.probe`` would (so a typo fails at submission, not after the queue). ``Job`` is the
+fastloc.probe`` would (so a typo fails at submission, not after the queue), and opens the shard
+sets it names as the job's loaders will (a missing data folder fails there too). ``Job`` is the
 pickled callable submitit runs on every task: it exports the SLURM ranks as torchrun's variables
 (one code path for local, torchrun and SLURM), records the attempt in the run directory, and
 calls the same ``train`` or ``probe``. On the time-limit signal its ``checkpoint`` hands submitit
@@ -45,6 +46,8 @@ def parse(command: str, args: tuple[str, ...]) -> Spec:
         prog = "python -m fastloc.launch align"
         cfg = tyro.extras.overridable_config_cli(PRESETS, args=list(args), prog=prog)
         preset = next((a for a in args if a in PRESETS), "")
+        check_shards("--data.train", cfg.data.train)
+        check_shards("--data.val", cfg.data.val)
         return Spec(command, args, cfg, preset, cfg.run.out / (cfg.run.name or preset or "align"))
     if command == "probe" and args and args[0] in PROTOCOLS:
         return _dense(args)
@@ -56,6 +59,20 @@ def parse(command: str, args: tuple[str, ...]) -> Spec:
         cfg = tyro.cli(ProbeConfig, args=list(args), prog="python -m fastloc.launch probe")
         return Spec(command, args, cfg, "", cfg.out / run_name(cfg, open_data(cfg.data).dataset))
     raise ValueError(f"unknown command {command!r}: one of {', '.join(COMMANDS)}")
+
+
+def check_shards(flag: str, folder: Path) -> None:
+    """Open the shard set at ``folder`` as the align loaders will (manifest, every tar and index
+    listed, their sizes); a ``BadValue`` naming the option and the folder if that would fail."""
+    from fastloc.cli import BadValue
+    from fastloc.data.shards import ShardError, open_shards
+
+    if not Path(folder).exists():
+        raise BadValue(f"{flag} {folder}: no such folder")
+    try:
+        open_shards(folder)
+    except ShardError as exc:
+        raise BadValue(f"{flag} {folder}: not a usable shard set ({exc})") from None
 
 
 def _dense(args: tuple[str, ...]) -> Spec:

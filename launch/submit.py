@@ -2,12 +2,20 @@
 
 Every user value that reaches the sbatch script is checked first: a name, path or option with a
 control character (a newline would start a new shell line in the script) or an option key that
-is not a plain word is refused with a message, never written.
+is not a plain word is refused with a message, never written. The script is built by submitit's
+own script builder without a ``SlurmExecutor`` (which refuses to exist where ``srun`` is missing),
+so the dry run works on a laptop; only a real submission needs SLURM's binaries, and says so in
+one line where they are missing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
+import shlex
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +26,11 @@ from fastloc.launch.job import Job, Spec
 
 _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SLURM_CLIENTS = ("sbatch", "srun")  # sbatch submits; submitit's script starts the tasks with srun
+
+
+class SubmitError(RuntimeError):
+    """The cluster cannot take the job (no SLURM here, or sbatch refused it): one line, exit 2."""
 
 
 def checked(what: str, value: str) -> str:
@@ -64,6 +77,16 @@ def slurm_parameters(cfg: LaunchConfig, name: str) -> dict[str, Any]:
     return params
 
 
+def require_slurm() -> None:
+    """A ``SubmitError`` unless SLURM's client binaries are on PATH (checked before anything is written)."""
+    missing = [program for program in SLURM_CLIENTS if shutil.which(program) is None]
+    if missing:
+        raise SubmitError(
+            f"--launch.cluster slurm needs SLURM's {' and '.join(missing)} on PATH, not found here: submit "
+            "from a SLURM login node (--launch.dry-run prints the script anywhere; --launch.cluster local runs here)"
+        )
+
+
 def executor(cfg: LaunchConfig, folder: Path, name: str) -> submitit.Executor:
     """A SLURM (or local) executor writing its logs under ``folder``."""
     checked("the job folder", str(folder))
@@ -73,26 +96,51 @@ def executor(cfg: LaunchConfig, folder: Path, name: str) -> submitit.Executor:
             timeout_min=cfg.time_min, tasks_per_node=cfg.tasks, signal_delay_s=cfg.signal_delay_s, gpus_per_node=0
         )
         return local
+    params = slurm_parameters(cfg, name)  # the values are checked before SLURM's presence
+    require_slurm()
     slurm = submitit.SlurmExecutor(folder, max_num_timeout=cfg.max_requeues)
-    slurm.update_parameters(**slurm_parameters(cfg, name))
+    slurm.update_parameters(**params)
     return slurm
 
 
 def sbatch_script(cfg: LaunchConfig, folder: Path, name: str, members: int = 1) -> str:
-    """The sbatch script ``submit`` would write (an array of ``members`` when more than one)."""
+    """The sbatch script ``submit`` would write (an array of ``members`` when more than one), built
+    without SLURM's binaries: submitit's script builder with the command its executor passes it."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    slurm = submitit.SlurmExecutor(folder, max_num_timeout=cfg.max_requeues)
     params = {**slurm_parameters(cfg, name), **({"map_count": members} if members > 1 else {})}
-    return _make_sbatch_string(command=slurm._submitit_command_str, folder=folder, **params)
+    folder = Path(folder).expanduser().absolute()  # as submitit's executor holds it
+    checked("the job folder", str(folder))
+    return _make_sbatch_string(command=worker_command(folder), folder=folder, **params)
+
+
+def worker_command(folder: Path) -> str:
+    """What ``SlurmExecutor._submitit_command_str`` says for ``folder`` (submitit 1.5): the worker
+    that unpickles and runs the job. Written out because only an executor has it, and constructing
+    one needs ``srun``; tests/test_launch.py checks the two agree."""
+    return " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
 
 
 def submit(cfg: LaunchConfig, specs: list[Spec], folder: Path, name: str) -> list[submitit.Job]:
     """Submit one job per spec: a single job, or one array (``--launch.parallel`` at once)."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
     ex = executor(cfg, folder, name)
     jobs = [Job(spec.command, spec.args, spec.run_dir) for spec in specs]
+    said = io.StringIO()  # submitit prints a refusing sbatch's stderr itself, then raises: one line instead
+    try:
+        with contextlib.redirect_stderr(said):
+            handles = _submit_all(ex, jobs)
+    except (FailedJobError, FailedSubmissionError) as exc:
+        complaint = " ".join((said.getvalue().strip() or str(exc)).split())
+        refused = "sbatch" if cfg.cluster == "slurm" else "submitit's local executor"
+        raise SubmitError(f"{refused} refused the job: {complaint}") from None
+    sys.stderr.write(said.getvalue())  # what a submission that went through said (warnings)
+    return handles
+
+
+def _submit_all(ex: submitit.Executor, jobs: list[Job]) -> list[submitit.Job]:
     if len(jobs) == 1:
         return [ex.submit(jobs[0])]
     with ex.batch():
-        handles = [ex.submit(job) for job in jobs]
-    return handles
+        return [ex.submit(job) for job in jobs]

@@ -1,7 +1,11 @@
 """``python -m fastloc.launch``: the sbatch script it writes, the values it refuses, and real runs,
 through submitit's local executor and through a real SLURM with accounting (tests/slurm_cluster.py):
 2 ranks with gloo equal torchrun, a time-limit signal requeues and resumes exactly, a probe array
-ends with its summary, a crash is reported as failed with its log."""
+ends with its summary, a crash is reported as failed with its log.
+
+Only the tests named ``*on_slurm*`` need a cluster (the ``slurm`` fixture installs and starts one,
+or skips saying why); every other test runs alone, in any order, where no SLURM binary exists
+(``-k "not on_slurm"`` selects them)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +23,8 @@ import pytest
 from align_runs import args, assert_same_curve, make_shards, metrics
 
 from fastloc.launch.__main__ import main, split
+from fastloc.launch.config import LaunchConfig
+from fastloc.launch.submit import sbatch_script, slurm_parameters
 
 
 @pytest.fixture(scope="module")
@@ -97,20 +104,47 @@ def test_a_sweep_over_presets_replaces_the_preset(shards, tmp_path, capsys):
     assert [Path(m["run_dir"]).name for m in members] == ["tiny-presettiny", "tiny-presetclip-vit-b"]
 
 
-@pytest.mark.parametrize(
-    ("option", "message"),
-    [
-        (["--launch.job-name", "x\ntouch /tmp/fastloc-pwned"], "control character"),
-        (["--launch.partition", "gpu\n#SBATCH --uid=0"], "control character"),
-        (["--launch.sbatch", "comment=a\rb"], "control character"),
-        (["--launch.sbatch", "x;rm -rf ~=1"], "must be a word"),
-        (["--launch.sweep", "optim.lr"], "FIELD=V1,V2"),
-    ],
-)
-def test_hostile_or_malformed_values_are_refused_before_anything_is_written(shards, tmp_path, capsys, option, message):
-    assert main([*align(shards, tmp_path), *option, "--launch.dry-run"]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "tiny").exists() and not Path("/tmp/fastloc-pwned").exists()
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if not p.is_dir()) if path.exists() else []
+
+
+# option -> the option the one error line starts with (and a word of its rule); checked before
+# anything is built, written or submitted, so the table runs without --launch.dry-run
+BAD_OPTIONS = [
+    (["--launch.nodes", "0"], "--launch.nodes", "at least 1"),
+    (["--launch.nodes", "-2"], "--launch.nodes", "at least 1"),
+    (["--launch.gpus-per-node", "-1"], "--launch.gpus-per-node", "at least 0"),
+    (["--launch.tasks-per-node", "0"], "--launch.tasks-per-node", "at least 1"),
+    (["--launch.cpus-per-task", "0"], "--launch.cpus-per-task", "at least 1"),
+    (["--launch.mem-gb", "0"], "--launch.mem-gb", "at least 1"),
+    (["--launch.time-min", "0"], "--launch.time-min", "at least 1"),
+    (["--launch.time-min", "-5"], "--launch.time-min", "at least 1"),
+    (["--launch.signal-delay-s", "-1"], "--launch.signal-delay-s", "at least 0"),
+    (["--launch.time-min", "2", "--launch.signal-delay-s", "120"], "--launch.signal-delay-s", "time limit"),
+    (["--launch.max-requeues", "-1"], "--launch.max-requeues", "at least 0"),
+    (["--launch.parallel", "0"], "--launch.parallel", "at least 1"),
+    (["--launch.job-name", "x\ntouch /tmp/fastloc-pwned"], "--launch.job-name", "control character"),
+    (["--launch.partition", "gpu\n#SBATCH --uid=0"], "--launch.partition", "control character"),
+    (["--launch.sbatch", "comment=a\rb"], "--launch.sbatch", "control character"),
+    (["--launch.sbatch", "x;rm -rf ~=1"], "--launch.sbatch", "must be a word"),
+    (["--launch.sweep", "optim.lr"], "--launch.sweep", "FIELD=V1,V2"),
+    (["--data.train", "{tmp}/no-shards"], "--data.train", "no such folder"),
+    (["--data.val", "{tmp}/no-shards"], "--data.val", "no such folder"),
+    (["--data.train", "{tmp}"], "--data.train", "no manifest"),
+]
+
+
+@pytest.mark.parametrize(("option", "flag", "rule"), BAD_OPTIONS, ids=[" ".join(o) for o, _, _ in BAD_OPTIONS])
+def test_bad_values_are_one_line_naming_the_option_and_nothing_is_written(
+    shards, tmp_path, capsys, monkeypatch, option, flag, rule
+):
+    monkeypatch.chdir(tmp_path)  # a default sweep folder (runs/sweeps) would land here
+    argv = [*align(shards, tmp_path / "runs"), *[o.format(tmp=tmp_path) for o in option]]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: {flag} ") and err.count("\n") == 1, err
+    assert rule in err and "Traceback" not in out + err
+    assert files_under(tmp_path) == [] and not Path("/tmp/fastloc-pwned").exists()
 
 
 def test_usage_errors_fail_at_submission(shards, tmp_path, capsys):
@@ -120,6 +154,76 @@ def test_usage_errors_fail_at_submission(shards, tmp_path, capsys):
     assert main(probe(tmp_path / "missing", tmp_path) + ["--launch.dry-run"]) == 2
     assert "missing" in capsys.readouterr().err
     assert main(["--help"]) == 0 and "--launch.nodes" in capsys.readouterr().out
+
+
+@pytest.fixture
+def no_slurm(tmp_path, monkeypatch) -> None:
+    """PATH holds no SLURM binary (whatever this machine has installed)."""
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert not any(shutil.which(program) for program in ("sbatch", "srun"))
+
+
+def test_the_dry_run_needs_no_slurm_binaries(no_slurm, shards, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main([*align(shards, out, "--launch.nodes", "2", "--launch.dry-run")]) == 0
+    script = capsys.readouterr().out.split("\n{\n", 1)[0]
+    assert "#SBATCH --nodes=2\n" in script and "srun --unbuffered --output" in script
+    assert script.rstrip().endswith(f"-u -m submitit.core._submit {out}/tiny/slurm")
+    sweep = ["--launch.sweep", "optim.lr=1e-3,1e-4", "--launch.sweep-dir", str(out / "sweeps")]
+    assert main([*align(shards, out, *sweep, "--launch.dry-run")]) == 0
+    assert "#SBATCH --array=0-1%2\n" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def fake_programs(folder: Path, **scripts: str) -> Path:
+    """Executables ``folder/NAME`` running the shell ``scripts`` (a stand-in for SLURM's clients)."""
+    folder.mkdir()
+    for name, script in scripts.items():
+        (folder / name).write_text(f"#!/bin/sh\n{script}\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_the_dry_run_script_is_the_one_submitit_writes(tmp_path, monkeypatch, members):
+    """sbatch_script builds the script without an executor; with an srun on PATH (a stand-in) the
+    executor exists, and its own script for the same parameters must be the same text."""
+    import submitit
+
+    monkeypatch.setenv("PATH", str(fake_programs(tmp_path / "bin", srun="exit 0")))
+    cfg = LaunchConfig(nodes=2, partition="h100", sbatch=("requeue",), parallel=2)
+    folder = tmp_path / "logs dir"  # a space: the folder is quoted the same way in both
+    executor = submitit.SlurmExecutor(folder, max_num_timeout=cfg.max_requeues)
+    executor.update_parameters(**slurm_parameters(cfg, "job"))
+    if members > 1:
+        executor.parameters["map_count"] = members  # as submitit's array submission sets it
+    expected = executor._make_submission_file_text(executor._submitit_command_str, "uid")
+    assert sbatch_script(cfg, folder, "job", members) == expected
+
+
+def test_a_submission_without_slurm_is_one_clear_line(shards, tmp_path):
+    """The real process, with no SLURM binary on PATH: exit 2, one error line, nothing written."""
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    argv = align(shards, tmp_path / "runs")
+    env = {**os.environ, "PATH": str(empty)}
+    done = subprocess.run(
+        [sys.executable, "-m", "fastloc.launch", *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: --launch.cluster slurm needs SLURM's sbatch and srun on PATH"), done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sbatch_refusing_the_job_is_one_line(shards, tmp_path, capsys, monkeypatch):
+    complaint = "sbatch: error: Batch job submission failed: Invalid partition name specified"
+    sbatch = f"echo '{complaint}' >&2; exit 1"
+    monkeypatch.setenv("PATH", str(fake_programs(tmp_path / "bin", srun="exit 0", sbatch=sbatch)))
+    assert main([*align(shards, tmp_path / "runs"), "--launch.partition", "nope"]) == 2
+    assert capsys.readouterr().err == f"error: sbatch refused the job: {complaint}\n"
 
 
 def test_the_local_cluster_runs_a_sweep_and_its_summary_names_the_failed_member(shards, tmp_path, capsys):
@@ -204,7 +308,9 @@ def wait_for(condition, what: str, timeout: float = 240.0) -> None:
         time.sleep(0.5)
 
 
-def test_the_time_limit_signal_requeues_the_job_and_it_resumes_exactly(on_slurm, shards, torchrun, tmp_path, capsys):
+def test_on_slurm_the_time_limit_signal_requeues_the_job_and_it_resumes_exactly(
+    on_slurm, shards, torchrun, tmp_path, capsys
+):
     """With loader workers (2 per rank): SLURM signals every process of the step, and only the
     task itself may requeue (a forked worker inheriting submitit's handler requeued it again)."""
     run = tmp_path / "tiny"
@@ -237,7 +343,7 @@ def events(run: Path) -> list[str]:
     return [json.loads(line)["event"] for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def test_a_probe_array_finishes_with_its_summary(on_slurm, shards, tmp_path, capsys):
+def test_on_slurm_a_probe_array_finishes_with_its_summary(on_slurm, shards, tmp_path, capsys):
     argv = probe(shards, tmp_path / "runs") + ["--launch.sweep", "head=linear,mlp,transformer", *CPU]
     argv += ["--launch.parallel", "2", "--launch.sweep-dir", str(tmp_path / "sweeps"), "--launch.wait"]
     assert main(argv) == 0
@@ -250,14 +356,27 @@ def test_a_probe_array_finishes_with_its_summary(on_slurm, shards, tmp_path, cap
     assert "linear" in capsys.readouterr().out
 
 
-def test_a_crashing_job_is_reported_failed_with_its_log_and_its_name_stays_literal(on_slurm, shards, tmp_path, capsys):
+def test_on_slurm_a_crashing_job_is_reported_failed_with_its_log_and_its_name_stays_literal(
+    on_slurm, shards, tmp_path, capsys
+):
+    """The job is submitted held with a data folder that exists (it is checked at submission),
+    the folder is removed, and the released job fails when it opens it."""
+    import submitit
+
+    from fastloc.launch.sweep import outcome
+
+    vanishing = Path(shutil.copytree(shards / "train", tmp_path / "vanishing-shards"))
     hostile = "x$(touch pwned) `touch pwned2`; echo 'q' \"d\""
-    argv = align(shards, tmp_path, "--data.train", str(tmp_path / "no-shards"), "--launch.job-name", hostile, *CPU)
-    assert main([*argv, "--launch.wait"]) == 1
-    ended = json.loads(capsys.readouterr().out.split("\n", 1)[1])
-    assert ended["state"] == "FAILED" and "no-shards" in ended["error"]
-    assert "no-shards" in Path(ended["log"]).read_text()
+    argv = align(shards, tmp_path, "--data.train", str(vanishing), "--launch.job-name", hostile, *CPU)
+    assert main([*argv, "--launch.sbatch", "hold"]) == 0
+    job_id = capsys.readouterr().out.split()[1].rstrip(":")
+    shutil.rmtree(vanishing)
+    assert on_slurm.client("scontrol", "release", job_id).returncode == 0
+    job = submitit.SlurmJob(tmp_path / "tiny" / "slurm", job_id)
+    wait_for(lambda: job.done(force_check=True), "the released job to end")
+    ended = outcome(job)
+    assert ended["state"] == "FAILED" and "vanishing-shards" in ended["error"], ended
+    assert "vanishing-shards" in Path(ended["log"]).read_text()
     assert not list(Path.cwd().glob("pwned*")) and not list(tmp_path.rglob("pwned*"))
-    job_id = Path(ended["log"]).name.split("_")[0]
     shown = on_slurm.client("scontrol", "show", "job", job_id, "--oneliner").stdout  # (slurmdbd stores " as `)
     assert re.search(r"JobName=(.*) UserId=", shown).group(1) == hostile
