@@ -203,18 +203,11 @@ def test_the_dry_run_script_is_the_one_submitit_writes(tmp_path, monkeypatch, me
     assert sbatch_script(cfg, folder, "job", members) == expected
 
 
-def test_a_submission_without_slurm_is_one_clear_line(shards, tmp_path):
-    """The real process, with no SLURM binary on PATH: exit 2, one error line, nothing written."""
-    empty = tmp_path / "empty-path"
-    empty.mkdir()
-    argv = align(shards, tmp_path / "runs")
-    env = {**os.environ, "PATH": str(empty)}
-    done = subprocess.run(
-        [sys.executable, "-m", "fastloc.launch", *argv], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("error: --launch.cluster slurm needs SLURM's sbatch and srun on PATH"), done.stderr
-    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+def test_a_submission_without_slurm_is_one_clear_line(no_slurm, shards, tmp_path, capsys):
+    assert main(align(shards, tmp_path / "runs")) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: --launch.cluster slurm needs SLURM's sbatch and srun on PATH"), err
+    assert err.count("\n") == 1 and "Traceback" not in out + err
     assert not (tmp_path / "runs").exists()
 
 
