@@ -1,8 +1,9 @@
 """What a launched job runs: the local CLIs' own entry points, under SLURM's ranks.
 
 ``parse`` resolves a command line exactly as ``python -m fastloc.align train`` or ``python -m
-fastloc.probe`` would (so a typo fails at submission, not after the queue), and opens the shard
-sets it names as the job's loaders will (a missing data folder fails there too). ``Job`` is the
+fastloc.probe`` would, checks its values with the config's own ``validate`` and opens the shard
+sets it names as the job's loaders will: a typo, a bad value or a missing data folder fails at
+submission, not after the queue. ``Job`` is the
 pickled callable submitit runs on every task: it exports the SLURM ranks as torchrun's variables
 (one code path for local, torchrun and SLURM), records the attempt in the run directory, and
 calls the same ``train`` or ``probe``. On the time-limit signal its ``checkpoint`` hands submitit
@@ -46,6 +47,7 @@ def parse(command: str, args: tuple[str, ...]) -> Spec:
         prog = "python -m fastloc.launch align"
         cfg = tyro.extras.overridable_config_cli(PRESETS, args=list(args), prog=prog)
         preset = next((a for a in args if a in PRESETS), "")
+        cfg.validate()
         check_shards("--data.train", cfg.data.train)
         check_shards("--data.val", cfg.data.val)
         return Spec(command, args, cfg, preset, cfg.run.out / (cfg.run.name or preset or "align"))
@@ -57,6 +59,7 @@ def parse(command: str, args: tuple[str, ...]) -> Spec:
         from fastloc.probe.run import run_name
 
         cfg = tyro.cli(ProbeConfig, args=list(args), prog="python -m fastloc.launch probe")
+        cfg.validate()
         return Spec(command, args, cfg, "", cfg.out / run_name(cfg, open_data(cfg.data).dataset))
     raise ValueError(f"unknown command {command!r}: one of {', '.join(COMMANDS)}")
 
@@ -82,6 +85,7 @@ def _dense(args: tuple[str, ...]) -> Spec:
     from fastloc.probe.dense.report import run_dir
 
     cfg = parse(args[0], list(args[1:]), prog=f"python -m fastloc.launch probe {args[0]}")
+    cfg.validate()
     return Spec("probe", args, cfg, "", run_dir(cfg, open_dense_data(cfg).dataset))  # the splits are checked here
 
 

@@ -108,38 +108,46 @@ def files_under(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if not p.is_dir()) if path.exists() else []
 
 
-# option -> the option the one error line starts with (and a word of its rule); checked before
-# anything is built, written or submitted, so the table runs without --launch.dry-run
+# (command, option) -> the option the one error line starts with, and a word of its rule; checked
+# before anything is built, written or submitted, so the table runs without --launch.dry-run
 BAD_OPTIONS = [
-    (["--launch.nodes", "0"], "--launch.nodes", "at least 1"),
-    (["--launch.nodes", "-2"], "--launch.nodes", "at least 1"),
-    (["--launch.gpus-per-node", "-1"], "--launch.gpus-per-node", "at least 0"),
-    (["--launch.tasks-per-node", "0"], "--launch.tasks-per-node", "at least 1"),
-    (["--launch.cpus-per-task", "0"], "--launch.cpus-per-task", "at least 1"),
-    (["--launch.mem-gb", "0"], "--launch.mem-gb", "at least 1"),
-    (["--launch.time-min", "0"], "--launch.time-min", "at least 1"),
-    (["--launch.time-min", "-5"], "--launch.time-min", "at least 1"),
-    (["--launch.signal-delay-s", "-1"], "--launch.signal-delay-s", "at least 0"),
-    (["--launch.time-min", "2", "--launch.signal-delay-s", "120"], "--launch.signal-delay-s", "time limit"),
-    (["--launch.max-requeues", "-1"], "--launch.max-requeues", "at least 0"),
-    (["--launch.parallel", "0"], "--launch.parallel", "at least 1"),
-    (["--launch.job-name", "x\ntouch /tmp/fastloc-pwned"], "--launch.job-name", "control character"),
-    (["--launch.partition", "gpu\n#SBATCH --uid=0"], "--launch.partition", "control character"),
-    (["--launch.sbatch", "comment=a\rb"], "--launch.sbatch", "control character"),
-    (["--launch.sbatch", "x;rm -rf ~=1"], "--launch.sbatch", "must be a word"),
-    (["--launch.sweep", "optim.lr"], "--launch.sweep", "FIELD=V1,V2"),
-    (["--data.train", "{tmp}/no-shards"], "--data.train", "no such folder"),
-    (["--data.val", "{tmp}/no-shards"], "--data.val", "no such folder"),
-    (["--data.train", "{tmp}"], "--data.train", "no manifest"),
+    ("align", ["--launch.nodes", "0"], "--launch.nodes", "at least 1"),
+    ("align", ["--launch.nodes", "-2"], "--launch.nodes", "at least 1"),
+    ("align", ["--launch.gpus-per-node", "-1"], "--launch.gpus-per-node", "at least 0"),
+    ("align", ["--launch.tasks-per-node", "0"], "--launch.tasks-per-node", "at least 1"),
+    ("align", ["--launch.cpus-per-task", "0"], "--launch.cpus-per-task", "at least 1"),
+    ("align", ["--launch.mem-gb", "0"], "--launch.mem-gb", "at least 1"),
+    ("align", ["--launch.time-min", "0"], "--launch.time-min", "at least 1"),
+    ("align", ["--launch.time-min", "-5"], "--launch.time-min", "at least 1"),
+    ("align", ["--launch.signal-delay-s", "-1"], "--launch.signal-delay-s", "at least 0"),
+    ("align", ["--launch.time-min", "2", "--launch.signal-delay-s", "120"], "--launch.signal-delay-s", "time limit"),
+    ("align", ["--launch.max-requeues", "-1"], "--launch.max-requeues", "at least 0"),
+    ("align", ["--launch.parallel", "0"], "--launch.parallel", "at least 1"),
+    ("align", ["--launch.job-name", "x\ntouch /tmp/fastloc-pwned"], "--launch.job-name", "control character"),
+    ("align", ["--launch.partition", "gpu\n#SBATCH --uid=0"], "--launch.partition", "control character"),
+    ("align", ["--launch.sbatch", "comment=a\rb"], "--launch.sbatch", "control character"),
+    ("align", ["--launch.sbatch", "x;rm -rf ~=1"], "--launch.sbatch", "must be a word"),
+    ("align", ["--launch.sweep", "optim.lr"], "--launch.sweep", "FIELD=V1,V2"),
+    ("align", ["--data.train", "{tmp}/no-shards"], "--data.train", "no such folder"),
+    ("align", ["--data.val", "{tmp}/no-shards"], "--data.val", "no such folder"),
+    ("align", ["--data.train", "{tmp}"], "--data.train", "no manifest"),
+    ("align", ["--optim.epochs", "0"], "--optim.epochs", "at least 1"),  # the job's own rules, at submission
+    ("align", ["--run.checkpoint-every", "0"], "--run.checkpoint-every", "at least 1"),
+    ("align", ["--run.name", "../../escape"], "--run.name", "plain name"),
+    ("probe", ["--epochs", "0"], "--epochs", "at least 1"),
+    ("probe", ["--launch.time-min", "-5"], "--launch.time-min", "at least 1"),
 ]
 
 
-@pytest.mark.parametrize(("option", "flag", "rule"), BAD_OPTIONS, ids=[" ".join(o) for o, _, _ in BAD_OPTIONS])
+@pytest.mark.parametrize(
+    ("command", "option", "flag", "rule"), BAD_OPTIONS, ids=[" ".join([c, *o]) for c, o, _, _ in BAD_OPTIONS]
+)
 def test_bad_values_are_one_line_naming_the_option_and_nothing_is_written(
-    shards, tmp_path, capsys, monkeypatch, option, flag, rule
+    shards, tmp_path, capsys, monkeypatch, command, option, flag, rule
 ):
     monkeypatch.chdir(tmp_path)  # a default sweep folder (runs/sweeps) would land here
-    argv = [*align(shards, tmp_path / "runs"), *[o.format(tmp=tmp_path) for o in option]]
+    job = align if command == "align" else probe
+    argv = [*job(shards, tmp_path / "runs"), *[o.format(tmp=tmp_path) for o in option]]
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert err.startswith(f"error: {flag} ") and err.count("\n") == 1, err
