@@ -84,7 +84,9 @@ def check_name(flag: str, value: str) -> None:
     """A name that becomes one folder or file name: one plain path component (not empty, no '/',
     not '.' or '..', not starting with '.', no control character)."""
     bad = not value or value.startswith(".") or any(c in value for c in "/\\") or not value.isprintable()
-    require(not bad, flag, value, "must be a plain name (not empty, no '/', not starting with '.', no control characters)")
+    require(
+        not bad, flag, value, "must be a plain name (not empty, no '/', not starting with '.', no control characters)"
+    )
 
 
 def check_writable(flag: str, folder: Path) -> Path:

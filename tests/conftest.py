@@ -92,3 +92,24 @@ def voc(tmp_path_factory) -> Path:
     from dense_data import voc_shards
 
     return voc_shards(tmp_path_factory.mktemp("voc"))
+
+
+@pytest.fixture(scope="session")
+def align_shards(tmp_path_factory) -> Path:
+    """The alignment tests' shard set (tests/align_runs.py): 8 updates of 16 per epoch."""
+    from align_runs import make_shards
+
+    return make_shards(tmp_path_factory.mktemp("align-shards"))
+
+
+@pytest.fixture(scope="session")
+def align_run(align_shards, tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch tiny run (16 updates), checkpoints every 3: the run every
+    interrupted, resumed or damaged run of the same settings must equal."""
+    from align_runs import args
+
+    from fastloc.align.__main__ import main
+
+    out = tmp_path_factory.mktemp("runs")
+    assert main(args(align_shards, out, "--optim.epochs", 2, "--run.checkpoint-every", 3)) == 0
+    return out / "tiny"

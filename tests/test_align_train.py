@@ -1,13 +1,11 @@
 """``python -m fastloc.align``: the tiny preset end to end on the CPU (train, validate, checkpoint,
-export), an exact resume after SIGKILL, 2-rank DDP = 1 rank, compiled = eager, a non-finite loss,
-and the bad inputs a user meets."""
+export), 2-rank DDP = 1 rank, compiled = eager, the schedule and the help texts. Resuming is in
+test_align_resume.py, faults and bad input in test_align_faults.py."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from align_runs import args, assert_same_curve, curve, make_shards, metrics
+from align_runs import args, assert_same_curve, curve, metrics
 
 from fastloc.align.__main__ import main
 from fastloc.align.config import OptimConfig
@@ -25,17 +23,15 @@ from fastloc.align.prepare import learning_rate
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("align-shards"))
+@pytest.fixture
+def shards(align_shards) -> Path:
+    return align_shards
 
 
-@pytest.fixture(scope="module")
-def run(shards, tmp_path_factory) -> Path:
-    """An uninterrupted 2-epoch tiny run (16 updates), checkpoints every 3."""
-    out = tmp_path_factory.mktemp("runs")
-    assert main(args(shards, out, "--optim.epochs", 2, "--run.checkpoint-every", 3)) == 0
-    return out / "tiny"
+@pytest.fixture
+def run(align_run) -> Path:
+    """An uninterrupted 2-epoch tiny run (16 updates), checkpoints every 3 (conftest.py)."""
+    return align_run
 
 
 def test_a_tiny_run_trains_validates_and_records(run):
@@ -84,40 +80,6 @@ def test_the_exported_encoder_loads_into_plain_timm(run, tmp_path):
 # ---------------------------------------------------------------- resume, DDP, compile
 
 
-KILLER = """
-import os, signal, sys
-import fastloc.align.loop as loop
-original = loop.train_step
-done = 0
-def step(*a, **k):
-    global done
-    out = original(*a, **k)
-    done += 1
-    if done == int(os.environ["KILL_AFTER"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return out
-loop.train_step = step
-from fastloc.align.__main__ import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def test_a_killed_run_resumes_exactly(shards, run, tmp_path):
-    """SIGKILL inside update 11, after its step, before it is logged (checkpoints at 3, 6, 9, ...):
-    the rerun of the same command continues from update 9 and the whole loss curve equals the
-    uninterrupted run's, exactly."""
-    command = args(shards, tmp_path, "--optim.epochs", 2, "--run.checkpoint-every", 3)
-    env = {**os.environ, "KILL_AFTER": "11"}
-    killed = subprocess.run([sys.executable, "-c", KILLER, *command], env=env, capture_output=True, text=True)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert max(m["step"] for m in metrics(tmp_path / "tiny")) == 10
-    resumed = subprocess.run([sys.executable, "-m", "fastloc.align", *command], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    attempts = json.loads((tmp_path / "tiny" / "run.json").read_text())["attempts"]
-    assert attempts[-1]["step"] == 9 and attempts[-1]["resumed_from"].endswith("ckpt-00000009.pt")
-    assert curve(tmp_path / "tiny") == curve(run)
-
-
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(shards, tmp_path):
     one = main(args(shards, tmp_path, "--run.name", "one", "--data.batch-size", 16, "--data.val-batch-size", 8))
     assert one == 0
@@ -151,63 +113,6 @@ def test_the_compiled_step_equals_the_eager_step(shards, tmp_path):
     for x, y in zip(a, b):
         for u, v in zip(x[1:], y[1:]):
             assert (u is None) == (v is None) and (u is None or u == pytest.approx(v, rel=1e-4))
-
-
-# ---------------------------------------------------------------- what stops a run
-
-
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch, capsys):
-    import fastloc.align.loop as loop
-
-    original, done = loop.train_step, []
-
-    def poisoned(*a, **k):
-        out = original(*a, **k)
-        done.append(1)
-        return {**out, "loss": out["loss"] * float("nan")} if len(done) == 5 else out
-
-    monkeypatch.setattr(loop, "train_step", poisoned)
-    code = main(args(shards, tmp_path, "--run.checkpoint-every", 2, "--run.log-every", 2))
-    err = capsys.readouterr().err
-    assert code == 1 and "not finite at update 5" in err and "ckpt-00000004.pt" in err  # seen at the log of 6
-    assert sorted(p.name for p in (tmp_path / "tiny").glob("ckpt-*.pt")) == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
-    assert torch.load(tmp_path / "tiny" / "ckpt-00000004.pt", weights_only=True)["step"] == 4
-
-
-def test_bad_inputs_are_one_line_errors(shards, tmp_path, capsys):
-    def error(*argv) -> tuple[int, str]:
-        code = main(list(map(str, argv)))
-        err = capsys.readouterr().err
-        assert "Traceback" not in err
-        return code, err
-
-    code, err = error(*args(shards, tmp_path, "--data.train", tmp_path / "nowhere"))
-    assert code == 2 and err.startswith("error: ") and "nowhere" in err and "no manifest" in err
-    code, err = error(*args(shards, tmp_path, "--data.batch-size", 16, "--data.accumulation", 3))
-    assert code == 2 and "16 does not divide by --data.accumulation 3" in err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "no-such-preset"])
-    assert exit_info.value.code == 2
-    assert main([]) == 2 and "Presets:" in capsys.readouterr().err
-
-
-def test_another_configuration_and_corrupt_checkpoints(shards, tmp_path, capsys):
-    base = args(shards, tmp_path, "--run.checkpoint-every", 3)
-    assert main(base) == 0
-    capsys.readouterr()
-    assert main([*base, "--optim.lr", "5e-4"]) == 2
-    err = capsys.readouterr().err
-    assert "another configuration (optim.lr: 0.001 -> 0.0005)" in err
-    run = tmp_path / "tiny"
-    newest = sorted(run.glob("ckpt-*.pt"))[-1]  # ckpt-8 (the epoch's end), the one before: ckpt-6
-    newest.write_bytes(b"not a checkpoint")
-    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
-    before = curve(run)
-    with pytest.warns(UserWarning, match="unreadable checkpoint"):
-        assert main(base) == 0
-    attempts = json.loads((run / "run.json").read_text())["attempts"]
-    assert attempts[-1]["resumed_from"].endswith("ckpt-00000006.pt")
-    assert curve(run) == before  # updates 7 and 8 and the validation redone, identically
 
 
 def test_learning_rate_schedule():

@@ -18,8 +18,9 @@ from typing import Literal
 import tyro
 
 from fastloc.align.checkpoint import CheckpointError
+from fastloc.align.loop import NonFiniteLoss
 from fastloc.align.presets import PRESETS
-from fastloc.cli import flowing_help
+from fastloc.cli import flowing_help, os_error_line
 from fastloc.data.shards import ShardError
 from fastloc.models.registry import WeightsError
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = tyro.cli(ExportConfig, args=rest, prog="python -m fastloc.align export")
             print(f"encoder: {export(cfg.run, cfg.which, cfg.out)}")
             return 0
-        from fastloc.align.loop import NonFiniteLoss, train
+        from fastloc.align.loop import train
 
         cfg = tyro.extras.overridable_config_cli(PRESETS, args=rest, prog="python -m fastloc.align train")
         preset = next((a for a in rest if a in PRESETS), "")
@@ -65,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (WeightsError, ShardError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (WeightsError, ShardError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a folder that cannot be written, a missing file
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)

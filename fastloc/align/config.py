@@ -1,5 +1,7 @@
 """The configuration of an alignment run: frozen, keyword-only dataclasses, one per concern,
-composed into ``AlignConfig`` and filled in by presets (``presets.py``) and the command line."""
+composed into ``AlignConfig`` and filled in by presets (``presets.py``) and the command line.
+``AlignConfig.validate()`` refuses values that make no sense (``BadValue`` naming the option)
+before anything is built, read or written."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from fastloc.align.maskembed import MaskEmbedConfig
-from fastloc.cli import flowing_help
+from fastloc.cli import check_name, flowing_help, require
 
 
 @flowing_help
@@ -39,6 +41,25 @@ class DataConfig:
 
     max_val_batches: int = 0
     """Validate (and fit sigma) on at most this many batches per rank (0: the whole split)."""
+
+    def validate(self) -> None:
+        require(self.batch_size >= 1, "--data.batch-size", self.batch_size, "must be at least 1")
+        require(self.accumulation >= 1, "--data.accumulation", self.accumulation, "must be at least 1")
+        require(
+            self.batch_size % self.accumulation == 0,
+            "--data.accumulation",
+            self.accumulation,
+            f"must divide --data.batch-size {self.batch_size}",
+        )
+        require(
+            self.val_batch_size >= 0,
+            "--data.val-batch-size",
+            self.val_batch_size,
+            "must be 0 (the micro-batch) or more",
+        )
+        require(self.workers >= 0, "--data.workers", self.workers, "must be 0 (read in the main process) or more")
+        require(self.threads >= 1, "--data.threads", self.threads, "must be at least 1")
+        require(self.max_val_batches >= 0, "--data.max-val-batches", self.max_val_batches, "must be 0 (all) or more")
 
 
 @flowing_help
@@ -74,6 +95,16 @@ class OptimConfig:
     clip_grad_norm: float = 1.0
     """Clip the global gradient norm of the trainable parameters (0: off)."""
 
+    def validate(self) -> None:
+        require(self.epochs >= 1, "--optim.epochs", self.epochs, "must be at least 1")
+        require(self.lr > 0, "--optim.lr", self.lr, "must be above 0")
+        require(0 <= self.min_lr_ratio <= 1, "--optim.min-lr-ratio", self.min_lr_ratio, "must be between 0 and 1")
+        require(self.warmup_updates >= 0, "--optim.warmup-updates", self.warmup_updates, "must be 0 or more")
+        require(all(0 <= b < 1 for b in self.betas), "--optim.betas", self.betas, "must each be in [0, 1)")
+        require(self.eps > 0, "--optim.eps", self.eps, "must be above 0")
+        require(self.weight_decay >= 0, "--optim.weight-decay", self.weight_decay, "must be 0 or more")
+        require(self.clip_grad_norm >= 0, "--optim.clip-grad-norm", self.clip_grad_norm, "must be 0 (off) or more")
+
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +122,9 @@ class SystemConfig:
 
     peak_tflops: float = 989.0
     """The device's dense bf16 peak, for the MFU estimate (H100 SXM: 989)."""
+
+    def validate(self) -> None:
+        require(self.peak_tflops > 0, "--system.peak-tflops", self.peak_tflops, "must be above 0")
 
 
 @flowing_help
@@ -116,6 +150,13 @@ class RunConfig:
     progress: bool = True
     """A progress bar on a terminal, periodic lines in a log."""
 
+    def validate(self) -> None:
+        if self.name:
+            check_name("--run.name", self.name)
+        require(self.seed >= 0, "--run.seed", self.seed, "must be 0 or more")
+        require(self.log_every >= 1, "--run.log-every", self.log_every, "must be at least 1")
+        require(self.checkpoint_every >= 1, "--run.checkpoint-every", self.checkpoint_every, "must be at least 1")
+
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
@@ -136,3 +177,14 @@ class AlignConfig:
 
     run: RunConfig = field(default_factory=RunConfig)
     """Outputs and their frequency."""
+
+    def validate(self) -> None:
+        """Every section's rules, then the method's; a ``BadValue`` names the first bad option."""
+        for section in (self.data, self.optim, self.system, self.run):
+            section.validate()
+        method = self.method
+        require(method.skip_blocks >= 0, "--method.skip-blocks", method.skip_blocks, "must be 0 or more")
+        require(method.decoder_depth >= 1, "--method.decoder-depth", method.decoder_depth, "must be at least 1")
+        cap = method.soft_cap
+        require(cap is None or cap > 0, "--method.soft-cap", cap, "must be above 0 (or None: off)")
+        method.masks.validate()

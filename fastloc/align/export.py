@@ -17,27 +17,39 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from fastloc.align.checkpoint import BEST, Checkpointer
+from fastloc.align.checkpoint import (
+    BEST,
+    Checkpointer,
+    CheckpointError,
+    config_differences,
+    config_fingerprint,
+    load,
+    load_objective,
+)
 from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
 from fastloc.align.masks import MaskConfig
+from fastloc.cli import check_writable
+from fastloc.files import write_atomically
 from fastloc.models.attention import soft_cap
 from fastloc.models.encoders import RESET_NORM_EPS
 from fastloc.models.registry import backbone, create_model
 
 
 def method_config(run_dir: Path) -> MaskEmbedConfig:
-    """The run's method, from its config.json."""
+    """The run's method, from its config.json (a ``CheckpointError`` when there is none that fits)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a run directory of python -m fastloc.align")
-    method = dict(json.loads(path.read_text())["config"]["method"])
-    method["masks"] = MaskConfig(**method["masks"])
-    return MaskEmbedConfig(**method)
+        raise CheckpointError(f"{path}: no such file; {run_dir} is not a run directory of python -m fastloc.align")
+    try:
+        method = dict(json.loads(path.read_text())["config"]["method"])
+        method["masks"] = MaskConfig(**method["masks"])
+        return MaskEmbedConfig(**method)
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not the config of this version
+        raise CheckpointError(f"{path}: not the config of an alignment run ({type(exc).__name__}: {exc})") from None
 
 
 def export(run_dir: Path, which: Literal["best", "last"] = "best", out: Path | None = None) -> Path:
@@ -45,10 +57,13 @@ def export(run_dir: Path, which: Literal["best", "last"] = "best", out: Path | N
     cfg = replace(method_config(run_dir), weights="random")  # the student's weights come from the checkpoint
     path = run_dir / BEST if which == "best" else next(iter(Checkpointer(run_dir).steps()), None)
     if path is None or not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {which} checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{run_dir}: no {which} checkpoint ({BEST if which == 'best' else 'ckpt-*.pt'})")
+    out = Path(out) if out else run_dir / f"encoder-{which}.safetensors"
+    check_writable("--out", out.parent)
+    state = load(path)
+    _check_method(path, state, cfg)
     objective = MaskEmbed(cfg)
-    objective.load_state_dict(state["objective"], strict=False)
+    load_objective(objective, state["objective"])
     encoder = objective.encoder()
     trained = encoder.state_dict()
     skeleton = create_model(cfg.backbone, "random").state_dict()  # every key timm expects
@@ -68,9 +83,18 @@ def export(run_dir: Path, which: Literal["best", "last"] = "best", out: Path | N
         "step": int(state["step"]),
         "sigma": float(state["objective"]["sigma"]),
     }
-    out = Path(out) if out else run_dir / f"encoder-{which}.safetensors"
-    save_file(tensors, str(out), metadata={"fastloc": json.dumps(meta)})
+    write_atomically(out, save(tensors, metadata={"fastloc": json.dumps(meta)}))
     return out
+
+
+def _check_method(path: Path, state: dict[str, Any], cfg: MaskEmbedConfig) -> None:
+    """The checkpoint was saved by this run's method (a checkpoint copied from another run is refused)."""
+    saved = {k: v for k, v in state["config"].items() if k.startswith("method.") and k != "method.weights"}
+    here = {f"method.{k}": v for k, v in config_fingerprint(cfg).items() if k != "weights"}
+    differ = config_differences(saved, here)
+    if differ:
+        shown = "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in differ.items())
+        raise CheckpointError(f"{path} was saved by another method than {path.parent}/config.json says ({shown})")
 
 
 def exported_metadata(path: Path) -> dict[str, Any]:

@@ -4,8 +4,10 @@ A run directory holds ``config.json`` (the resolved config and the git revision)
 (sigma, the attempts), ``metrics.jsonl`` (one line per logging step and per validation), the
 step checkpoints and ``best.pt``. Running the same command again resumes from the newest
 readable checkpoint exactly where it stopped: weights, optimizer, schedule, the loader's
-position, the mask generators and sigma are restored, so the loss curve continues as if the run
-had never stopped. Under torchrun (or the SLURM launcher) every rank runs ``train``.
+position, the mask generators, sigma and whether the epoch was validated are restored, and the
+metric lines written after that checkpoint are dropped, so the metrics continue as if the run
+had never stopped. One process writes a run directory at a time (a folder lock); a checkpoint is
+written only from finite state. Under torchrun (or the SLURM launcher) every rank runs ``train``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import math
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,53 +27,62 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastloc.align.checkpoint import Checkpointer, config_fingerprint, plain
+from fastloc.align.checkpoint import Checkpointer, RunBusy, all_finite, config_fingerprint, load_objective, plain
 from fastloc.align.config import AlignConfig
 from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
 from fastloc.align.objective import Objective
 from fastloc.align.prepare import Runtime, learning_rate, prepare, setup
 from fastloc.align.step import autocast, train_step
+from fastloc.cli import check_writable
 from fastloc.data.config import CenterCropRecipe, LoaderConfig
 from fastloc.data.loader import make_loader
 from fastloc.data.stream import EpochLoader
+from fastloc.files import write_atomically
+from fastloc.lock import Busy, folder_lock
 from fastloc.progress import Progress
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the run stopped, its last good checkpoint kept."""
+    """The loss or the gradient became NaN or infinite; the run stopped, its last good checkpoint kept."""
 
 
 @dataclass
 class Position:
     step: int = 0  # updates done
-    epoch: int = 0
+    validated: int = 0  # epochs whose validation and epoch-end checkpoint are done
     best_val: float = math.inf
 
 
 def train(cfg: AlignConfig, preset: str = "") -> Path:
     """Run (or resume) the alignment described by ``cfg``; returns the run directory."""
-    if cfg.data.batch_size % cfg.data.accumulation:
-        raise ValueError(
-            f"--data.batch-size {cfg.data.batch_size} does not divide by --data.accumulation {cfg.data.accumulation}"
-        )
+    cfg.validate()
     runtime = setup(cfg.system)
     run_dir = cfg.run.out / (cfg.run.name or preset or "align")
+    if runtime.main:
+        check_writable("--run.out", run_dir)
+    with run_lock(run_dir, runtime):
+        _train(cfg, preset, runtime, run_dir)
+    return run_dir
+
+
+def _train(cfg: AlignConfig, preset: str, runtime: Runtime, run_dir: Path) -> None:
     torch.manual_seed(cfg.run.seed)  # the same initialization on every rank (DDP also broadcasts it)
     objective = MaskEmbed(cfg.method)
     train_loader, val_loader = loaders(cfg, objective, runtime)
     prepared = prepare(objective, cfg.optim, cfg.system, runtime)
     masks = torch.Generator(runtime.device).manual_seed(_seed(cfg.run.seed))  # the same on every rank
     checkpointer = Checkpointer(run_dir)
-    fingerprint = config_fingerprint(cfg)
-    found = checkpointer.latest(fingerprint) if run_dir.is_dir() else None
+    if runtime.main:
+        checkpointer.clean()
+    found = checkpointer.latest(config_fingerprint(cfg), move_aside=runtime.main)
     position = Position()
     if found is not None:
         position = restore(found[1], objective, prepared, train_loader, masks)
-        _trim_metrics(run_dir, position.step, runtime)
+        _trim_metrics(run_dir, position, runtime)
         record(run_dir, runtime, {"resumed_from": str(found[0]), "step": position.step})
     else:
+        _trim_metrics(run_dir, position, runtime)  # a killed attempt's lines before its first checkpoint
         if runtime.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             _write_json(run_dir / "config.json", {"preset": preset, "config": plain(cfg), "git": git_revision()})
         _barrier(runtime)
         with autocast(runtime.device, cfg.system.precision):
@@ -79,7 +92,25 @@ def train(cfg: AlignConfig, preset: str = "") -> Path:
         record(run_dir, runtime, {"started": True, **calibration})
     flops = image_flops(cfg.method)
     Loop(cfg, objective, prepared, train_loader, val_loader, masks, checkpointer, runtime, run_dir, flops).run(position)
-    return run_dir
+
+
+@contextmanager
+def run_lock(run_dir: Path, runtime: Runtime) -> Iterator[None]:
+    """One writer per run directory: rank 0 holds its folder lock for the whole run, and every rank
+    learns whether it got it (a second run of the same directory is refused at once)."""
+    with ExitStack() as stack:
+        holder = None
+        if runtime.main:
+            try:
+                stack.enter_context(folder_lock(run_dir, wait=False))
+            except Busy as busy:
+                holder = busy.holder
+        if _any_rank(holder is not None, runtime):
+            raise RunBusy(
+                f"{run_dir}: another run is writing this run directory{holder or ''}; "
+                "rerun this command when it has ended (it resumes), or use another --run.name"
+            )
+        yield
 
 
 def loaders(cfg: AlignConfig, objective: Objective, runtime: Runtime) -> tuple[EpochLoader, EpochLoader]:
@@ -127,56 +158,68 @@ class Loop:
         )
         window = _Window(self.device, position.step)
         try:
-            for epoch in range(position.epoch, cfg.optim.epochs):
-                position.epoch = epoch
-                self.train_loader.set_epoch(epoch)
-                for batch in self.train_loader:
-                    images = batch.images.to(self.device, non_blocking=True)
-                    sample = global_sample(self.objective, len(batch), self.masks, runtime)
-                    lr = learning_rate(cfg.optim, position.step, self.total)
-                    metrics = train_step(
-                        self.objective,
-                        self.prepared,
-                        images,
-                        sample,
-                        lr,
-                        cfg.data.accumulation,
-                        cfg.optim.clip_grad_norm,
-                        cfg.system.precision,
-                    )
-                    position.step += 1
-                    window.add(metrics, position.step, len(batch) * runtime.world_size, lr)
-                    progress.update(1)
-                    if position.step % cfg.run.log_every == 0:
-                        self.log(window.flush(), position)
-                    if position.step % cfg.run.checkpoint_every == 0:
-                        self.log(window.flush(), position)  # checks the loss before it is saved
-                        self.save(position)
-                if window.steps:
-                    self.log(window.flush(), position)
-                val = self.validate()
-                best = val < position.best_val
-                position.best_val = min(position.best_val, val)
-                position.epoch = epoch + 1
-                self.append({"step": position.step, "epoch": epoch, "val_loss": val})
-                self.save(position, best=best)
+            for epoch in range(position.validated, cfg.optim.epochs):
+                if self.train_loader.epoch <= epoch:  # else its last update was done before a resume
+                    self.train_epoch(epoch, position, window, progress)
+                self.end_epoch(epoch, position)
         finally:
             progress.close()
 
+    def train_epoch(self, epoch: int, position: Position, window: _Window, progress: Progress) -> None:
+        """The updates of ``epoch`` from the loader's position (a restored one is kept)."""
+        cfg, runtime = self.cfg, self.runtime
+        self.train_loader.set_epoch(epoch)
+        for batch in self.train_loader:
+            images = batch.images.to(self.device, non_blocking=True)
+            sample = global_sample(self.objective, len(batch), self.masks, runtime)
+            lr = learning_rate(cfg.optim, position.step, self.total)
+            metrics = train_step(
+                self.objective,
+                self.prepared,
+                images,
+                sample,
+                lr,
+                cfg.data.accumulation,
+                cfg.optim.clip_grad_norm,
+                cfg.system.precision,
+            )
+            position.step += 1
+            window.add(metrics, position.step, len(batch) * runtime.world_size, lr)
+            progress.update(1)
+            if position.step % cfg.run.log_every == 0:
+                self.log(window.flush(), epoch)
+            if position.step % cfg.run.checkpoint_every == 0:
+                self.log(window.flush(), epoch)  # checks the loss and gradient before they are saved
+                self.save(position)
+        if window.steps:
+            self.log(window.flush(), epoch)
+
+    def end_epoch(self, epoch: int, position: Position) -> None:
+        """Validate ``epoch``'s weights, then the epoch-end checkpoint (and ``best.pt``)."""
+        val = self.validate()
+        best = val < position.best_val
+        position.best_val = min(position.best_val, val)
+        position.validated = epoch + 1
+        self.append({"step": position.step, "epoch": epoch, "val_loss": val})
+        self.save(position, best=best)
+
     # ------------------------------------------------------------ logging, checkpoints, validation
 
-    def log(self, metrics: dict[str, Any] | None, position: Position) -> None:
+    def log(self, metrics: dict[str, Any] | None, epoch: int) -> None:
         if metrics is None:
             return
         bad = metrics.pop("first_bad_step")
         if bad >= 0 or not math.isfinite(metrics["loss"]):
-            newest = self.checkpointer.steps()
-            keep = f"the last good checkpoint is {newest[0]}" if newest else "no checkpoint was written"
-            at = bad if bad >= 0 else metrics["step"]
-            raise NonFiniteLoss(f"{self.run_dir}: the loss is not finite at update {at}; stopped, {keep}")
+            self.stop(f"the loss or the gradient norm is not finite at update {bad if bad >= 0 else metrics['step']}")
         flops = self.flops * metrics["images_per_s"]
         peak = self.cfg.system.peak_tflops * 1e12 * self.runtime.world_size if self.device.type == "cuda" else None
-        self.append({**metrics, "epoch": position.epoch, "mfu": flops / peak if peak else None})
+        self.append({**metrics, "epoch": epoch, "mfu": flops / peak if peak else None})
+
+    def stop(self, what: str) -> None:
+        """Stop the run (``NonFiniteLoss``) naming its last good checkpoint: every one written is finite."""
+        newest = self.checkpointer.steps()
+        keep = f"the last good checkpoint is {newest[0]}" if newest else "no checkpoint was written"
+        raise NonFiniteLoss(f"{self.run_dir}: {what}; stopped, {keep}")
 
     def append(self, line: dict[str, Any]) -> None:
         if self.runtime.main:
@@ -184,7 +227,10 @@ class Loop:
                 f.write(json.dumps(line) + "\n")
 
     def save(self, position: Position, best: bool = False) -> None:
+        """Write the checkpoint of ``position`` (rank 0), only if every weight and moment is finite."""
         state = checkpoint_state(self.cfg, self.objective, self.prepared, self.train_loader, self.masks, position)
+        if not all_finite(state):  # the same weights on every rank: each stops here alike
+            self.stop(f"the weights or optimizer state are not finite after update {position.step}")
         if self.runtime.main:
             self.checkpointer.save(state, position.step, best=best)
         _barrier(self.runtime)
@@ -221,7 +267,8 @@ class _Window:
         self.steps, self.images, self.lr, self.started = 0, 0, 0.0, time.perf_counter()
 
     def add(self, metrics: dict[str, torch.Tensor], step: int, images: int, lr: float) -> None:
-        bad = ~torch.isfinite(metrics["loss"]) & (self.first_bad < 0)
+        finite = torch.isfinite(metrics["loss"]) & torch.isfinite(metrics["grad_norm"])
+        bad = ~finite & (self.first_bad < 0)
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
         self.loss += metrics["loss"]
         self.grad_norm += metrics["grad_norm"].to(self.grad_norm.dtype)
@@ -264,7 +311,7 @@ def checkpoint_state(cfg, objective, prepared, loader, masks, position: Position
     return {
         "config": config_fingerprint(cfg),
         "step": position.step,
-        "epoch": position.epoch,
+        "validated": position.validated,
         "best_val": position.best_val,
         "objective": {k: v for k, v in objective.state_dict().items() if not k.startswith("teacher.")},
         "optimizer": prepared.optimizer.state_dict(),
@@ -278,16 +325,14 @@ def checkpoint_state(cfg, objective, prepared, loader, masks, position: Position
 
 
 def restore(state, objective, prepared, loader, masks) -> Position:
-    missing, unexpected = objective.load_state_dict(state["objective"], strict=False)
-    if unexpected or any(not k.startswith("teacher.") for k in missing):
-        raise RuntimeError(f"checkpoint does not fit the objective: missing {missing}, unexpected {unexpected}")
+    load_objective(objective, state["objective"])
     prepared.optimizer.load_state_dict(state["optimizer"])
     loader.load_state_dict(state["loader"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     masks.set_state(state["rng"]["masks"])
-    return Position(step=int(state["step"]), epoch=int(state["epoch"]), best_val=float(state["best_val"]))
+    return Position(step=int(state["step"]), validated=int(state["validated"]), best_val=float(state["best_val"]))
 
 
 def image_flops(method: MaskEmbedConfig) -> float:
@@ -329,7 +374,16 @@ def _barrier(runtime: Runtime) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    write_atomically(path, json.dumps(data, indent=1) + "\n")
+
+
+def _any_rank(flag: bool, runtime: Runtime) -> bool:
+    """Whether ``flag`` holds on any rank."""
+    if not runtime.distributed:
+        return flag
+    value = torch.tensor([int(flag)], device=runtime.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def record(run_dir: Path, runtime: Runtime, entry: dict[str, Any]) -> None:
@@ -344,12 +398,23 @@ def record(run_dir: Path, runtime: Runtime, entry: dict[str, Any]) -> None:
     _write_json(path, data)
 
 
-def _trim_metrics(run_dir: Path, step: int, runtime: Runtime) -> None:
-    """Drop metric lines written after the checkpoint a run resumes from (they will be redone)."""
+def _trim_metrics(run_dir: Path, position: Position, runtime: Runtime) -> None:
+    """Drop the metric lines written after the state a run (re)starts from, since they will be
+    redone: training lines after its update, validation lines of epochs it has not validated, and
+    a line a failed write left half-written."""
     path = run_dir / "metrics.jsonl"
-    if runtime.main and path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+    if not runtime.main or not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+            keep = entry["step"] <= position.step and ("val_loss" not in entry or entry["epoch"] < position.validated)
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+    write_atomically(path, "".join(kept))
 
 
 def git_revision() -> str:

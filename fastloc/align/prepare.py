@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastloc.align.config import OptimConfig, SystemConfig
 from fastloc.align.objective import Objective
+from fastloc.cli import require
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,13 @@ class Runtime:
         return self.world_size > 1
 
 
-def setup(cfg: SystemConfig) -> Runtime:
-    """Device, process group (from the environment) and TF32, once per process."""
+def setup(cfg: SystemConfig, flag: str = "--system.device") -> Runtime:
+    """Device, process group (from the environment) and TF32, once per process. A CUDA device
+    asked for where there is none is a ``BadValue`` naming ``flag``."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cuda and not torch.cuda.is_available():
-        raise RuntimeError("--system.device cuda, but torch sees no CUDA device")
+    require(not cuda or torch.cuda.is_available(), flag, cfg.device, "needs a CUDA device, and torch sees none")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
