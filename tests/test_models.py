@@ -76,6 +76,48 @@ def test_flex_attention_agrees_with_the_materialized_path():
     )
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # uncompiled on purpose
+def test_flex_attention_backward_agrees_with_the_materialized_path(monkeypatch):
+    """CUDA training differentiates through the fused path. On the CPU this torch refuses to:
+    flex_attention's _validate_device raises "FlexAttention does not support backward on CPU", and
+    with that check lifted, inductor cannot lower the compiled backward for the CPU (InductorError).
+    What does run is FlexAttention's own autograd, uncompiled: the dense backward over the joint
+    graph torch traces from our score_mod, the graph the fused CUDA backward is generated from. Its
+    gradients must be the materialized path's, for q, k, v and for a soft-capped ViT's parameters."""
+    import torch.nn.attention.flex_attention as flex
+
+    from fastloc.models import attention
+
+    monkeypatch.setattr(flex, "_validate_device", lambda *tensors: None)
+    monkeypatch.setattr(attention, "_flex", lambda: flex.flex_attention)
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(2, 3, 17, 16, dtype=torch.float64) * 6 for _ in range(3))  # logits well above 10
+    grad = torch.randn(2, 3, 17, 16, dtype=torch.float64)
+    fused = torch.autograd.grad(flex_softcap_attention(*(t.requires_grad_() for t in (q, k, v)), 30.0), (q, k, v), grad)
+    exact = torch.autograd.grad(softcap_attention(q, k, v, 30.0), (q, k, v), grad)
+    for a, b in zip(fused, exact):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+    def vit(fused: bool) -> nn.Module:
+        torch.manual_seed(9)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=0)
+        soft_cap(model.double(), 30.0, fused=fused)
+        with torch.no_grad():  # logits ~20, where the cap's derivative departs from 1
+            for block in model.blocks:
+                block.attn.qkv.weight[: 2 * block.attn.attn_dim] *= 25
+        return model
+
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    grads = []
+    for fused_path in (True, False):
+        model = vit(fused_path)
+        model.forward_features(x).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-7, atol=1e-9, msg=name)
+
+
 def test_a_huge_cap_is_timm_attention():
     torch.manual_seed(2)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=0).eval()
@@ -181,3 +223,17 @@ def test_gpu_fused_softcap_attention_matches_the_materialized_path(dtype):
         for block in model.blocks:
             block.attn.fused = False
         torch.testing.assert_close(fused_out, model.forward_features(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_softcap_attention_backward_matches_the_materialized_path():
+    """The compiled FlexAttention backward that CUDA training runs, against float64 materialized gradients."""
+    torch.manual_seed(11)
+    q, k, v = (torch.randn(4, 12, 197, 64, device="cuda") * 3 for _ in range(3))
+    grad = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    fused = torch.autograd.grad(flex_softcap_attention(*leaves, 30.0), leaves, grad)
+    exact_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    exact = torch.autograd.grad(softcap_attention(*exact_leaves, 30.0), exact_leaves, grad.double())
+    for a, b in zip(fused, exact):
+        torch.testing.assert_close(a.double(), b, atol=1e-3, rtol=1e-3)

@@ -76,8 +76,9 @@ class Trainable(nn.Module):
 
 
 def per_image_loss(kind: str, pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """[B * M, T, D] predictions and targets, [B, M, T] keep-masks (prefix counted as kept for
-    unmasked_mse, as masked for masked_mse, in training and validation alike) -> [B] float32."""
+    """[B * M, T, D] predictions and targets, [B, M, T] keep-masks with the prefix already padded
+    (``prefix_keep``) -> [B] float32. masked_mse weighs tokens by 1 - keep, unmasked_mse by keep;
+    both divide by every element, as the reference does."""
     B = keep.shape[0]
     diff = pred.float() - target.float()  # [B * M, T, D]
     if kind == "mse":
@@ -92,6 +93,18 @@ def per_image_loss(kind: str, pred: torch.Tensor, target: torch.Tensor, keep: to
     else:
         raise ValueError(f"unknown loss {kind!r}")
     return per.view(B, -1).mean(dim=1)  # [B]: every image has the same M * T elements
+
+
+def prefix_keep(kind: str) -> bool:
+    """The keep value the prefix tokens are padded with in the masked losses, as the reference's
+    training step pads them (scripts/train.py 907-918): 0 for masked_mse (weight 1 - 0) and 1 for
+    unmasked_mse (weight 1), so both count the prefix. The other losses ignore the mask.
+
+    Validation here uses the same losses. The reference's validation (train.py 1059-1070) pads
+    masked_mse's prefix with 1 instead, leaving the prefix out: its validation masked_mse is
+    fastloc's minus the prefix tokens' squared error over all M * T * D elements. unmasked_mse
+    pads with 1 in both, so it is the same everywhere (MASKEMBED.md section 13, pitfall 7)."""
+    return kind == "unmasked_mse"
 
 
 class MaskEmbed(Objective):
@@ -164,9 +177,10 @@ class MaskEmbed(Objective):
         return per_image_loss(self.cfg.loss, pred, target, self._keep(masks))
 
     def _keep(self, masks: torch.Tensor) -> torch.Tensor:
-        """[B, M, T] with the prefix as masked (0)."""
+        """[B, M, T]: the patch keep-masks after the prefix, padded with ``prefix_keep(loss)``."""
         B, M, _ = masks.shape
-        return torch.cat([masks.new_zeros(B, M, self.image.prefix_tokens), masks], dim=2)
+        prefix = masks.new_full((B, M, self.image.prefix_tokens), prefix_keep(self.cfg.loss))
+        return torch.cat([prefix, masks], dim=2)
 
     # ------------------------------------------------------------ sigma
 

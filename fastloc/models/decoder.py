@@ -2,7 +2,8 @@
 
 The student's tokens, repeated per mask and multiplied by the mask (prefix tokens always zeroed,
 no mask token), plus a learned positional embedding, go through 2 timm ``Block``s (the student's
-head count, qkv bias and qk norm; LayerScale 1e-6; MLP ratio 4), a LayerNorm and a Linear.
+head count, qkv bias, qk norm, MLP type and activation, its reset norm's type and eps; LayerScale
+1e-6; MLP ratio 4), a LayerNorm and a Linear: what the reference's train.py builds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from fastloc.models.encoders import RESET_NORM_EPS
+from fastloc.models.encoders import RESET_NORM_EPS, reset_norm_eps
 
 
 class Decoder(nn.Module):
@@ -27,7 +28,9 @@ class Decoder(nn.Module):
         qkv_bias: bool = True,
         qk_norm: bool = False,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        norm_eps: float = RESET_NORM_EPS,
         act_layer: type[nn.Module] = nn.GELU,
+        mlp_layer: type[nn.Module] = Mlp,
         depth: int = 2,
         mlp_ratio: float = 4.0,
         init_values: float = 1e-6,
@@ -35,7 +38,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.prefix_tokens = prefix_tokens
         self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)  # [1, T, D]
-        norm = norm_layer if norm_layer is nn.Identity else functools.partial(norm_layer, eps=RESET_NORM_EPS)
+        norm = norm_layer if norm_layer is nn.Identity else functools.partial(norm_layer, eps=norm_eps)
         self.blocks = nn.Sequential(
             *(
                 Block(
@@ -47,7 +50,7 @@ class Decoder(nn.Module):
                     init_values=init_values,
                     norm_layer=norm,
                     act_layer=act_layer,
-                    mlp_layer=Mlp,
+                    mlp_layer=mlp_layer,
                 )
                 for _ in range(depth)
             )
@@ -65,7 +68,8 @@ class Decoder(nn.Module):
 
     @classmethod
     def for_student(cls, student_model: nn.Module, dim: int, tokens: int, **overrides) -> Decoder:
-        """A decoder whose blocks take the student's head count, qkv bias, qk norm, act and norm types."""
+        """A decoder whose blocks take the student's head count, qkv bias, qk norm, MLP type (EVA02:
+        SwiGLU), act and norm types, and its reset norm's eps (scripts/train.py 349-370)."""
         first = student_model.blocks[0]
         attn = first.attn
         qkv = getattr(attn, "qkv", None)
@@ -74,7 +78,9 @@ class Decoder(nn.Module):
             "qkv_bias": (qkv is not None and qkv.bias is not None) or getattr(attn, "q_bias", None) is not None,
             "qk_norm": not isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity),
             "norm_layer": type(student_model.norm),
+            "norm_eps": reset_norm_eps(student_model),
             "act_layer": type(getattr(first.mlp, "act", nn.GELU())),
+            "mlp_layer": type(first.mlp),
         }
         args = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
         return cls(tokens, dim, prefix_tokens=student_model.num_prefix_tokens, **args)

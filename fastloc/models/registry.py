@@ -151,8 +151,11 @@ def create_model(name: str, weights: str | Path = "pretrained", **kwargs: Any) -
         raise WeightsError(
             f"{name}: weights file {path} does not exist (--weights takes a file, 'pretrained' or 'random')"
         )
+    # custom_load False: the file is a torch state dict even where the hub's weights are JAX .npz
+    # (augreg ViTs); timm >= 1.0.31 implies it for a file, older timm would hand it to the npz loader.
+    overlay = {"file": str(path), "custom_load": False}
     try:
-        return timm.create_model(entry.timm_id, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **args)
+        return timm.create_model(entry.timm_id, pretrained=True, pretrained_cfg_overlay=overlay, **args)
     except Exception as exc:
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise WeightsError(f"{path}: not weights for {entry.timm_id} ({reason})") from None

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -38,10 +39,23 @@ def prefix_mean(x: torch.Tensor, prefix: int) -> torch.Tensor:
 
 
 def _blocks(dim: int, num_heads: int, layers: int) -> nn.Sequential:
-    # the original's blocks: MLP ratio 4, no qkv bias, LayerScale 0.01, GELU, LayerNorm, no dropout
-    return nn.Sequential(
-        *(Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=False, init_values=0.01) for _ in range(layers))
-    )
+    # The original's blocks (patchseg/model.py 50-64, 121-135): MLP ratio 4, no qkv bias, LayerScale 0.01,
+    # GELU, no dropout, and torch's LayerNorm passed explicitly: eps 1e-5, where timm's default
+    # norm (timm >= 1.0.16) has eps 1e-6.
+    def block() -> Block:
+        return Block(
+            dim,
+            num_heads,
+            mlp_ratio=4.0,
+            qkv_bias=False,
+            qk_norm=False,
+            init_values=0.01,
+            norm_layer=nn.LayerNorm,
+            act_layer=nn.GELU,
+            mlp_layer=Mlp,
+        )
+
+    return nn.Sequential(*(block() for _ in range(layers)))
 
 
 class TransformerHead(nn.Module):

@@ -42,6 +42,15 @@ def add_counts(counts: torch.Tensor, index: torch.Tensor, keep: torch.Tensor) ->
     counts.index_add_(0, index, one.expand(index.numel()))
 
 
+def majority_prediction(logits: torch.Tensor) -> torch.Tensor:
+    """[..., C] logits -> [...] int64: the class the original predicts for majority, the argmax of
+    the softmax in the logits' own dtype (patchseg/loss.py 100-102), ties to the lowest class. In
+    bf16 the softmax rounds, so near-equal small logits tie where the logits' argmax would not;
+    fp32 logits (``float_logits``) all but remove such ties. The original runs it on the CPU; a
+    GPU's bf16 softmax may round a rare value one bit differently."""
+    return logits.softmax(dim=-1).argmax(dim=-1)
+
+
 class Evaluator:
     """Confusion counts, bf16 score histograms and size strata for one evaluation pass (one epoch's validation).
 
@@ -124,7 +133,7 @@ class Evaluator:
     def _update_majority(self, logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> None:
         B, N, C = logits.shape
         target = targets.long()  # [B, N]
-        pred = logits.argmax(-1)  # [B, N]; ties go to the first index
+        pred = majority_prediction(logits)  # [B, N]
         add_counts(self._confusion, target * C + pred, keep[:, None].expand(B, N))
         scores = torch.softmax(logits.float(), dim=-1).to(torch.bfloat16)  # [B, N, C]
         positive = (target[..., None] == self._classes).long()  # [B, N, C]
