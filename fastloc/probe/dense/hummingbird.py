@@ -66,6 +66,8 @@ DIFFERENCES = {
     "mean": "classes with no pixel and no prediction are left out of the mean (the reference: IoU 0, kept)",
     "order": "the training split in order, as the reference's loader (shuffle=False)",
     "train_images": "the first N images of the split (the reference's data-efficiency runs: a random fraction)",
+    "precision": "under --precision bf16 (the default) the backbone runs under bf16 autocast and the memory bank and "
+    "feature cache hold bf16 features (the reference: float32 throughout); --precision fp32 is the reference's",
 }
 
 
