@@ -62,7 +62,7 @@ def test_the_exported_encoder_loads_into_plain_timm(run, tmp_path):
         meta["timm_id"],
         pretrained=True,
         num_classes=0,
-        pretrained_cfg_overlay={"file": str(path)},
+        pretrained_cfg_overlay={"file": str(path), "custom_load": False},
         **meta["timm_kwargs"],
     ).eval()
     aligned = load_exported(path)

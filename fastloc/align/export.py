@@ -2,12 +2,13 @@
 
 The file holds the student's encoder (all blocks, the re-trained final norm) under timm's own key
 names, so ``timm.create_model(id, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(
-file=PATH))`` loads it strictly; parameters the student never used (SigLIP's attention-pooling
-head) come from a random initialization and are listed in the metadata. Two things a plain timm
-model does not reproduce, both recorded in the metadata: the soft cap of the attention logits
-(30 * tanh(l / 30), which timm's attention has no option for) and the final norm's eps (1e-5,
-where timm may build 1e-6). ``load_exported`` restores both, so its ``forward_features`` equals
-the student's exactly; plain timm differs by the cap (logits above ~10) and the eps.
+file=PATH, custom_load=False))`` loads it strictly; parameters the student never used (SigLIP's
+attention-pooling head) come from a random initialization and are listed in the metadata. Two
+things a plain timm model does not reproduce, both recorded in the metadata: the soft cap of the
+attention logits (30 * tanh(l / 30), which timm's attention has no option for) and the final
+norm's eps (the reference re-creates it: 1e-5 for the ViT family, where timm may build 1e-6).
+``load_exported`` restores both, so its ``forward_features`` equals the student's exactly; plain
+timm differs by the cap (logits above ~10) and the eps.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from fastloc.align.masks import MaskConfig
 from fastloc.cli import check_writable
 from fastloc.files import write_atomically
 from fastloc.models.attention import soft_cap
-from fastloc.models.encoders import RESET_NORM_EPS
 from fastloc.models.registry import backbone, create_model
 
 
@@ -77,7 +77,7 @@ def export(run_dir: Path, which: Literal["best", "last"] = "best", out: Path | N
         "timm_id": entry.timm_id,
         "timm_kwargs": entry.kwargs,
         "soft_cap": cfg.soft_cap if entry.soft_cap else None,
-        "norm_eps": RESET_NORM_EPS,
+        "norm_eps": _final_norm(encoder).eps,
         "untrained": untrained,
         "checkpoint": str(path),
         "step": int(state["step"]),
@@ -97,6 +97,12 @@ def _check_method(path: Path, state: dict[str, Any], cfg: MaskEmbedConfig) -> No
         raise CheckpointError(f"{path} was saved by another method than {path.parent}/config.json says ({shown})")
 
 
+def _final_norm(encoder: nn.Module) -> nn.Module:
+    """The student's re-created final norm: ``norm``, or ``fc_norm`` where ``norm`` is Identity (BEiT)."""
+    norm = encoder.norm
+    return encoder.fc_norm if isinstance(norm, nn.Identity) else norm
+
+
 def exported_metadata(path: Path) -> dict[str, Any]:
     with safe_open(str(path), "pt") as f:
         return json.loads(f.metadata()["fastloc"])
@@ -111,7 +117,7 @@ def load_exported(path: Path) -> nn.Module:
         meta["timm_id"],
         pretrained=True,
         num_classes=0,
-        pretrained_cfg_overlay={"file": str(path)},
+        pretrained_cfg_overlay={"file": str(path), "custom_load": False},  # a state dict, never timm's .npz
         **meta["timm_kwargs"],
     )
     if meta["soft_cap"] is not None:
