@@ -104,7 +104,7 @@ def test_slide_of_a_per_pixel_model_equals_the_whole_image(h, w):
 def test_dinov3_labels_reduce_zero(voc):
     """dinov3-ade20k scores label 0 as void and shifts the classes down (reduce_zero_label), and
     feeds the backbone the crop; leopart-voc keeps class 0 (VOC's background)."""
-    cfg = resolve(LinearConfig(data=voc, protocol="dinov3-ade20k", crop_size=64))
+    cfg = resolve(LinearConfig(data=voc, protocol="dinov3-ade20k", crop_size=64, stride=43))
     assert cfg.zero_is_ignore and cfg.image_size == 64
     assert (cfg.lr, cfg.iterations, cfg.batch_size) == (1e-3, 40_000, 16)
     data = open_dense_data(cfg)

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,18 +18,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fs_faults import in_private_mount, module_command, needs_unshare
 from loader_data import PALETTE, block_sample, write_set
 from PIL import Image
 from safetensors.torch import load_file
 
 from fastloc.models.registry import create_model, image_config
 from fastloc.probe.__main__ import main
-from fastloc.probe.cache import CacheError, _publish, build_cache, open_cache, pack_bits, unpack_bits
+from fastloc.probe.cache import (
+    CacheError,
+    DamagedCache,
+    _publish,
+    build_cache,
+    open_cache,
+    pack_bits,
+    unpack_bits,
+    verify_rows,
+)
 from fastloc.probe.config import ProbeConfig
 from fastloc.probe.data import class_groups
 from fastloc.probe.heads import HEADS, HeadShape, build_head
 from fastloc.probe.report import jsonable
-from fastloc.probe.run import evaluate, probe, schedule
+from fastloc.probe.run import evaluate, probe, run_name, schedule
 from fastloc.probe.sources import CachedSource, plan_batches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,6 +184,100 @@ def concurrent_builds_keep_one_cache_and_leave_no_partial(cache: Path, key: dict
     assert sorted(p.name for p in cache.parent.iterdir() if p.name.startswith(".")) == []
 
 
+def overwrite_rows(file: Path, seed: int = 0) -> int:
+    """Random bytes over every row of a cache array, its size and header kept; the file's size."""
+    size, offset = file.stat().st_size, np.load(file, mmap_mode="r").offset
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        f.write(np.random.default_rng(seed).bytes(size - offset))
+    assert file.stat().st_size == size
+    return size
+
+
+def test_a_cache_file_damaged_at_the_same_size_is_rebuilt_with_a_warning(cached_run, capsys):
+    """The outside check's case: random bytes in the validation features, same size; the rerun
+    warns, rebuilds and scores what the undamaged run scored (not recall 0 into the CSV)."""
+    cfg, first = cached_run
+    (val_cache,) = cfg.cache_dir.glob("t-val-*")
+    overwrite_rows(val_cache / "features.npy")
+    capsys.readouterr()
+    again = probe(replace(cfg, name="after-damage"))
+    out = capsys.readouterr().out
+    (warning,) = [line for line in out.splitlines() if line.startswith("warning: features:")]
+    assert f"{val_cache}/features.npy: row 0 does not match the checksum" in warning and "rebuilding it" in warning
+    assert out.count("reusing the cache") == 1  # the training split's, intact
+    assert result_of(again)["epochs"] == result_of(first)["epochs"]
+    key = json.loads((val_cache / "meta.json").read_text())["key"]
+    assert open_cache(val_cache, key) is not None  # the rebuilt one checks out
+    assert sorted(p.name for p in cfg.cache_dir.iterdir() if p.name.startswith(".")) == []
+    rows = (cfg.results / "outputs-t.csv").read_text().splitlines()
+    assert rows[-1] == rows[1]
+
+
+class FakeBatch:
+    """What build_cache reads of a loader's Batch."""
+
+    def __init__(self, index: np.ndarray, valid: np.ndarray):
+        self.index, self.valid = torch.from_numpy(index), torch.from_numpy(valid)
+        self.images = torch.from_numpy(index).float().view(-1, 1, 1).expand(-1, 3, 4).contiguous()  # [B, T, D]
+        self.labels = torch.from_numpy(index % 5).view(-1, 1).expand(-1, 6).contiguous()
+        self.keys = [str(i) for i in index]
+
+
+def small_cache(root: Path, count: int = 20, batch: int = 8):
+    """A cache of ``count`` rows built from fake batches (sample 3 unusable); its key."""
+    key = {"dataset": "fake", "split": "val", "num_classes": 5}
+    shapes = {"features": (count, 3, 4), "labels": (count, 6), "usable": (count,)}
+    dtypes = {"features": np.float32, "labels": np.uint8, "usable": np.bool_}
+    index = np.arange(count)
+    batches = [FakeBatch(index[i : i + batch], index[i : i + batch] != 3) for i in range(0, count, batch)]
+    build_cache(root / "cache", key, batches, lambda x: x, shapes, dtypes, lambda labels: {"labels": labels})
+    return root / "cache", key
+
+
+def test_opening_a_large_cache_checks_a_sample_of_its_rows(tmp_path):
+    path, key = small_cache(tmp_path)
+    cache = open_cache(path, key)
+    assert not cache.usable[3] and cache.usable.sum() == 19
+    row = 3 * 4 * 4 + 6 + 1
+    assert verify_rows(cache) == 20  # a small cache: every row
+    assert verify_rows(cache, budget=5 * row) == 5
+    with open(path / "usable.npy", "r+b") as f:  # the unusable sample marked usable: it would be read
+        f.seek(np.load(path / "usable.npy", mmap_mode="r").offset + 3)
+        f.write(b"\x01")
+    with pytest.raises(DamagedCache, match="usable.npy: row 3 does not match"):
+        open_cache(path, key)
+    assert open_cache(path, key, verify=False) is not None  # what a loader worker opens
+
+
+@needs_unshare
+def test_a_full_cache_disk_is_one_error_that_leaves_nothing_and_a_rerun_works(blocks, tmp_path):
+    """A real 1 MB tmpfs as --cache-dir (the training split's cache is 2.4 MB): one error line
+    naming the cache, no Bus error, no .partial- folder; the same command works once it is grown."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    args = ["--backbone", "tiny", "--weights", "random", "--epochs", "1", "--batch-size", "16", "--device", "cpu"]
+    args += ["--loader", "cpu", "--workers", "0", "--predictions", "0", "--head", "linear", "--cache-dir", mnt]
+    args += ["--out", tmp_path / "runs", "--results", tmp_path / "results"]
+    command = module_command("fastloc.probe", blocks, *args)
+    script = f"""
+mount -t tmpfs -o size=1m tmpfs '{mnt}' || exit 99
+{command}; echo "rc1=$?" >&2
+ls -a '{mnt}' > '{tmp_path}/after-error.txt'
+mount -o remount,size=16m tmpfs '{mnt}' || exit 98
+{command}; echo "rc2=$?" >&2
+"""
+    result = in_private_mount(script)
+    err = result.stderr
+    assert "rc1=2" in err and "rc2=0" in err, err + result.stdout
+    assert "Traceback" not in err and "Bus error" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: {mnt}/t-train-") and "No space left on device" in line, line
+    assert "rerun the same command" in line
+    assert (tmp_path / "after-error.txt").read_text().split() == [".", ".."]
+    assert (tmp_path / "results" / "outputs-t.csv").read_text().count("\n") == 2  # the header and one row
+
+
 def test_a_finetuned_backbone_saved_by_the_probe_loads_as_weights_and_is_probed_frozen(blocks, tmp_path):
     tuned = probe(config(blocks, tmp_path, epochs=2, full_finetune=True, lr=3e-4, predictions=0))
     assert result_of(tuned)["config"]["full_finetune"] is True
@@ -272,12 +377,14 @@ def test_bad_inputs_are_clear_errors(blocks, tmp_path, capsys):
 
 
 def test_the_results_csv_is_never_mixed_with_another_table(blocks, tmp_path, capsys):
+    """Refused before any work (it used to be found after training, the figures lost)."""
     cfg = config(blocks, tmp_path, epochs=1, predictions=0)
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "outputs-t.csv").write_text("a, b, c\n")
     with pytest.raises(ValueError, match="not this protocol.s results header"):
         probe(cfg)
     assert (tmp_path / "results" / "outputs-t.csv").read_text() == "a, b, c\n"
+    assert not cfg.cache_dir.exists() and not cfg.out.exists()  # no feature computed, no run directory
 
 
 # ---------------------------------------------------------------- parts
@@ -400,7 +507,17 @@ def test_an_aligned_export_is_probed_with_its_soft_cap_and_norm_eps(blocks, tmp_
     assert all(isinstance(b.attn, SoftCapAttention) for b in model.blocks) and model.norm.eps == 1e-5
     result = result_of(probe(config(blocks, tmp_path, epochs=1, backbone=str(path), weights="pretrained")))
     assert result["backbone"]["weights"] == "export" and result["selected"]["images"] == 48
-    assert (tmp_path / "runs" / "t-union-transformer-encoder-best-skip0").is_dir()
+    # the encoder-best.safetensors of another align run: its own run directory, not the first's
+    other = tmp_path / "other-run" / "encoder-best.safetensors"
+    other.parent.mkdir()
+    shutil.copy(path, other)
+    cfg = config(blocks, tmp_path, epochs=1, backbone=str(other), weights="pretrained", head="linear", predictions=0)
+    assert run_name(cfg, "t") != run_name(replace(cfg, backbone=str(path)), "t")
+    probe(cfg)
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(
+        re.fullmatch(r"t-union-(transformer|linear)-encoder-best-[0-9a-f]{8}-skip0", r) for r in runs
+    )
     with pytest.raises(ValueError, match="holds its own weights"):
         load_backbone(str(path), "random")
 

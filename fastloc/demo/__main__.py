@@ -5,6 +5,7 @@ on image-level labels only (what CLIP and SigLIP see: which classes, never where
 Patch-Seg (the baseline), aligns it with MaskEmbed, probes the aligned encoder the same way, and
 prints the before/after table beside a floor (the random-init ViT) and a ceiling (a ViT trained
 on patch labels). Re-running reuses finished stages; --quick is the test suite's short version.
+Option values and the folders are checked before any stage: a bad one is one "error:" line, exit 2.
 """
 
 from __future__ import annotations
@@ -16,14 +17,22 @@ from pathlib import Path
 
 import tyro
 
-from fastloc.demo import stages, summary
+from fastloc.cli import os_error_line
 from fastloc.demo.config import DemoConfig, resolved
+from fastloc.probe.config import user_errors
 
 
 def run(cfg: DemoConfig) -> Path:
+    """Every stage (each reused when done before); the values and the folders are checked first,
+    the values before torch is imported, so that a bad one is refused at once."""
     cfg = resolved(cfg)
+    cfg.validate()
+    from fastloc.demo import stages, summary
+    from fastloc.probe.report import checked_folders
+
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with checked_folders(("--shards", cfg.shards), ("--out", cfg.out)):
+        run_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     def stage(name: str, inputs: dict, work) -> dict:
@@ -84,12 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted: run the same command again to go on from the last finished stage", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if isinstance(exc, user_errors()):  # BadValue among them
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError):  # a full disk, a folder that went read-only: the path and what to do
+            print(f"error: {os_error_line(exc)}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The demo's one config: sizes of every stage, and the quick variant the tests run."""
+"""The demo's one config: sizes of every stage, and the quick variant the tests run.
+
+``validate()`` refuses a value out of its range (a BadValue naming the option) before any stage
+runs: a stage that fails minutes in, on a value known wrong from the start, wastes the stages before.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
-from fastloc.cli import flowing_help
+from fastloc.cli import flowing_help, require
+from fastloc.probe.config import at_least, check_seed, field
+
+TRAIN_BATCH = 32  # pre-training and the probes train on full batches of this many images
 
 
 @flowing_help
@@ -55,6 +62,27 @@ class DemoConfig:
 
     workers: int = 2
     """Loader worker processes."""
+
+    def validate(self) -> None:
+        """A ``BadValue`` for the first option out of its range (nothing is read or written); the
+        numbers first, before the backbone registry's import of torch and timm."""
+        at_least("--train-images", self.train_images, TRAIN_BATCH, "one training batch")
+        at_least("--val-images", self.val_images, 1)
+        for flag in ("--pretrain-epochs", "--align-epochs", "--probe-epochs"):
+            at_least(flag, getattr(self, field(flag)), 1)
+        check_seed(self.seed)
+        at_least("--workers", self.workers, 0, "0: in this process")
+        at_least("--skip-blocks", self.skip_blocks, 0)
+        from fastloc.models.registry import BACKBONES
+
+        require(self.backbone in BACKBONES, "--backbone", self.backbone, "must be a registered name")
+        depth = BACKBONES[self.backbone].kwargs.get("depth")
+        rule = f"must be less than {depth}, the blocks of {self.backbone}"
+        require(depth is None or self.skip_blocks < depth, "--skip-blocks", self.skip_blocks, rule)
+        if self.device == "cuda":
+            import torch
+
+            require(torch.cuda.is_available(), "--device", self.device, "needs a CUDA device, and torch sees none")
 
     @property
     def run_dir(self) -> Path:

@@ -9,7 +9,8 @@
 DATA is a shard set with train and validation splits (python -m fastloc.shard converts COCO,
 ADE20k and the synthetic set). "--help" explains every field. The run writes DATA's results
 CSV row (results/outputs-DATASET.csv) and a run directory: result.json, head.safetensors,
-recall.png, predictions.png. Under torchrun every rank runs the same command.
+recall.png, predictions.png. Under torchrun every rank runs the same command. Option values and
+the output folders are checked before any work: a bad one is one "error:" line, exit 2.
 Each dense protocol writes result.json (its name and every knob) and rows of
 results/dense-PROTOCOL-DATASET.csv; python -m fastloc.shard voc converts Pascal VOC for them.
 """
@@ -20,19 +21,46 @@ import sys
 
 import tyro
 
-from fastloc.data.shards import ShardError
-from fastloc.models.registry import WeightsError
-from fastloc.probe.cache import CacheError
+from fastloc.cli import os_error_line
+from fastloc.probe.config import user_errors
 from fastloc.probe.dense.config import PROTOCOLS
 
 
+def refuse_early(cfg) -> None:
+    """The option values and the output folders, checked before torch is imported (seconds of
+    start-up): a bad one is refused at once. The run checks them again, with the data."""
+    from fastloc.probe.report import check_folders
+
+    cfg.validate()
+    check_folders(*cfg.folders())
+
+
 def dense(protocol: str, args: list[str]) -> int:
-    """Parse one dense protocol's config and run it (fastloc.probe.dense.PROTOCOL.run)."""
+    """Parse one dense protocol's config, check its values, run it (fastloc.probe.dense.PROTOCOL.run)."""
     import importlib
 
     from fastloc.probe.dense.config import parse
 
-    importlib.import_module(f"fastloc.probe.dense.{protocol}").run(parse(protocol, args))
+    cfg = parse(protocol, args)
+    refuse_early(cfg)
+    importlib.import_module(f"fastloc.probe.dense.{protocol}").run(cfg)
+    return 0
+
+
+def patch_seg(argv: list[str]) -> int:
+    """Parse Patch-Seg's config, check its values, run the probe."""
+    from fastloc.probe.config import ProbeConfig
+
+    description = __doc__.strip()
+    if "-h" in argv or "--help" in argv:  # the backbone list imports timm: only the help shows it
+        from fastloc.models.registry import BACKBONES
+
+        description += f"\n\nBackbones: {', '.join(BACKBONES)}, a timm id, or an aligned export."
+    cfg = tyro.cli(ProbeConfig, args=argv, prog="python -m fastloc.probe", description=description)
+    refuse_early(cfg)
+    from fastloc.probe.run import probe
+
+    probe(cfg)
     return 0
 
 
@@ -48,22 +76,20 @@ def main(argv: list[str] | None = None) -> int:
             return run_compare(tyro.cli(CompareConfig, args=argv[1:], prog="python -m fastloc.probe compare"))
         if argv[0] in PROTOCOLS:
             return dense(argv[0], argv[1:])
-        from fastloc.models.registry import BACKBONES
-        from fastloc.probe.config import ProbeConfig
-        from fastloc.probe.run import probe
-
-        description = f"{__doc__.strip()}\n\nBackbones: {', '.join(BACKBONES)}, a timm id, or an aligned export."
-        cfg = tyro.cli(ProbeConfig, args=argv, prog="python -m fastloc.probe", description=description)
-        probe(cfg)
-        return 0
-    except (WeightsError, ShardError, CacheError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return patch_seg(argv)
     except SystemExit as exc:  # --help (0) or a usage error tyro has explained (2)
         return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:
         print("interrupted: the feature cache keeps only complete splits; run the command again", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if isinstance(exc, user_errors()):  # BadValue among them
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError):  # a full disk, a folder that went read-only: the path and what to do
+            print(f"error: {os_error_line(exc)}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ other features, whatever the name says.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -54,6 +55,25 @@ def fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def file_tag(path: str) -> str:
+    """A file's stem and a short digest of its resolved path, for run directory names: the
+    ``encoder-best.safetensors`` of two align runs must not share one run directory."""
+    resolved = str(Path(path).expanduser().resolve())
+    digest = hashlib.blake2b(resolved.encode(), digest_size=4).hexdigest()
+    stem = re.sub(r"[^A-Za-z0-9._=-]+", "_", Path(path).stem).lstrip(".") or "weights"
+    return f"{stem}-{digest}"
+
+
+def backbone_tag(name: str, weights: str) -> str:
+    """The backbone part of a default run directory name: a registered name or timm id as given
+    ('/' made '_'), an export by ``file_tag``; a weights file (not pretrained or random) adds its
+    ``file_tag``, so other weights of one architecture get other run directories."""
+    tag = file_tag(name) if name.endswith(".safetensors") else name.replace("/", "_")
+    if weights not in ("pretrained", "random"):
+        tag += f"-w{file_tag(weights)}"
+    return tag
 
 
 def describe(name: str, weights: str, model: nn.Module) -> dict:

@@ -10,24 +10,31 @@ memory maps, so RAM stays bounded whatever the split's size:
     majority.npy  [S, N]      uint8 or int16
     global.npy    [S, C8]     the global-union targets, bit-packed
     usable.npy    [S]         False for a sample the loaders could not use
+    checksum.npy  [S, A]      CRC-32 of each row of each array (A arrays, in name order)
     meta.json                 the key, the shapes, the format version; written last
 
 The dense evaluations (``fastloc.probe.dense``) keep the same folder with other target arrays
 (the label maps themselves, ``labels.npy`` [S, H, W]): ``meta.json`` lists a cache's arrays.
 
 It is built in a hidden ``.partial-*`` folder that is renamed into place when complete, so a
-killed build leaves no cache that looks whole. With several ranks each writes its share of the
-rows into the same files (a shared file system, as SLURM clusters have).
+killed build leaves no cache that looks whole; the files get their full size on disk before any
+row is written, so a full disk is one error up front (a memory map written past the free space
+would die of SIGBUS). With several ranks each writes its share of the rows into the same files (a
+shared file system, as SLURM clusters have). Opening a cache checks the rows' checksums (all of a
+small cache, a random sample of a large one: ``VERIFY_BYTES``), so a file damaged at the same size
+is rebuilt, with a warning, instead of being scored.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import shutil
 import socket
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +47,17 @@ import torch.distributed as dist
 from fastloc.kernels.label_pool import label_pool
 from fastloc.progress import Progress
 
-FORMAT = 1
+FORMAT = 2  # 2: checksum.npy
+CHECKSUMS = "checksum"
+VERIFY_BYTES = 256 << 20  # at most this much of a cache is read back and checked when it is opened
 
 
 class CacheError(RuntimeError):
     """A cache folder that cannot be used; the message says which and why."""
+
+
+class DamagedCache(CacheError):
+    """A cache whose files are there but whose contents are not what was written."""
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -110,19 +123,26 @@ def feature_storage(precision: str) -> type:
 
 
 def reuse_or_build(path: Path, key: dict, build: Callable[[], CachedSplit], main: bool, reuse: bool = True):
-    """The cache at ``path`` when it is complete for ``key``, else ``build()``'s; each said on rank 0.
-    One of other inputs, another format or damaged is rebuilt; ``reuse=False`` always builds."""
-    cache = None
+    """The cache at ``path`` when it is complete and intact for ``key``, else ``build()``'s; each
+    said on rank 0. One of other inputs or another format is rebuilt; a damaged one is removed and
+    rebuilt with a warning; ``reuse=False`` always builds. Every rank takes the same decision."""
+    cache, why = None, None
     if reuse:
         try:
             cache = open_cache(path, key)
         except CacheError as exc:
-            if main:
-                print(f"features: {exc}; rebuilding it")
-        if cache is not None:
-            if main:
-                print(f"features: reusing the cache {path} ({cache.num_samples} samples)")
-            return cache
+            why = exc
+    if _every_rank(cache is not None):
+        if main:
+            print(f"features: reusing the cache {path} ({cache.num_samples} samples)")
+        return cache
+    if isinstance(why, DamagedCache):  # said by the rank that found it (ranks check different rows)
+        print(f"warning: features: {why}; rebuilding it")
+    elif why is not None and main:
+        print(f"features: {why}; rebuilding it")
+    if not _every_rank(not isinstance(why, DamagedCache)) and main:
+        _discard(path)  # before the build: publishing checks only a sample of a large cache
+    _barrier()
     cache = build()
     if main:
         print(f"features: cached in {path}")
@@ -146,11 +166,12 @@ def cache_path(root: Path, key: dict) -> Path:
 
 @dataclass
 class CachedSplit:
-    """An opened cache: read-only memory maps."""
+    """An opened cache: read-only memory maps, and the rows' checksums [S, A]."""
 
     path: Path
     meta: dict
     arrays: dict[str, np.ndarray]
+    checksums: np.ndarray | None = None
 
     @property
     def num_samples(self) -> int:
@@ -173,40 +194,111 @@ class CachedSplit:
         return features, stored
 
 
-def open_cache(path: Path, key: dict) -> CachedSplit | None:
+def open_cache(path: Path, key: dict, verify: bool = True) -> CachedSplit | None:
     """The cache at ``path`` if it is complete and was made for ``key``; None if there is none.
-    A cache of another format or key, or with arrays cut short, is a ``CacheError``."""
+    A cache of another format or key is a ``CacheError``; arrays cut short, unreadable or (with
+    ``verify``) whose checked rows do not match their checksums, a ``DamagedCache``."""
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         return None
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
-        raise CacheError(f"{meta_path}: unreadable ({exc}); delete {path} to rebuild it") from None
-    if meta.get("format") != FORMAT:
+        raise DamagedCache(f"{meta_path}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
         raise CacheError(
-            f"{path}: written by another version of fastloc (cache format {meta.get('format')}, this one reads "
-            f"{FORMAT}); delete it to rebuild it"
+            f"{path}: written by another version of fastloc (cache format {found}, this one reads {FORMAT})"
         )
     if meta.get("key") != key:
-        raise CacheError(f"{path}: made for other inputs than this run's; delete it to rebuild it")
-    arrays = {}
-    for name in meta.get("arrays", {}):
-        try:
-            arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise CacheError(f"{path / name}.npy: unreadable ({exc}); delete {path} to rebuild it") from None
-        if list(arrays[name].shape) != meta["arrays"][name]:
-            raise CacheError(
-                f"{path / name}.npy: shape {list(arrays[name].shape)}, meta.json says {meta['arrays'][name]}; "
-                f"delete {path} to rebuild it"
+        raise CacheError(f"{path}: made for other inputs than this run's")
+    shapes = {**meta.get("arrays", {}), CHECKSUMS: [int(meta["shape"]["samples"]), len(meta.get("arrays", {}))]}
+    arrays = {name: _load(path, name, shape) for name, shape in shapes.items()}
+    cache = CachedSplit(path, meta, arrays, arrays.pop(CHECKSUMS))
+    if verify:
+        verify_rows(cache)
+    return cache
+
+
+def _load(path: Path, name: str, shape: list[int]) -> np.ndarray:
+    """One array of a cache, memory-mapped read-only; a ``DamagedCache`` unless it has ``shape``."""
+    file = path / f"{name}.npy"
+    try:
+        array = np.load(file, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise DamagedCache(f"{file}: unreadable ({exc})") from None
+    if list(array.shape) != list(shape):
+        raise DamagedCache(f"{file}: shape {list(array.shape)}, meta.json says {list(shape)}")
+    return array
+
+
+def row_checksums(rows: dict[str, np.ndarray]) -> np.ndarray:
+    """[B, A] uint32: CRC-32 of each row's bytes in each array (``rows``: name -> [B, ...] as
+    stored), the arrays in name order. CRC-32 runs at several GB/s (blake2b about 0.8), so writing
+    and checking cost little beside the backbone and the disk."""
+    names = sorted(rows)
+    count = len(rows[names[0]])
+    out = np.empty((count, len(names)), np.uint32)
+    for a, name in enumerate(names):
+        block = np.ascontiguousarray(rows[name])
+        for i in range(count):
+            out[i, a] = zlib.crc32(block[i : i + 1])
+    return out
+
+
+def verify_rows(cache: CachedSplit, budget: int = VERIFY_BYTES) -> int:
+    """Check rows against their checksums: every row when the arrays hold at most ``budget``
+    bytes, else a random sample of that many bytes' worth (another sample on each open). A
+    ``DamagedCache`` naming the first file and row that differ; the number of rows checked."""
+    n = cache.num_samples
+    row_bytes = sum(a.itemsize * math.prod(a.shape[1:]) for a in cache.arrays.values())
+    if n * row_bytes <= budget:
+        rows = np.arange(n)
+    else:
+        rows = np.sort(np.random.default_rng().choice(n, max(1, budget // max(row_bytes, 1)), replace=False))
+    names = sorted(cache.arrays)
+    for start in range(0, len(rows), 64):
+        index = rows[start : start + 64]
+        found = row_checksums({name: cache.arrays[name][index] for name in names})
+        bad = np.argwhere(found != cache.checksums[index])
+        if len(bad):
+            row, a = bad[0]
+            raise DamagedCache(
+                f"{cache.path / names[a]}.npy: row {index[row]} does not match the checksum written with it "
+                "(the file was changed or damaged since)"
             )
-    return CachedSplit(path, meta, arrays)
+    return len(rows)
+
+
+def _discard(path: Path) -> None:
+    """Remove a cache folder (renamed away first, so that no reader sees it half-deleted)."""
+    old = path.parent / f".old-{path.name}-{os.getpid()}"
+    try:
+        os.rename(path, old)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _collective(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the device the process group's backend reduces on (NCCL: the GPU)."""
+    if dist.get_backend() == "nccl":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    return tensor
+
+
+def _every_rank(flag: bool) -> bool:
+    """``flag`` on every rank (one process: the flag)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = _collective(torch.tensor([int(flag)]))
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def build_cache(
@@ -222,24 +314,67 @@ def build_cache(
     """Write the cache from ``batches`` (one pass of an eval-order loader over the split; each
     rank its share) and publish it. ``encode`` maps images to features [B, T, D]; ``targets``
     maps label maps [B, S, S] to the other arrays' rows (a ValueError for labels that do not
-    fit). ``shapes`` and ``dtypes`` name every array, ``features`` and ``usable`` among them."""
+    fit). ``shapes`` and ``dtypes`` name every array, ``features`` and ``usable`` among them.
+    A file-system failure (a full disk) is an OSError naming ``path``; nothing is left behind."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp = _partial(path)
-    if rank == 0:
-        tmp.mkdir(parents=True)
-        for name in shapes:
-            np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtypes[name], shape=shapes[name]).flush()
-    _barrier()
+    shapes = {**shapes, CHECKSUMS: (shapes["features"][0], len(shapes))}
+    dtypes = {**dtypes, CHECKSUMS: np.uint32}
     try:
+        created = None
+        if rank == 0:
+            try:
+                _create(tmp, shapes, dtypes)
+            except OSError as exc:
+                created = exc
+        if not _every_rank(created is None):
+            raise created or CacheError(f"{path}: rank 0 could not create the feature cache (its error says why)")
         return _fill(path, tmp, key, batches, encode, shapes, targets, progress)
-    except BaseException:
+    except BaseException as exc:
         if rank == 0:  # ours, never published (a SIGKILLed build leaves its .partial- folder behind)
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            what = f"{exc.strerror or exc} (writing the feature cache)"
+            raise OSError(exc.errno, what, str(path)) from None
         raise
 
 
+def _create(tmp: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> None:
+    """The empty arrays, each given its full size on disk before any row is written: a memory map
+    written past the free space dies of SIGBUS, a reservation fails with ENOSPC here."""
+    tmp.mkdir(parents=True)
+    for name, shape in shapes.items():
+        file = tmp / f"{name}.npy"
+        np.lib.format.open_memmap(file, mode="w+", dtype=dtypes[name], shape=shape).flush()
+        _reserve(file)
+
+
+def _reserve(file: Path) -> None:
+    """Allocate every block of ``file`` (posix_fallocate; zeros written where it is unsupported)."""
+    size = file.stat().st_size
+    with open(file, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+            return
+        except AttributeError:  # no posix_fallocate on this platform (macOS)
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        offset, chunk = 0, 1 << 20
+        while offset < size:  # rewrite every chunk in place: writing allocates it
+            f.seek(offset)
+            data = f.read(chunk)
+            f.seek(offset)
+            f.write(data)
+            offset += len(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _fill(path, tmp, key, batches, encode, shapes, targets, progress) -> CachedSplit:
-    """This rank's rows into ``tmp``; rank 0 then merges ``usable``, writes meta.json and publishes."""
+    """This rank's rows (and their checksums) into ``tmp``; rank 0 then merges ``usable``, writes
+    meta.json and publishes."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in shapes}
     classes = key["num_classes"]
@@ -255,10 +390,13 @@ def _fill(path, tmp, key, batches, encode, shapes, targets, progress) -> CachedS
                 f"the manifest's {classes} classes ({exc})"
             ) from None
         bits = features.view(torch.int16) if features.dtype == torch.bfloat16 else features
-        out["features"][rows] = bits.cpu().numpy()
+        written = {"features": bits.cpu().numpy(), "usable": np.ones(len(rows), bool)}
         for name, value in stored.items():
-            out[name][rows] = value[torch.from_numpy(valid).to(value.device)].cpu().numpy()
-        out["usable"][rows] = True
+            written[name] = value[torch.from_numpy(valid).to(value.device)].cpu().numpy()
+        written = {name: np.asarray(value, dtype=out[name].dtype) for name, value in written.items()}
+        for name, value in written.items():
+            out[name][rows] = value
+        out[CHECKSUMS][rows] = row_checksums(written)
         if progress is not None:
             progress.update(int(valid.sum()))
     for array in out.values():
@@ -266,20 +404,30 @@ def _fill(path, tmp, key, batches, encode, shapes, targets, progress) -> CachedS
     del out
     usable = torch.from_numpy(np.load(tmp / "usable.npy").astype(np.uint8))
     if dist.is_initialized() and dist.get_world_size() > 1:
+        usable = _collective(usable)
         dist.all_reduce(usable, op=dist.ReduceOp.MAX)
+        usable = usable.cpu()
     _barrier()
     if rank == 0:
-        np.save(tmp / "usable.npy", usable.numpy().astype(bool))
-        meta = {"format": FORMAT, "key": key, "arrays": {n: list(s) for n, s in shapes.items()}}
-        meta["shape"] = {
-            "samples": shapes["features"][0],
-            "tokens": shapes["features"][1],
-            "dim": shapes["features"][2],
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        _finish(tmp, key, shapes, usable.numpy().astype(bool))
         _publish(tmp, path, key)
     _barrier()
-    return open_cache(path, key)
+    return open_cache(path, key, verify=False)
+
+
+def _finish(tmp: Path, key: dict, shapes: dict[str, tuple[int, ...]], usable: np.ndarray) -> None:
+    """The merged ``usable``, the checksums of the rows no rank wrote (all zeros), and meta.json."""
+    np.save(tmp / "usable.npy", usable)
+    checksums = np.load(tmp / f"{CHECKSUMS}.npy", mmap_mode="r+")
+    names = sorted(n for n in shapes if n != CHECKSUMS)
+    blank = {n: np.zeros((1, *shapes[n][1:]), np.load(tmp / f"{n}.npy", mmap_mode="r").dtype) for n in names}
+    checksums[~usable] = row_checksums(blank)[0]
+    checksums.flush()
+    del checksums
+    arrays = {n: list(shapes[n]) for n in names}
+    meta = {"format": FORMAT, "key": key, "arrays": arrays, "checksums": "CRC-32 per row and array, arrays by name"}
+    meta["shape"] = {"samples": shapes["features"][0], "tokens": shapes["features"][1], "dim": shapes["features"][2]}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def _partial(path: Path) -> Path:

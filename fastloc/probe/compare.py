@@ -3,7 +3,7 @@
 ``python -m fastloc.probe compare A.json B.json`` prints the headline metrics of both with B - A
 and writes a before/after PNG. Two results are only compared when they were measured the same
 way (Patch-Seg: dataset, reduction, image size, threshold, epochs, classes; a dense protocol: its
-name and every knob); ``--force`` overrides that.
+name and every knob); ``--force`` overrides that. The plot's folder is checked before anything is read.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tyro
 
-from fastloc.cli import flowing_help
+from fastloc.cli import check_writable, flowing_help
 from fastloc.probe.plots import class_name, describe, is_dense, plot_comparison
 
 RESULT_FILE = "result.json"
@@ -45,7 +45,11 @@ class CompareConfig:
 
 
 def run_compare(cfg: CompareConfig) -> int:
-    """The CLI command: print the table and the plot's path."""
+    """The CLI command: print the table and the plot's path (its folder checked first)."""
+    names = _run_name(cfg.a), _run_name(cfg.b)
+    folder = _output_path(cfg.out, _result_file(Path(cfg.b)).parent, names).parent
+    if cfg.out is not None or folder.is_dir():  # beside a B that is not there: reading B says so
+        check_writable("--out", folder)
     table, png = compare(cfg.a, cfg.b, cfg.out, cfg.labels, force=cfg.force)
     print(table)
     print(f"plot: {png}")

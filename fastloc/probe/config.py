@@ -1,14 +1,38 @@
-"""The probe's one config: what to probe on which data, the original's recipe as the defaults."""
+"""The probe's one config: what to probe on which data, the original's recipe as the defaults.
+
+``validate()`` refuses a value that makes no sense (a BadValue naming the option) before any
+work: a run that fails only after training loses its figures.
+"""
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
 
-from fastloc.cli import flowing_help
+from fastloc.cli import check_name, flowing_help, require
+
+MAX_SEED = 2**32 - 1  # numpy's seed range, which seed_everything also seeds
+
+# the errors whose message says what to fix, by the module that defines them; the last two import
+# torch and timm, which a command refused for its option values never needs
+USER_ERRORS = {
+    "fastloc.data.shards": "ShardError",
+    "fastloc.models.registry": "WeightsError",
+    "fastloc.probe.cache": "CacheError",
+}
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What the CLIs print as one ``error:`` line (exit 2): ValueError (BadValue among them) and
+    the data, weights and cache errors of the modules imported so far (one not imported raised
+    nothing, and importing it to catch its error would cost torch's start-up)."""
+    loaded = [getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules]
+    return (ValueError, *loaded)
 
 
 @flowing_help
@@ -105,3 +129,57 @@ class ProbeConfig:
 
     predictions: int = 4
     """Validation images drawn in predictions.png (0: none)."""
+
+    def folders(self) -> list[tuple[str, Path]]:
+        """(flag, folder) of every folder the run writes into, in the order they are checked."""
+        cache = [("--cache-dir", self.cache_dir)] if self.cache and not self.full_finetune else []
+        return [*cache, ("--out", self.out), ("--results", self.results)]
+
+    def validate(self) -> None:
+        """A ``BadValue`` for the first option out of its range (nothing is read or written)."""
+        for flag in ("--epochs", "--batch-size", "--eval-batch-size", "--num-layers", "--hidden-size"):
+            at_least(flag, getattr(self, field(flag)), 1)
+        positive(self.lr, "--lr")
+        require(0 <= self.min_lr <= self.lr, "--min-lr", self.min_lr, f"must be in [0, --lr {self.lr}]")
+        require(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            "--weight-decay",
+            self.weight_decay,
+            "must be >= 0",
+        )
+        at_least("--warmup-updates", self.warmup_updates, 0)
+        at_least("--skip-blocks", self.skip_blocks, 0)
+        check_seed(self.seed)
+        at_least("--workers", self.workers, 0, "0: in this process")
+        at_least("--predictions", self.predictions, 0, "0: none")
+        intervention = self.head in ("transformer-cls", "transformer-separate")
+        rule = f"is defined for the union reduction only, not {self.reduction}"
+        require(not intervention or self.reduction == "union", "--head", self.head, rule)
+        check_names(self)
+
+
+def field(flag: str) -> str:
+    """The config field of a flag: --eval-batch-size -> eval_batch_size."""
+    return flag[2:].replace("-", "_")
+
+
+def at_least(flag: str, value: int, low: int, meaning: str = "") -> None:
+    """``require(value >= low)``, the rule worded as the CLIs' other checks."""
+    rule = f"must be at least {low}" if low else "must be >= 0"
+    require(value >= low, flag, value, rule + (f" ({meaning})" if meaning else ""))
+
+
+def positive(value: float, flag: str) -> None:
+    """A finite number above 0 (tyro reads 'nan' and 'inf' as floats)."""
+    require(math.isfinite(value) and value > 0, flag, value, "must be a positive number")
+
+
+def check_seed(seed: int) -> None:
+    require(0 <= seed <= MAX_SEED, "--seed", seed, f"must be in [0, {MAX_SEED}]")
+
+
+def check_names(cfg) -> None:
+    """--name and the split folders, where given: each one plain path component (no '/', no '..')."""
+    for flag in ("--name", "--train-split", "--val-split"):
+        if getattr(cfg, field(flag)):
+            check_name(flag, getattr(cfg, field(flag)))

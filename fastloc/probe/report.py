@@ -10,8 +10,12 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from fastloc.cli import BadValue, check_writable
 
 COLUMNS = (
     "dataset",
@@ -52,6 +56,69 @@ def append_csv(path: Path, row: list[str], columns: tuple[str, ...] = COLUMNS, *
         if not first:
             f.write(header + "\n")
         f.writelines(SEPARATOR.join(r) + "\n" for r in (row, *more))
+
+
+@contextmanager
+def checked_folders(*folders: tuple[str, Path], keep: bool = True) -> Iterator[None]:
+    """``check_writable`` for each (flag, folder) in order, then the body (the checks that need
+    the data); when anything is refused, or ``keep`` is False, the folders these checks created are
+    removed again, so that a refused run leaves nothing behind."""
+    created: list[Path] = []
+    try:
+        for flag, folder in folders:
+            created += _missing(Path(folder))
+            check_writable(flag, folder)
+        yield
+    except BaseException:
+        _remove_empty(created)
+        raise
+    if not keep:
+        _remove_empty(created)
+
+
+def check_folders(*folders: tuple[str, Path]) -> None:
+    """The checks of ``checked_folders`` alone: nothing is left (the run makes the folders)."""
+    with checked_folders(*folders, keep=False):
+        pass
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders``, the deepest first, those that are still empty."""
+    for path in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):
+        try:
+            path.rmdir()
+        except OSError:  # it holds something now (another run's files): not ours to remove
+            pass
+
+
+def _missing(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet."""
+    out = []
+    while not folder.exists() and folder != folder.parent:
+        out.append(folder)
+        folder = folder.parent
+    return out
+
+
+def check_csv(path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
+    """Before any work: a BadValue for a results CSV that holds another table or cannot be
+    appended to (a run that fails there only after training loses its figures)."""
+    if not path.exists():
+        return
+    try:
+        with open(path, "a+") as f:
+            f.seek(0)
+            first = f.readline().rstrip("\n")
+    except OSError as exc:
+        raise BadValue(f"--results {path}: cannot append there ({exc.strerror or exc})") from None
+    if first and first != SEPARATOR.join(columns):
+        raise BadValue(f"--results {path}: its header is not this protocol's results header; write elsewhere")
+
+
+def check_run_dir(flag: str, run_dir: Path) -> None:
+    """Before any work: a BadValue when the run directory's path is taken by something not a folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BadValue(f"{flag} {run_dir}: exists and is not a folder")
 
 
 def prevalence_flag(metrics: dict[str, Any]) -> str | None:

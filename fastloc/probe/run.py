@@ -32,7 +32,7 @@ from fastloc.data.loader import make_loader
 from fastloc.data.order import EpochPlan
 from fastloc.models.registry import ImageConfig, image_config
 from fastloc.probe import report
-from fastloc.probe.backbone import describe, fingerprint, load_backbone
+from fastloc.probe.backbone import backbone_tag, describe, fingerprint, load_backbone
 from fastloc.probe.cache import (
     build_from_loader,
     cache_key,
@@ -216,26 +216,41 @@ def seed_everything(seed: int) -> None:
 
 
 def run_name(cfg: ProbeConfig, dataset: str) -> str:
+    """--name, or DATASET-REDUCTION-HEAD-BACKBONE-skipK[-ft] (BACKBONE: ``backbone_tag``)."""
     if cfg.name:
         return cfg.name
-    backbone = Path(cfg.backbone).stem if cfg.backbone.endswith(".safetensors") else cfg.backbone
     tail = "-ft" if cfg.full_finetune else ""
-    return f"{dataset}-{cfg.reduction}-{cfg.head}-{backbone.replace('/', '_')}-skip{cfg.skip_blocks}{tail}"
+    return f"{dataset}-{cfg.reduction}-{cfg.head}-{backbone_tag(cfg.backbone, cfg.weights)}-skip{cfg.skip_blocks}{tail}"
+
+
+def open_run(cfg: ProbeConfig) -> tuple[Runtime, ProbeData, Path]:
+    """The checks before any work, in order: option values, the device, the output folders, the
+    data, the run directory and the results CSV; (runtime, data, run directory). A refused run
+    leaves nothing behind."""
+    cfg.validate()
+    runtime = setup(SystemConfig(device=cfg.device))
+    with report.checked_folders(*cfg.folders()):
+        data = open_data(cfg.data, cfg.train_split, cfg.val_split)
+        void = (data.val.manifest.get("label") or {}).get("ignore")
+        if void is not None:
+            raise ValueError(
+                f"{data.val.root}: its label maps mark void pixels ({void}), and Patch-Seg's reductions have no "
+                "void; score this set with the dense protocols (python -m fastloc.probe overcluster | linear | "
+                "hummingbird)"
+            )
+        run_dir = Path(cfg.out) / run_name(cfg, data.dataset)
+        report.check_run_dir("--name" if cfg.name else "--out", run_dir)
+        report.check_csv(results_csv(cfg, data.dataset), report.COLUMNS)
+    return runtime, data, run_dir
+
+
+def results_csv(cfg: ProbeConfig, dataset: str) -> Path:
+    return Path(cfg.results) / f"outputs-{dataset}.csv"
 
 
 def probe(cfg: ProbeConfig, pool=pool_targets) -> Path:
     """Run the probe; returns the run directory (on every rank)."""
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_batch_size < 1:
-        raise ValueError("--epochs, --batch-size and --eval-batch-size must be at least 1")
-    runtime = setup(SystemConfig(device=cfg.device))
-    data = open_data(cfg.data, cfg.train_split, cfg.val_split)
-    void = (data.val.manifest.get("label") or {}).get("ignore")
-    if void is not None:
-        raise ValueError(
-            f"{data.val.root}: its label maps mark void pixels ({void}), and Patch-Seg's reductions have no void; "
-            "score this set with the dense protocols (python -m fastloc.probe overcluster | linear | hummingbird)"
-        )
-    run_dir = Path(cfg.out) / run_name(cfg, data.dataset)
+    runtime, data, run_dir = open_run(cfg)
     seed_everything(cfg.seed)
     model = load_backbone(cfg.backbone, cfg.weights, cfg.skip_blocks).to(runtime.device)
     image = image_config(model)
@@ -337,7 +352,7 @@ def write_run(cfg, data, model, head, image, runtime, history, timings, run_dir:
         plot_recall_by_class(result, run_dir / "recall.png")
         if cfg.predictions and cfg.reduction != "global-union":
             draw_predictions(cfg, data, model, head, image, runtime, run_dir / "predictions.png")
-    csv = Path(cfg.results) / f"outputs-{data.dataset}.csv"
+    csv = results_csv(cfg, data.dataset)
     report.append_csv(csv, report.csv_row(cfg, data.dataset, history[best]))
     selected = history[best]
     print(

@@ -2,18 +2,21 @@
 
 The defaults are the published recipes (../shared/methods/OTHER-METHODS.md section 1, the
 open-hummingbird-eval and DINOv3 code); a knob that moves numbers (section 4) is a field, and the
-result JSON records every field under the protocol's name.
+result JSON records every field under the protocol's name. ``validate()`` refuses a value out of
+its range (a BadValue naming the option) before any work.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
 
-from fastloc.cli import flowing_help
+from fastloc.cli import flowing_help, require
+from fastloc.probe.config import at_least, check_names, check_seed, field, positive
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +92,20 @@ class DenseConfig:
         (None: the protocol trains on nothing)."""
         return None
 
+    def folders(self) -> list[tuple[str, Path]]:
+        """(flag, folder) of every folder the run writes into, in the order they are checked."""
+        return [("--cache-dir", self.cache_dir), ("--out", self.out), ("--results", self.results)]
+
+    def validate(self) -> None:
+        """A ``BadValue`` for the first shared option out of its range (nothing read or written);
+        each protocol adds its own knobs' rules."""
+        at_least("--skip-blocks", self.skip_blocks, 0)
+        at_least("--image-size", self.image_size, 1, "a multiple of the backbone's patch")
+        at_least("--eval-batch-size", self.eval_batch_size, 1)
+        check_seed(self.seed)
+        at_least("--workers", self.workers, 0, "0: in this process")
+        check_names(self)
+
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
@@ -132,6 +149,15 @@ class OverclusterConfig(DenseConfig):
     drop_last: bool = True
     """Leave out the last partial batch (Leopart's loader); False clusters every image."""
 
+    def validate(self) -> None:
+        super().validate()
+        rule = "must be one or more K >= 1"
+        require(bool(self.clusters) and min(self.clusters) >= 1, "--clusters", self.clusters, rule)
+        for flag in ("--seeds", "--iterations", "--restarts", "--mask-size", "--batch-size"):
+            at_least(flag, getattr(self, field(flag)), 1)
+        at_least("--max-points-per-centroid", self.max_points_per_centroid, 0, "0: all points")
+        at_least("--pca-dim", self.pca_dim, 0, "0: no scaler, no PCA")
+
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +199,28 @@ class LinearConfig(DenseConfig):
 
     def protocol_name(self) -> str:
         return f"linear-{self.protocol}"
+
+    def validate(self) -> None:
+        super().validate()
+        require(math.isfinite(self.lr) and self.lr >= 0, "--lr", self.lr, "must be >= 0 (0: the protocol's)")
+        for flag in ("--epochs", "--iterations", "--batch-size"):
+            at_least(flag, getattr(self, field(flag)), 0, "0: the protocol's")
+        require(
+            not (self.protocol == "leopart-voc" and self.iterations),
+            "--iterations",
+            self.iterations,
+            "belongs to dinov3-ade20k; leopart-voc trains for --epochs",
+        )
+        require(
+            not (self.protocol == "dinov3-ade20k" and self.epochs),
+            "--epochs",
+            self.epochs,
+            "belongs to leopart-voc; dinov3-ade20k trains for --iterations",
+        )
+        for flag in ("--crop-size", "--short-side", "--probe-size"):
+            at_least(flag, getattr(self, field(flag)), 1)
+        rule = f"must be in [1, --crop-size {self.crop_size}] (windows further apart leave pixels unscored)"
+        require(1 <= self.stride <= self.crop_size, "--stride", self.stride, rule)
 
     def train_splits(self) -> tuple[str, ...]:
         """Leopart trains on VOC's trainaug where the shard set has it."""
@@ -224,6 +272,20 @@ class HummingbirdConfig(DenseConfig):
     bank_void: Literal["background", "ignore"] = "background"
     """Void pixels (VOC's 255) in the bank's label distributions: background counts them as class 0
     (the reference's y[y == 255] = 0); ignore leaves them out of each patch's distribution."""
+
+    def validate(self) -> None:
+        super().validate()
+        at_least("--neighbours", self.neighbours, 1)
+        positive(self.temperature, "--temperature")
+        at_least("--memory-size", self.memory_size, 0, "0: every patch")
+        if self.memory_size:
+            rule = f"must be at most --memory-size {self.memory_size}"
+            require(self.neighbours <= self.memory_size, "--neighbours", self.neighbours, rule)
+        at_least("--augmentation-epochs", self.augmentation_epochs, 1)
+        at_least("--train-images", self.train_images, 0, "0: all")
+        at_least("--bank-chunk", self.bank_chunk, 1)
+        rule = "leaves no background class for void: use --bank-void ignore"
+        require(not (self.zero_is_ignore and self.bank_void == "background"), "--zero-is-ignore", True, rule)
 
 
 PROTOCOLS: dict[str, type[DenseConfig]] = {

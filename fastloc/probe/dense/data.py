@@ -38,6 +38,7 @@ from fastloc.probe.cache import (
 )
 from fastloc.probe.data import VAL_SPLITS, check_labelled, check_same_classes, split_folder
 from fastloc.probe.dense.config import DenseConfig
+from fastloc.probe.report import checked_folders
 from fastloc.probe.run import eval_recipe, feature_dtype, frozen_encoder, seed_everything
 
 VOID = -1  # the void label inside the dense protocols
@@ -54,6 +55,20 @@ def dense_runtime(cfg: DenseConfig) -> torch.device:
     device = setup(SystemConfig(device=cfg.device)).device
     seed_everything(cfg.seed)
     return device
+
+
+def open_dense(cfg: DenseConfig) -> tuple[torch.device, DenseData]:
+    """Every check before a protocol's work, in order: option values, one process and its device,
+    the output folders, the data, the run directory and the results CSV; (device, data). A refused
+    run leaves nothing behind."""
+    from fastloc.probe.dense import report
+
+    cfg.validate()
+    device = dense_runtime(cfg)
+    with checked_folders(*cfg.folders()):
+        data = open_dense_data(cfg)
+        report.check_outputs(cfg, data.dataset)
+    return device, data
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,11 @@ from fastloc.probe.dense.data import (
     Backbone,
     LabelSpace,
     dense_backbone,
-    dense_runtime,
     eval_batches,
     eval_split,
     feature_dtype,
     loader_config,
-    open_dense_data,
+    open_dense,
     patch_encoder,
 )
 from fastloc.probe.dense.metrics import (
@@ -285,15 +284,6 @@ def matched_counts(counts: torch.Tensor, matching: str) -> torch.Tensor:
 # --- The run ----------------------------------------------------------------------------------------------------
 
 
-def check(cfg: HummingbirdConfig) -> None:
-    if cfg.neighbours < 1 or cfg.temperature <= 0 or cfg.augmentation_epochs < 1 or cfg.bank_chunk < 1:
-        raise ValueError("--neighbours, --augmentation-epochs and --bank-chunk must be >= 1, --temperature > 0")
-    if cfg.memory_size < 0 or cfg.train_images < 0 or cfg.eval_batch_size < 1:
-        raise ValueError("--memory-size and --train-images must be >= 0, --eval-batch-size >= 1")
-    if cfg.zero_is_ignore and cfg.bank_void == "background":
-        raise ValueError("--zero-is-ignore leaves no background class for void: use --bank-void ignore")
-
-
 def protocol(cfg: HummingbirdConfig, bank: Bank, backbone: Backbone, split_name: str) -> dict:
     """The protocol's name and every knob (the CSV's knobs column); the prose of DIFFERENCES goes
     into result.json beside it."""
@@ -333,9 +323,7 @@ def wait(device: torch.device) -> None:
 
 def run(cfg: HummingbirdConfig) -> Path:
     """Build the bank, transfer labels onto the evaluation split, score; returns the run directory."""
-    check(cfg)
-    device = dense_runtime(cfg)
-    data = open_dense_data(cfg)
+    device, data = open_dense(cfg)
     labels = LabelSpace.of(data, cfg.zero_is_ignore)
     backbone = dense_backbone(cfg, device)
     timings = {}

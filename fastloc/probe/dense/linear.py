@@ -45,10 +45,9 @@ from fastloc.probe.dense.data import (
     Backbone,
     LabelSpace,
     dense_backbone,
-    dense_runtime,
     eval_batches,
     eval_split,
-    open_dense_data,
+    open_dense,
     patch_encoder,
     resize_nearest,
     train_loader,
@@ -88,13 +87,11 @@ LOG_EVERY = 50  # dinov3's MetricLogger interval: updates per loss line
 
 
 def resolve(cfg: LinearConfig) -> LinearConfig:
-    """The protocol's values for the fields left at 0; dinov3-ade20k also scores label 0 as void
-    (reduce_zero_label) and feeds the backbone the crop (image_size = crop_size)."""
+    """The protocol's values for the fields left at 0 (the values checked first); dinov3-ade20k
+    also scores label 0 as void (reduce_zero_label) and feeds the backbone the crop (image_size =
+    crop_size)."""
+    cfg.validate()
     recipe = RECIPES[cfg.protocol]
-    if cfg.protocol == "leopart-voc" and cfg.iterations:
-        raise ValueError("--iterations belongs to dinov3-ade20k; leopart-voc trains for --epochs")
-    if cfg.protocol == "dinov3-ade20k" and cfg.epochs:
-        raise ValueError("--epochs belongs to leopart-voc; dinov3-ade20k trains for --iterations")
     cfg = replace(
         cfg,
         lr=cfg.lr or recipe.lr,
@@ -104,12 +101,6 @@ def resolve(cfg: LinearConfig) -> LinearConfig:
     )
     if cfg.protocol == "dinov3-ade20k":
         cfg = replace(cfg, zero_is_ignore=True, image_size=cfg.crop_size)
-    if min(cfg.lr, cfg.epochs + cfg.iterations, cfg.batch_size, cfg.eval_batch_size, cfg.probe_size) <= 0:
-        raise ValueError(
-            "--lr, --epochs / --iterations, --batch-size, --eval-batch-size and --probe-size must be positive"
-        )
-    if cfg.stride < 1 or cfg.short_side < 1:
-        raise ValueError("--stride and --short-side must be positive")
     return cfg
 
 
@@ -423,8 +414,7 @@ def protocol(cfg: LinearConfig, backbone: Backbone, data, labels: LabelSpace, up
 def run(cfg: LinearConfig) -> Path:
     """Train the protocol's head on the frozen backbone, score it, write the results; returns the run directory."""
     cfg = resolve(cfg)
-    device = dense_runtime(cfg)
-    data = open_dense_data(cfg)
+    device, data = open_dense(cfg)
     labels = label_space(cfg, data)
     try:
         backbone = dense_backbone(cfg, device)

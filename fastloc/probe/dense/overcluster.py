@@ -29,10 +29,9 @@ from fastloc.probe.dense.data import (
     VOID,
     LabelSpace,
     dense_backbone,
-    dense_runtime,
     eval_batches,
     eval_split,
-    open_dense_data,
+    open_dense,
     resize_nearest,
 )
 from fastloc.probe.dense.kmeans import PCA_MAX_POINTS_PER_DIM, kmeans, standardize_and_project
@@ -176,21 +175,9 @@ def protocol(cfg: OverclusterConfig, images: int) -> dict:
     }
 
 
-def check(cfg: OverclusterConfig) -> None:
-    if not cfg.clusters or min(cfg.clusters) < 1:
-        raise ValueError(f"--clusters {cfg.clusters}: give one or more K >= 1")
-    for name in ("seeds", "iterations", "restarts", "mask_size", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.pca_dim < 0 or cfg.max_points_per_centroid < 0:
-        raise ValueError("--pca-dim and --max-points-per-centroid must be >= 0 (0: off)")
-
-
 def run(cfg: OverclusterConfig) -> Path:
     """The whole protocol; returns the run directory (result.json, and the CSV rows under cfg.results)."""
-    check(cfg)
-    device = dense_runtime(cfg)
-    data = open_dense_data(cfg)
+    device, data = open_dense(cfg)
     labels = LabelSpace.of(data, cfg.zero_is_ignore)
     backbone = dense_backbone(cfg, device)
     timings = {}

@@ -12,23 +12,32 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fastloc.probe.backbone import describe
+from fastloc.probe.backbone import backbone_tag, describe
 from fastloc.probe.dense.config import DenseConfig
-from fastloc.probe.report import append_csv, write_json
+from fastloc.probe.report import append_csv, check_csv, check_run_dir, write_json
 
 COLUMNS = ("protocol", "dataset", "backbone", "weights", "skip_blocks", "image_size", "figure", "value", "knobs")
 SEPARATOR = ", "
 
 
 def run_dir(cfg: DenseConfig, dataset: str) -> Path:
-    """RUN_DIR: --out/--name, or --out/PROTOCOL-DATASET-BACKBONE-sizeS-skipK."""
+    """RUN_DIR: --out/--name, or --out/PROTOCOL-DATASET-BACKBONE-sizeS-skipK (BACKBONE: an export's
+    or a weights file's stem with a digest of its path, so two exports never share one)."""
     if cfg.name:
         return Path(cfg.out) / cfg.name
-    protocol = cfg.protocol_name()
-    backbone = Path(cfg.backbone).stem if cfg.backbone.endswith(".safetensors") else cfg.backbone
-    return (
-        Path(cfg.out) / f"{protocol}-{dataset}-{backbone.replace('/', '_')}-size{cfg.image_size}-skip{cfg.skip_blocks}"
-    )
+    backbone = backbone_tag(cfg.backbone, cfg.weights)
+    return Path(cfg.out) / f"{cfg.protocol_name()}-{dataset}-{backbone}-size{cfg.image_size}-skip{cfg.skip_blocks}"
+
+
+def results_csv(cfg: DenseConfig, dataset: str) -> Path:
+    return Path(cfg.results) / f"dense-{cfg.protocol_name()}-{dataset}.csv"
+
+
+def check_outputs(cfg: DenseConfig, dataset: str) -> None:
+    """Before any work: the run directory's path is free for a folder and the results CSV takes
+    this protocol's rows (a BadValue otherwise)."""
+    check_run_dir("--name" if cfg.name else "--out", run_dir(cfg, dataset))
+    check_csv(results_csv(cfg, dataset), COLUMNS)
 
 
 def write_result(
@@ -63,7 +72,7 @@ def write_result(
         **(extra or {}),
     }
     write_json(out / "result.json", result)
-    csv = Path(cfg.results) / f"dense-{protocol['name']}-{data.dataset}.csv"
+    csv = results_csv(cfg, data.dataset)
     knobs = json.dumps({k: v for k, v in protocol.items() if k != "name"}, sort_keys=True, default=str)
     given = [protocol["name"], data.dataset, cfg.backbone, cfg.weights, str(cfg.skip_blocks), str(cfg.image_size)]
     rows = [[*given, figure, repr(float(value)), _quoted(knobs)] for figure, value in figures.items()]
