@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fastloc.models.registry import create_model, image_config
+from fastloc.probe import cache as cache_module
 from fastloc.probe.__main__ import main
 from fastloc.probe.cache import (
     CacheError,
@@ -129,11 +130,14 @@ def test_probe_learns_the_colour_classes_clearly_above_the_trivial_predictors(ca
     assert selected["macro_ap"] > selected["mean_prevalence"] + 0.3
 
 
-def test_a_second_run_reuses_the_cache_and_the_live_run_equals_the_cached_one(cached_run, capsys):
+def test_a_second_run_reuses_the_cache_and_the_live_run_equals_the_cached_one(cached_run, capsys, monkeypatch):
     cfg, first = cached_run
     capsys.readouterr()
+    checked = []
+    monkeypatch.setattr(cache_module, "verify_rows", lambda cache, *a: checked.append(cache.path.name) or 0)
     again = probe(replace(cfg, name="again"))
     assert capsys.readouterr().out.count("reusing the cache") == 2
+    assert len(checked) == 2  # each split's rows checked once when reused, not again per epoch
     live = probe(replace(cfg, name="live", cache=False))
     for other in (again, live):
         assert result_of(other)["epochs"] == result_of(first)["epochs"]  # every figure of every epoch

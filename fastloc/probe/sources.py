@@ -48,8 +48,8 @@ class _Rows(Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int):
-        if self.cache is None:
-            self.cache = open_cache(self.path, self.key)
+        if self.cache is None:  # checked when the run opened it: not again per worker and epoch
+            self.cache = open_cache(self.path, self.key, verify=False)
         index, valid = self.batches[i]
         features, stored = self.cache.rows(index)
         return features, stored, torch.from_numpy(valid)
