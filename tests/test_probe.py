@@ -322,7 +322,7 @@ def test_two_ranks_count_every_validation_sample_once_and_agree_with_one(cached_
         (mine,) = (tmp_path / "cache").glob(f"t-{split}-*")
         (theirs,) = cfg.cache_dir.glob(f"t-{split}-*")
         assert mine.name == theirs.name
-        for name in ("features", "union", "majority", "global", "usable"):
+        for name in ("features", "union", "majority", "global", "usable", "checksum"):  # rows checksummed by rank
             assert np.array_equal(np.load(mine / f"{name}.npy"), np.load(theirs / f"{name}.npy")), (split, name)
     # the 2-rank head, evaluated on one rank
     shape = HeadShape(96, 3, 1, 64, CLASSES, "union")
