@@ -511,19 +511,31 @@ def test_an_aligned_export_is_probed_with_its_soft_cap_and_norm_eps(blocks, tmp_
     assert all(isinstance(b.attn, SoftCapAttention) for b in model.blocks) and model.norm.eps == 1e-5
     result = result_of(probe(config(blocks, tmp_path, epochs=1, backbone=str(path), weights="pretrained")))
     assert result["backbone"]["weights"] == "export" and result["selected"]["images"] == 48
-    # the encoder-best.safetensors of another align run: its own run directory, not the first's
-    other = tmp_path / "other-run" / "encoder-best.safetensors"
-    other.parent.mkdir()
-    shutil.copy(path, other)
-    cfg = config(blocks, tmp_path, epochs=1, backbone=str(other), weights="pretrained", head="linear", predictions=0)
-    assert run_name(cfg, "t") != run_name(replace(cfg, backbone=str(path)), "t")
-    probe(cfg)
-    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert len(runs) == 2 and all(
-        re.fullmatch(r"t-union-(transformer|linear)-encoder-best-[0-9a-f]{8}-skip0", r) for r in runs
-    )
+    (run,) = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"t-union-transformer-encoder-best-[0-9a-f]{8}-skip0", run.name), run.name
     with pytest.raises(ValueError, match="holds its own weights"):
         load_backbone(str(path), "random")
+
+
+def test_two_exports_or_weights_files_of_one_name_get_their_own_run_directories(tmp_path, monkeypatch):
+    """Two align runs' encoder-best.safetensors (Patch-Seg and the dense protocols) and two weights
+    files of one architecture: one run directory each, the same one for a path however written."""
+    from fastloc.probe.dense.config import OverclusterConfig
+    from fastloc.probe.dense.report import run_dir
+
+    monkeypatch.chdir(tmp_path)
+    a, b = "run-a/encoder-best.safetensors", "run-b/encoder-best.safetensors"
+    for make in (
+        lambda backbone: run_name(ProbeConfig(data=Path("d"), backbone=backbone), "t"),
+        lambda backbone: run_dir(OverclusterConfig(data=Path("d"), backbone=backbone), "voc").name,
+        lambda weights: run_name(ProbeConfig(data=Path("d"), backbone="tiny", weights=weights), "t"),
+    ):
+        assert make(a) != make(b) and make(a) == make(str(tmp_path / a)) == make(f"./{a}")
+        assert "encoder-best-" in make(a)
+    assert (
+        run_name(ProbeConfig(data=Path("d"), backbone="tiny", weights="random"), "t")
+        == "t-union-transformer-tiny-skip0"
+    )
 
 
 @pytest.mark.gpu
