@@ -2,17 +2,21 @@
 
 import ast
 import dataclasses
+import errno
 import inspect
 import itertools
 import json
 import subprocess
 import sys
 import textwrap
+import typing
+from pathlib import Path
 
 import pytest
 import torch
+import tyro
 
-from fastloc.bench.__main__ import BENCHMARKS, main
+from fastloc.bench.__main__ import BENCHMARKS, _subcommands, main
 from fastloc.bench.common import MissingRow, print_table, write_results
 
 
@@ -166,6 +170,146 @@ def test_bench_without_a_name_lists_the_benchmarks(capsys):
 def test_bad_option_values_are_refused(capsys):
     assert main(["kernels", "--reduction", "mode"]) == 2
     assert "mode" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad values
+
+UNWRITABLE = "/dev/null/x.json"  # its folder is a device file: never writable, not even by root
+BAD_OPTIONS = [
+    (["shard", "--images", "0"], "--images"),
+    (["shard", "--synthetic", "-1"], "--synthetic"),
+    (["shard", "--processes", "-1"], "--processes"),
+    (["shard", "--repeats", "0"], "--repeats"),
+    (["shard", "--jpeg-source", "/nowhere"], "--jpeg-source"),
+    (["shard", "--jpeg-source", "{empty}"], "--jpeg-source"),  # a folder without JPEGs
+    (["shard", "--workdir", "/dev/null"], "--workdir"),
+    (["shard", "--out", UNWRITABLE], "--out"),
+    (["kernels", "--batch", "0"], "--batch"),
+    (["kernels", "--size", "-1"], "--size"),
+    (["kernels", "--masks", "0"], "--masks"),
+    (["kernels", "--mask-patch", "0"], "--mask-patch"),
+    (["kernels", "--mask-patch", "32", "--size", "16"], "--mask-patch"),
+    (["kernels", "--pool-patch", "300"], "--pool-patch"),
+    (["kernels", "--classes", "0"], "--classes"),
+    (["kernels", "--classes", "257"], "--classes"),
+    (["kernels", "--loop-batch", "0"], "--loop-batch"),
+    (["kernels", "--repeats", "0"], "--repeats"),
+    (["kernels", "--device", "tpu"], "--device"),
+    (["kernels", "--device", "cuda:99"], "--device"),
+    (["kernels", "--out", "."], "--out"),
+    (["kernels", "--out", UNWRITABLE], "--out"),
+    (["loader", "--images", "0"], "--images"),
+    (["loader", "--images", "8", "--batch-size", "8"], "--images"),
+    (["loader", "--batch-size", "0"], "--batch-size"),
+    (["loader", "--batches", "0"], "--batches"),
+    (["loader", "--size", "0"], "--size"),
+    (["loader", "--workers", "1", "-1"], "--workers"),
+    (["loader", "--workers"], "--workers"),
+    (["loader", "--workdir", "/dev/null"], "--workdir"),
+    (["loader", "--out", UNWRITABLE], "--out"),
+    (["align", "--preset", "nope"], "--preset"),
+    (["align", "--batch-size", "-1"], "--batch-size"),
+    (["align", "--steps", "0"], "--steps"),
+    (["align", "--warmup", "-1"], "--warmup"),
+    (["align", "--workdir", "/dev/null"], "--workdir"),
+    (["align", "--out", UNWRITABLE], "--out"),
+    (["probe", "--data", "/nowhere"], "--data"),
+    (["probe", "--data", "{empty}"], "--data"),  # a folder that is no shard set
+    (["probe", "--images", "0"], "--images"),
+    (["probe", "--images", "8", "--batch-size", "16"], "--images"),
+    (["probe", "--val-images", "0"], "--val-images"),
+    (["probe", "--epochs", "0"], "--epochs"),
+    (["probe", "--batch-size", "0"], "--batch-size"),
+    (["probe", "--workers", "-2"], "--workers"),
+    (["probe", "--backbone", "nope"], "--backbone"),
+    (["probe", "--weights", "/nowhere.safetensors"], "--weights"),
+    (["probe", "--workdir", "/dev/null"], "--workdir"),
+    (["probe", "--out", UNWRITABLE], "--out"),
+    (["evals", "--data", "/nowhere"], "--data"),
+    (["evals", "--protocols"], "--protocols"),
+    (["evals", "--workers", "-2"], "--workers"),
+    (["evals", "--backbone", "nope"], "--backbone"),
+    (["evals", "--weights", "/nowhere.pt"], "--weights"),
+    (["evals", "--workdir", "/dev/null"], "--workdir"),
+    (["evals", "--out", UNWRITABLE], "--out"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_option_values_are_one_line_before_any_work(tmp_path, capsys, monkeypatch, argv, flag):
+    """Each bad value: exit 2, one error line naming the option, nothing printed or written."""
+    work, empty = tmp_path / "work", tmp_path / "empty"
+    work.mkdir()
+    empty.mkdir()
+    monkeypatch.chdir(work)  # the benchmarks write under ./runs/bench by default
+    assert main([a.format(empty=empty) for a in argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {flag} ") and captured.err.count("\n") == 1, captured.err
+    assert captured.out == "" and list(work.iterdir()) == [] and list(empty.iterdir()) == []
+
+
+def checked_fields(cls) -> set[str]:
+    """The fields with a count, a size, a list of counts or a path: each must have a rule."""
+    hints = typing.get_type_hints(cls)
+    kinds = (int, Path | None, tuple[int, ...])
+    return {f.name for f in dataclasses.fields(cls) if hints[f.name] in kinds}
+
+
+def test_the_table_covers_every_numeric_and_path_option():
+    named = {(argv[0], flag) for argv, flag in BAD_OPTIONS}
+    for name, (cls, _) in BENCHMARKS.items():
+        options = {"--" + field.replace("_", "-") for field in checked_fields(cls)}
+        assert options - {flag for bench, flag in named if bench == name} == set(), name
+
+
+GOOD_EDGES = [
+    ["shard", "--processes", "0"],  # 0: all cores
+    ["kernels", "--classes", "256", "--pool-patch", "224", "--mask-patch", "224"],
+    ["loader", "--workers", "0", "--images", "8", "--batch-size", "4"],  # 0: the main process
+    ["align", "--batch-size", "0", "--warmup", "0"],  # 0: the preset's micro-batch
+    ["probe", "--workers", "-1", "--images", "16", "--batch-size", "16"],  # -1: by device
+    ["evals", "--workers", "-1", "--backbone", "tiny"],
+]
+
+
+@pytest.mark.parametrize("argv", GOOD_EDGES, ids=[" ".join(a) for a in GOOD_EDGES])
+def test_the_values_that_help_texts_give_a_meaning_are_accepted(tmp_path, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    tyro.cli(_subcommands(), args=argv).validate()
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*")] == [Path("runs"), Path("runs/bench")]
+
+
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "runs/bench/k.json"), "error: runs/bench/k.json: No space"),
+        (ValueError("labels\noutside [0, C)"), "error: labels outside [0, C)"),
+    ],
+)
+def test_errors_during_a_benchmark_are_one_line(tmp_path, capsys, monkeypatch, error, line):
+    def fail(cfg, command):
+        raise error
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(BENCHMARKS, "kernels", (BENCHMARKS["kernels"][0], fail))
+    assert main(["kernels", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1, err
+
+
+def test_the_real_process_refuses_a_missing_data_folder_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fastloc.bench", "probe", "--data", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: --data {tmp_path / 'nowhere'}: no such shard set"), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_loader_benchmark_compares_dali_cpu_with_the_torch_twin_and_the_feed(tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 The record holds the device, the package versions, the command, every raw timing, and the rows
 this machine could not produce with the reason (for instance the Triton rows without a GPU).
+Every option is checked before any measurement; a bad value, a missing data folder or a file
+system error is one "error:" line and exit status 2.
 
 Examples:
     python -m fastloc.bench kernels
@@ -24,6 +26,8 @@ from typing import Annotated, Any, Union
 import tyro
 
 from fastloc.bench import align, evals, kernels, loader, probe, shard
+from fastloc.cli import os_error_line
+from fastloc.probe.config import user_errors
 
 # benchmark name -> (config class, runner(config, command) -> JSON path)
 BENCHMARKS: dict[str, tuple[type, Callable[[Any, str], Path]]] = {
@@ -62,7 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error tyro has explained (2)
         return exc.code if isinstance(exc.code, int) else 2
     runner = next(run for cls, run in BENCHMARKS.values() if isinstance(cfg, cls))
-    print(f"results: {runner(cfg, shlex.join(['python', '-m', 'fastloc.bench', *argv]))}")
+    try:
+        cfg.validate()
+        path = runner(cfg, shlex.join(["python", "-m", "fastloc.bench", *argv]))
+    except OSError as exc:  # a full disk, a folder gone read-only: the path, in one line
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except user_errors() as exc:  # ValueError (BadValue among them), the probe's data and weights errors
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print(f"results: {path}")
     return 0
 
 

@@ -35,8 +35,8 @@ from fastloc.align.maskembed import MaskEmbed, per_image_loss
 from fastloc.align.prepare import Prepared, Runtime, prepare
 from fastloc.align.presets import PRESETS
 from fastloc.align.step import autocast, train_step
-from fastloc.bench.common import MissingRow, print_table, write_results
-from fastloc.cli import flowing_help
+from fastloc.bench.common import MissingRow, at_least, check_paths, print_table, write_results
+from fastloc.cli import flowing_help, require
 from fastloc.data.config import LoaderConfig
 from fastloc.data.loader import make_loader
 from fastloc.data.transforms import normalize
@@ -68,6 +68,15 @@ class AlignBench:
 
     out: Path | None = None
     """JSON results path (default: runs/bench/align-DATE.json)."""
+
+    def validate(self) -> None:
+        """A ``BadValue`` for the first option out of its range, before any work."""
+        rule = f"must be auto or an align preset ({', '.join(PRESETS)})"
+        require(self.preset == "auto" or self.preset in PRESETS, "--preset", self.preset, rule)
+        at_least(self, 0, "batch_size", meaning="0: the preset's micro-batch")
+        at_least(self, 1, "steps")
+        at_least(self, 0, "warmup")
+        check_paths(self.out, self.workdir)
 
 
 def run(cfg: AlignBench, command: str) -> Path:

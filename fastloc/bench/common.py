@@ -1,4 +1,5 @@
-"""What every benchmark shares: timing, the machine's description, the table and the JSON."""
+"""What every benchmark shares: timing, the machine's description, the table, the JSON and the
+option checks made before any measurement."""
 
 from __future__ import annotations
 
@@ -13,7 +14,32 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fastloc.cli import check_writable, require
+
 PACKAGES = ("fastloc", "torch", "triton", "timm", "nvidia-dali-cuda120", "webdataset", "pillow", "numpy")
+RESULTS_DIR = Path("runs/bench")  # where the JSON goes without --out
+
+
+def flag(field: str) -> str:
+    """The option of a config field as tyro spells it: batch_size -> --batch-size."""
+    return "--" + field.replace("_", "-")
+
+
+def at_least(cfg: Any, low: int, *fields: str, meaning: str = "") -> None:
+    """A ``BadValue`` for the first of ``fields`` of ``cfg`` below ``low`` (``meaning``: what ``low`` means)."""
+    rule = f"must be at least {low}" + (f" ({meaning})" if meaning else "")
+    for field in fields:
+        require(getattr(cfg, field) >= low, flag(field), getattr(cfg, field), rule)
+
+
+def check_paths(out: Path | None, workdir: Path | None = None) -> None:
+    """--out names a file whose folder (default: runs/bench) can be written, and --workdir a folder
+    that can be written: checked (the folders created) before any measurement."""
+    if out is not None:
+        require(not out.is_dir(), "--out", str(out), "must name the JSON file, not a folder")
+    if workdir is not None:
+        check_writable("--workdir", workdir)
+    check_writable("--out", out.parent if out is not None else RESULTS_DIR)
 
 
 def time_runs(fn: Callable[[], Any], repeats: int, setup: Callable[[], Any] | None = None) -> list[float]:
@@ -104,7 +130,7 @@ def write_results(
     """The JSON record: device, versions, command, date, the benchmark's own payload, and the
     rows this machine could not produce (``missing``: a list of {row, reason}, empty when none)."""
     stamp = datetime.now(timezone.utc)
-    path = out or Path("runs/bench") / f"{name}-{stamp.strftime('%Y%m%d-%H%M%S')}.json"
+    path = out or RESULTS_DIR / f"{name}-{stamp.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,

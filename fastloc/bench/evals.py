@@ -34,9 +34,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from fastloc.bench.common import MissingRow, print_table, time_runs, write_results
-from fastloc.bench.probe import synthetic_set
-from fastloc.cli import flowing_help
+from fastloc.bench.common import MissingRow, at_least, check_paths, print_table, time_runs, write_results
+from fastloc.bench.probe import check_model, synthetic_set
+from fastloc.cli import flowing_help, require
 from fastloc.probe.dense import config as dense
 from fastloc.probe.dense.metrics import knn_transfer
 
@@ -78,6 +78,17 @@ class EvalsBench:
 
     out: Path | None = None
     """JSON results path (default: runs/bench/evals-DATE.json)."""
+
+    def validate(self) -> None:
+        """A ``BadValue`` for the first option out of its range, before any work (the protocols read
+        --data's splits themselves: here only the folder is checked)."""
+        require(len(self.protocols) > 0, "--protocols", list(self.protocols), "must name at least one protocol")
+        at_least(self, -1, "workers", meaning="-1: 0 on a CPU, 8 with CUDA")
+        check_model(self.backbone or SCALES["tiny"][2], self.weights)  # each scale's default: a registered name
+        if self.data is not None:
+            rule = "must be a shard set folder (python -m fastloc.shard converts one)"
+            require(self.data.is_dir(), "--data", str(self.data), rule)
+        check_paths(self.out, self.workdir)
 
 
 def run(cfg: EvalsBench, command: str) -> Path:

@@ -12,6 +12,7 @@ Aims on an H100: >= 80% of copy bandwidth and >= 5x over the eager reference.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,21 @@ from typing import Any, Literal
 
 import torch
 
-from fastloc.bench.common import MissingRow, cuda_missing_reason, print_table, write_results
-from fastloc.cli import flowing_help
+from fastloc.bench.common import (
+    MissingRow,
+    at_least,
+    check_paths,
+    cuda_missing_reason,
+    flag,
+    print_table,
+    write_results,
+)
+from fastloc.cli import flowing_help, require
 from fastloc.kernels.label_pool import label_pool_loop, label_pool_reference, label_pool_triton
 from fastloc.kernels.patch_mask import patch_mask_reference, patch_mask_triton
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet (timm's default)
+MAX_CLASSES = 256  # the label maps are uint8
 
 
 @flowing_help
@@ -42,13 +52,13 @@ class KernelBench:
     """Masks per image (MaskEmbed: a random mask, its complement, all-ones)."""
 
     mask_patch: int = 16
-    """Patch size of the masking benchmark."""
+    """Patch size of the masking benchmark (at most --size)."""
 
     pool_patch: int = 16
-    """Patch size of the pooling benchmark."""
+    """Patch size of the pooling benchmark (at most --size)."""
 
     classes: int = 183
-    """Classes of the pooling benchmark (COCO-Stuff)."""
+    """Classes of the pooling benchmark (COCO-Stuff); at most 256 (the label maps are uint8)."""
 
     reduction: Literal["union", "majority", "global-union"] = "union"
     """Pooling reduction (Patch-Seg's multi-label, multi-class or image-level labels)."""
@@ -64,6 +74,26 @@ class KernelBench:
 
     out: Path | None = None
     """JSON results path (default: runs/bench/kernels-DATE.json)."""
+
+    def validate(self) -> None:
+        """A ``BadValue`` for the first option out of its range, before any work."""
+        at_least(self, 1, "batch", "size", "masks", "mask_patch", "pool_patch", "classes", "loop_batch", "repeats")
+        for field in ("mask_patch", "pool_patch"):
+            value = getattr(self, field)
+            require(value <= self.size, flag(field), value, f"must fit the image once (at most --size {self.size})")
+        rule = f"must be between 1 and {MAX_CLASSES} (the label maps are uint8)"
+        require(self.classes <= MAX_CLASSES, "--classes", self.classes, rule)
+        _check_device(self.device)
+        check_paths(self.out)
+
+
+def _check_device(name: str) -> None:
+    """--device: cuda, cuda:N, cpu or auto; a CUDA device only where torch sees it."""
+    known = name in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", name) is not None
+    require(known, "--device", name, "must be cuda, cpu or auto (cuda when available)")
+    if name.startswith("cuda"):
+        index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+        require(index < count, "--device", name, f"needs a CUDA device that torch sees (it sees {count})")
 
 
 def run(cfg: KernelBench, command: str) -> Path:

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastloc.bench.common import MissingRow, cuda_missing_reason, print_table, write_results
+from fastloc.bench.common import MissingRow, at_least, check_paths, cuda_missing_reason, print_table, write_results
 from fastloc.bench.shard import ShardBench, _build_jpeg_folder
-from fastloc.cli import flowing_help
+from fastloc.cli import flowing_help, require
 from fastloc.data.config import LoaderConfig
 from fastloc.data.dali_loader import DaliLoader
 from fastloc.data.dali_pipeline import build_pipeline
@@ -40,7 +40,8 @@ class LoaderBench:
     """Loader throughput: DALI (GPU and CPU operators), the torch twin and the host feed alone, per recipe."""
 
     images: int = 1024
-    """Samples in each shard set (synthetic, and real JPEGs)."""
+    """Samples in each shard set (synthetic, and real JPEGs); at least 2 x --batch-size (a warm-up batch,
+    then timed ones)."""
 
     batch_size: int = 64
     """Batch size."""
@@ -59,6 +60,16 @@ class LoaderBench:
 
     out: Path | None = None
     """JSON results path (default: runs/bench/loader-DATE.json)."""
+
+    def validate(self) -> None:
+        """A ``BadValue`` for the first option out of its range, before any work."""
+        at_least(self, 1, "images", "batch_size", "batches", "size")
+        rule = f"must be at least 2 x --batch-size {self.batch_size} (a warm-up batch, then a timed one)"
+        require(self.images >= 2 * self.batch_size, "--images", self.images, rule)
+        require(len(self.workers) > 0, "--workers", list(self.workers), "must list at least one worker count")
+        rule = "must each be at least 0 (0: the main process)"
+        require(min(self.workers) >= 0, "--workers", list(self.workers), rule)
+        check_paths(self.out, self.workdir)
 
 
 def _pass_through(spec, jpg, crop, box, out, pads, interp, flip):

@@ -36,9 +36,12 @@ from typing import Literal
 
 import torch
 
-from fastloc.bench.common import MissingRow, print_table, write_results
-from fastloc.cli import flowing_help
+from fastloc.bench.common import MissingRow, at_least, check_paths, print_table, write_results
+from fastloc.cli import BadValue, flowing_help, require
+from fastloc.data.shards import ShardError
 from fastloc.kernels.label_pool import label_pool_loop
+from fastloc.models.registry import backbone as registered_backbone
+from fastloc.probe.backbone import is_export
 from fastloc.probe.cache import pack_bits, pool_targets
 from fastloc.probe.config import ProbeConfig
 from fastloc.probe.data import open_data
@@ -61,7 +64,7 @@ class ProbeBench:
     """An existing shard set with train and validation splits (e.g. shards/coco); default: a generated synthetic set."""
 
     images: int = 256
-    """Training images of the generated set (64-96 px)."""
+    """Training images of the generated set (64-96 px); at least --batch-size."""
 
     val_images: int = 64
     """Validation images of the generated set."""
@@ -95,6 +98,54 @@ class ProbeBench:
 
     out: Path | None = None
     """JSON results path (default: runs/bench/probe-DATE.json)."""
+
+    def validate(self) -> None:
+        """A ``BadValue`` for the first option out of its range, before any work."""
+        at_least(self, 1, "images", "val_images", "epochs", "batch_size")
+        rule = f"must be at least --batch-size {self.batch_size} (a training batch is never partial)"
+        require(self.data is not None or self.images >= self.batch_size, "--images", self.images, rule)
+        at_least(self, -1, "workers", meaning="-1: 0 on a CPU, 8 with CUDA")
+        check_model(self.backbone, self.weights)
+        if self.data is not None:
+            _check_data(self.data)
+        check_paths(self.out, self.workdir)
+
+
+def check_model(backbone: str, weights: str) -> None:
+    """--backbone and --weights as the probe reads them: a registered name, a timm id or an aligned
+    export (which holds its own weights: pretrained), and random, pretrained or a weights file."""
+    export = _is_export(backbone)
+    rule = "must be a registered name (python -m fastloc.probe --help lists them), a timm id or an aligned export"
+    require(export or _known(backbone), "--backbone", backbone, rule)
+    if export:
+        rule = "must be pretrained for an aligned export (the file holds its weights)"
+        require(weights == "pretrained", "--weights", weights, rule)
+    else:
+        known = weights in ("random", "pretrained") or Path(weights).is_file()
+        require(known, "--weights", weights, "must be random, pretrained or a weights file")
+
+
+def _is_export(name: str) -> bool:
+    try:
+        return is_export(name)
+    except Exception:  # a damaged .safetensors file: not an export, refused as no backbone
+        return False
+
+
+def _known(name: str) -> bool:
+    try:
+        registered_backbone(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_data(data: Path) -> None:
+    """--data: a shard set with train and validation splits that carry label maps."""
+    try:
+        open_data(data)
+    except (ValueError, ShardError, OSError) as exc:
+        raise BadValue(f"--data {' '.join(str(exc).split())}") from None
 
 
 def run(cfg: ProbeBench, command: str) -> Path:

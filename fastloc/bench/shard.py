@@ -27,13 +27,14 @@ import numpy as np
 from PIL import Image
 
 import fastloc
-from fastloc.bench.common import print_table, time_runs, write_results
-from fastloc.cli import flowing_help
+from fastloc.bench.common import at_least, check_paths, print_table, time_runs, write_results
+from fastloc.cli import flowing_help, require
 from fastloc.shard.convert import convert
 from fastloc.shard.sources.imagenet import ImagenetConfig
 from fastloc.shard.sources.synthetic import SyntheticConfig, draw_scene
 
 CLASSES = 10  # class folders in the generated ImageNet-style layout
+JPEG_SUFFIXES = (".jpeg", ".jpg")
 
 
 @flowing_help
@@ -61,6 +62,15 @@ class ShardBench:
 
     out: Path | None = None
     """JSON results path (default: runs/bench/shard-DATE.json)."""
+
+    def validate(self) -> None:
+        """A ``BadValue`` for the first option out of its range, before any work."""
+        at_least(self, 1, "images", "synthetic", "repeats")
+        at_least(self, 0, "processes", meaning="0: all cores")
+        if self.jpeg_source is not None:
+            has = self.jpeg_source.is_dir() and any(_is_jpeg(p) for p in self.jpeg_source.rglob("*"))
+            require(has, "--jpeg-source", str(self.jpeg_source), "must be a folder holding .jpeg or .jpg files")
+        check_paths(self.out, self.workdir)
 
 
 def run(cfg: ShardBench, command: str) -> Path:
@@ -219,6 +229,10 @@ def _read_all(folder: Path) -> None:
             path.read_bytes()
 
 
+def _is_jpeg(path: Path) -> bool:
+    return path.suffix.lower() in JPEG_SUFFIXES
+
+
 def _find_jpegs(cfg: ShardBench) -> list[Path]:
     candidates = [cfg.jpeg_source] if cfg.jpeg_source else []
     if not candidates:
@@ -227,7 +241,7 @@ def _find_jpegs(cfg: ShardBench) -> list[Path]:
         candidates = [Path(env) / "imagenet-sample" if env else None, repo.parent / "shared/fixtures/imagenet-sample"]
     for folder in candidates:
         if folder and folder.is_dir():
-            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg"))
+            files = sorted(p for p in folder.rglob("*") if _is_jpeg(p))
             if files:
                 return files
     return []
