@@ -131,7 +131,6 @@ DENSE_BAD = {
         (["--zero-is-ignore"], "--zero-is-ignore"),  # with --bank-void background: no class for void
     ],
 }
-DENSE_CASES = [(p, argv, flag) for p, own in DENSE_BAD.items() for argv, flag in [*DENSE_COMMON, *own]]
 
 DEMO_BAD = [
     (["--train-images", "0"], "--train-images"),
@@ -150,8 +149,11 @@ DEMO_BAD = [
     (["--shards", "{tmp}/a-file"], "--shards"),
     (["--out", "{tmp}/a-file"], "--out"),
 ]
-if not torch.cuda.is_available():
-    DEMO_BAD.append((["--device", "cuda"], "--device"))
+
+if not torch.cuda.is_available():  # refused where torch sees no CUDA device
+    for table in (PROBE_BAD, DENSE_COMMON, DEMO_BAD):
+        table.append((["--device", "cuda"], "--device"))
+DENSE_CASES = [(p, argv, flag) for p, own in DENSE_BAD.items() for argv, flag in [*DENSE_COMMON, *own]]
 
 
 def ids(cases) -> list[str]:

@@ -228,7 +228,7 @@ def open_run(cfg: ProbeConfig) -> tuple[Runtime, ProbeData, Path]:
     data, the run directory and the results CSV; (runtime, data, run directory). A refused run
     leaves nothing behind."""
     cfg.validate()
-    runtime = setup(SystemConfig(device=cfg.device))
+    runtime = setup(SystemConfig(device=cfg.device), flag="--device")
     with report.checked_folders(*cfg.folders()):
         data = open_data(cfg.data, cfg.train_split, cfg.val_split)
         void = (data.val.manifest.get("label") or {}).get("ignore")

@@ -52,7 +52,7 @@ def dense_runtime(cfg: DenseConfig) -> torch.device:
         raise ValueError(
             f"python -m fastloc.probe {cfg.protocol_name()} runs in one process: start it without torchrun"
         )
-    device = setup(SystemConfig(device=cfg.device)).device
+    device = setup(SystemConfig(device=cfg.device), flag="--device").device
     seed_everything(cfg.seed)
     return device
 
