@@ -3,7 +3,8 @@
 ``flowing_help`` hands tyro each field's docstring as one flowing paragraph, so that ``--help``
 wraps it to the terminal instead of keeping the source's line breaks. ``require``, ``check_name``
 and ``check_writable`` refuse bad option values before any work (``BadValue``: one line, exit 2);
-``os_error_line`` turns a file-system failure into one line that names the path.
+``os_error_line`` turns a file-system failure into one line that names the path, and
+``run_command`` ends every command that way: what a user can cause is one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -115,3 +118,47 @@ def os_error_line(exc: OSError) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         line += "; free some space and rerun the same command"
     return line
+
+
+# the errors whose message says what to fix, by the module that defines them: caught only once
+# their module is loaded (a command refused for its option values never imports torch and timm)
+USER_ERRORS = {
+    "fastloc.data.shards": "ShardError",
+    "fastloc.models.registry": "WeightsError",
+    "fastloc.probe.cache": "CacheError",
+    "fastloc.align.checkpoint": "CheckpointError",
+    "fastloc.launch.submit": "SubmitError",
+}
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What the CLIs print as one ``error:`` line (exit 2): ValueError (BadValue among them) and
+    the data, weights, cache, checkpoint and submission errors of the modules loaded so far."""
+    loaded = [getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules]
+    return (ValueError, *loaded)
+
+
+def run_command(body: Callable[[], int], interrupted: str, failures: tuple[type[Exception], ...] = ()) -> int:
+    """``body()``'s exit status, with every way a user can make it stop as one line on stderr:
+    tyro's own exits kept (--help 0, a usage error 2); a bad value, bad data, weights, cache or
+    checkpoint (``user_errors``) and any ``OSError`` (a full disk: the path) ``error: ...``, exit 2;
+    one of ``failures`` (the run itself failed, e.g. a non-finite loss) ``error: ...``, exit 1;
+    Ctrl-C ``interrupted: INTERRUPTED``, exit 130."""
+    try:
+        return body()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if isinstance(exc, failures):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, OSError):
+            print(f"error: {os_error_line(exc)}", file=sys.stderr)
+            return 2
+        if isinstance(exc, user_errors()):
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message
+            return 2
+        raise

@@ -27,14 +27,9 @@ from pathlib import Path
 
 import tyro
 
-from fastloc.align.checkpoint import CheckpointError
-from fastloc.cli import os_error_line
-from fastloc.data.shards import ShardError
+from fastloc.cli import run_command
 from fastloc.launch.config import LaunchConfig
 from fastloc.launch.job import COMMANDS
-from fastloc.launch.submit import SubmitError
-from fastloc.models.registry import WeightsError
-from fastloc.probe.cache import CacheError
 
 
 @dataclass(frozen=True)
@@ -129,23 +124,19 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     command, rest = argv[0], argv[1:]
-    try:
-        if command == "summary":
-            if len(rest) != 1:
-                raise ValueError("summary takes one argument: the sweep folder")
-            print_summary(Path(rest[0]))
-            return 0
-        if command not in COMMANDS:
-            raise ValueError(f"unknown command {command!r}: one of {', '.join(COMMANDS)}, summary")
-        return launch(command, rest)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    except (ShardError, WeightsError, CacheError, CheckpointError, SubmitError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. a job folder that cannot be written: one line naming the path
-        print(f"error: {os_error_line(exc)}", file=sys.stderr)
-        return 2
+    interrupted = "what was submitted before stays queued (squeue, or python -m fastloc.launch summary for a sweep)"
+    return run_command(lambda: command_line(command, rest), interrupted)
+
+
+def command_line(command: str, rest: list[str]) -> int:
+    if command == "summary":
+        if len(rest) != 1:
+            raise ValueError("summary takes one argument: the sweep folder")
+        print_summary(Path(rest[0]))
+        return 0
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}: one of {', '.join(COMMANDS)}, summary")
+    return launch(command, rest)
 
 
 if __name__ == "__main__":

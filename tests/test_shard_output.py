@@ -10,14 +10,12 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
 from fs_faults import in_private_mount, needs_unshare
 
 from fastloc.progress import Progress

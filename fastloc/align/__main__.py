@@ -17,12 +17,9 @@ from typing import Literal
 
 import tyro
 
-from fastloc.align.checkpoint import CheckpointError
 from fastloc.align.loop import NonFiniteLoss
 from fastloc.align.presets import PRESETS
-from fastloc.cli import flowing_help, os_error_line
-from fastloc.data.shards import ShardError
-from fastloc.models.registry import WeightsError
+from fastloc.cli import flowing_help, run_command
 
 
 @flowing_help
@@ -50,31 +47,27 @@ def main(argv: list[str] | None = None) -> int:
         print(text, file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
     command, rest = argv[0], argv[1:]
-    try:
-        if command == "export":
-            from fastloc.align.export import export
+    interrupted = "run the same command again to resume from the last checkpoint"
+    return run_command(
+        lambda: (export_command if command == "export" else train_command)(rest), interrupted, (NonFiniteLoss,)
+    )
 
-            cfg = tyro.cli(ExportConfig, args=rest, prog="python -m fastloc.align export")
-            print(f"encoder: {export(cfg.run, cfg.which, cfg.out)}")
-            return 0
-        from fastloc.align.loop import train
 
-        cfg = tyro.extras.overridable_config_cli(PRESETS, args=rest, prog="python -m fastloc.align train")
-        preset = next((a for a in rest if a in PRESETS), "")
-        print(f"run: {train(cfg, preset)}")
-        return 0
-    except NonFiniteLoss as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (WeightsError, ShardError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a full disk, a folder that cannot be written, a missing file
-        print(f"error: {os_error_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
-        return 130
+def export_command(args: list[str]) -> int:
+    from fastloc.align.export import export
+
+    cfg = tyro.cli(ExportConfig, args=args, prog="python -m fastloc.align export")
+    print(f"encoder: {export(cfg.run, cfg.which, cfg.out)}")
+    return 0
+
+
+def train_command(args: list[str]) -> int:
+    from fastloc.align.loop import train
+
+    cfg = tyro.extras.overridable_config_cli(PRESETS, args=args, prog="python -m fastloc.align train")
+    preset = next((a for a in args if a in PRESETS), "")
+    print(f"run: {train(cfg, preset)}")
+    return 0
 
 
 if __name__ == "__main__":

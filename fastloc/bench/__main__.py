@@ -26,8 +26,7 @@ from typing import Annotated, Any, Union
 import tyro
 
 from fastloc.bench import align, evals, kernels, loader, probe, shard
-from fastloc.cli import os_error_line
-from fastloc.probe.config import user_errors
+from fastloc.cli import run_command
 
 # benchmark name -> (config class, runner(config, command) -> JSON path)
 BENCHMARKS: dict[str, tuple[type, Callable[[Any, str], Path]]] = {
@@ -66,17 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error tyro has explained (2)
         return exc.code if isinstance(exc.code, int) else 2
     runner = next(run for cls, run in BENCHMARKS.values() if isinstance(cfg, cls))
-    try:
+
+    def command() -> int:
         cfg.validate()
-        path = runner(cfg, shlex.join(["python", "-m", "fastloc.bench", *argv]))
-    except OSError as exc:  # a full disk, a folder gone read-only: the path, in one line
-        print(f"error: {os_error_line(exc)}", file=sys.stderr)
-        return 2
-    except user_errors() as exc:  # ValueError (BadValue among them), the probe's data and weights errors
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    print(f"results: {path}")
-    return 0
+        print(f"results: {runner(cfg, shlex.join(['python', '-m', 'fastloc.bench', *argv]))}")
+        return 0
+
+    return run_command(command, "nothing was recorded; run the benchmark again")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import tyro
 
-from fastloc.cli import os_error_line
+from fastloc.cli import run_command
 from fastloc.demo.config import DemoConfig, resolved
-from fastloc.probe.config import user_errors
 
 
 def run(cfg: DemoConfig) -> Path:
@@ -87,23 +86,12 @@ def run(cfg: DemoConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = tyro.cli(DemoConfig, args=argv, prog="python -m fastloc.demo", description=__doc__)
-        run(cfg)
+
+    def command() -> int:
+        run(tyro.cli(DemoConfig, args=argv, prog="python -m fastloc.demo", description=__doc__))
         return 0
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to go on from the last finished stage", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if isinstance(exc, user_errors()):  # BadValue among them
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if isinstance(exc, OSError):  # a full disk, a folder that went read-only: the path and what to do
-            print(f"error: {os_error_line(exc)}", file=sys.stderr)
-            return 2
-        raise
+
+    return run_command(command, "run the same command again to go on from the last finished stage")
 
 
 if __name__ == "__main__":

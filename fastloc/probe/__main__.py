@@ -21,8 +21,7 @@ import sys
 
 import tyro
 
-from fastloc.cli import os_error_line
-from fastloc.probe.config import user_errors
+from fastloc.cli import run_command
 from fastloc.probe.dense.config import PROTOCOLS
 
 
@@ -69,27 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    try:
-        if argv[0] == "compare":
-            from fastloc.probe.compare import CompareConfig, run_compare
+    return run_command(lambda: command(argv), "the feature cache keeps only complete splits; run the command again")
 
-            return run_compare(tyro.cli(CompareConfig, args=argv[1:], prog="python -m fastloc.probe compare"))
-        if argv[0] in PROTOCOLS:
-            return dense(argv[0], argv[1:])
-        return patch_seg(argv)
-    except SystemExit as exc:  # --help (0) or a usage error tyro has explained (2)
-        return exc.code if isinstance(exc.code, int) else 2
-    except KeyboardInterrupt:
-        print("interrupted: the feature cache keeps only complete splits; run the command again", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if isinstance(exc, user_errors()):  # BadValue among them
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if isinstance(exc, OSError):  # a full disk, a folder that went read-only: the path and what to do
-            print(f"error: {os_error_line(exc)}", file=sys.stderr)
-            return 2
-        raise
+
+def command(argv: list[str]) -> int:
+    if argv[0] == "compare":
+        from fastloc.probe.compare import CompareConfig, run_compare
+
+        return run_compare(tyro.cli(CompareConfig, args=argv[1:], prog="python -m fastloc.probe compare"))
+    if argv[0] in PROTOCOLS:
+        return dense(argv[0], argv[1:])
+    return patch_seg(argv)
 
 
 if __name__ == "__main__":

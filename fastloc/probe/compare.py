@@ -63,8 +63,8 @@ def compare(
     a, b = load_result(a_path), load_result(b_path)
     differences = comparable(a, b)
     if differences and not force:
-        listed = "".join(f"\n  {line}" for line in differences)
-        raise ValueError(f"{a_path} and {b_path} are not comparable:{listed}\n(force=True / --force compares anyway)")
+        listed = "; ".join(differences)
+        raise ValueError(f"{a_path} and {b_path} are not comparable: {listed} (force=True / --force compares anyway)")
     names = _run_name(a_path), _run_name(b_path)
     if labels is None:
         labels = names if names[0] != names[1] else ("A", "B")

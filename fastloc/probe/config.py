@@ -7,7 +7,6 @@ work: a run that fails only after training loses its figures.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,22 +16,6 @@ import tyro
 from fastloc.cli import check_name, flowing_help, require
 
 MAX_SEED = 2**32 - 1  # numpy's seed range, which seed_everything also seeds
-
-# the errors whose message says what to fix, by the module that defines them; the last two import
-# torch and timm, which a command refused for its option values never needs
-USER_ERRORS = {
-    "fastloc.data.shards": "ShardError",
-    "fastloc.models.registry": "WeightsError",
-    "fastloc.probe.cache": "CacheError",
-}
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """What the CLIs print as one ``error:`` line (exit 2): ValueError (BadValue among them) and
-    the data, weights and cache errors of the modules imported so far (one not imported raised
-    nothing, and importing it to catch its error would cost torch's start-up)."""
-    loaded = [getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules]
-    return (ValueError, *loaded)
 
 
 @flowing_help

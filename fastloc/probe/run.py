@@ -45,7 +45,7 @@ from fastloc.probe.cache import (
 from fastloc.probe.config import ProbeConfig
 from fastloc.probe.data import ProbeData, open_data
 from fastloc.probe.heads import HeadShape, build_head
-from fastloc.probe.metrics import Evaluator, group_metrics, selected_epoch
+from fastloc.probe.metrics import Evaluator, group_metrics, majority_prediction, selected_epoch
 from fastloc.probe.sources import CachedSource, LiveSource
 from fastloc.progress import Progress
 
@@ -381,12 +381,13 @@ def first_images(data_split, image: ImageConfig, count: int):
 
 @torch.no_grad()
 def patch_classes(model, head, images, image: ImageConfig, precision: str, device) -> torch.Tensor:
-    """[K, g, g]: the head's most confident class per patch."""
+    """[K, g, g]: the head's most confident class per patch, by the rule the majority reduction is
+    scored with (``majority_prediction``: the argmax of the softmax in the logits' dtype)."""
     head.eval()
     model.eval()
     with autocast(device, precision):
         logits = head(model.forward_features(images.to(device)))  # [K, N, C]
-    return logits.float().argmax(-1).view(-1, image.grid, image.grid).cpu()
+    return majority_prediction(logits).view(-1, image.grid, image.grid).cpu()
 
 
 def true_classes(labels: torch.Tensor, image: ImageConfig, classes: int) -> torch.Tensor:
