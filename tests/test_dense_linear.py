@@ -18,7 +18,6 @@ from fastloc.probe.dense.linear import (
     evaluate,
     label_space,
     onecycle_lr,
-    resolve,
     update_lr,
     upsample,
 )
@@ -104,7 +103,7 @@ def test_slide_of_a_per_pixel_model_equals_the_whole_image(h, w):
 def test_dinov3_labels_reduce_zero(voc):
     """dinov3-ade20k scores label 0 as void and shifts the classes down (reduce_zero_label), and
     feeds the backbone the crop; leopart-voc keeps class 0 (VOC's background)."""
-    cfg = resolve(LinearConfig(data=voc, protocol="dinov3-ade20k", crop_size=64, stride=43))
+    cfg = LinearConfig(data=voc, protocol="dinov3-ade20k", crop_size=64, stride=43).resolved()
     assert cfg.zero_is_ignore and cfg.image_size == 64
     assert (cfg.lr, cfg.iterations, cfg.batch_size) == (1e-3, 40_000, 16)
     data = open_dense_data(cfg)
@@ -112,7 +111,7 @@ def test_dinov3_labels_reduce_zero(voc):
     assert labels.num_classes == 20
     stored = torch.tensor([[0, 1, 2], [3, 20, 255]], dtype=torch.uint8)
     assert labels.map(stored).tolist() == [[VOID, 0, 1], [2, 19, VOID]]
-    leopart = resolve(LinearConfig(data=voc, protocol="leopart-voc"))
+    leopart = LinearConfig(data=voc, protocol="leopart-voc").resolved()
     assert (leopart.lr, leopart.epochs, leopart.batch_size, leopart.image_size) == (0.01, 25, 120, 448)
     voc_labels = label_space(leopart, data)
     assert voc_labels.num_classes == 21
@@ -157,7 +156,7 @@ def run_cli(voc, tmp_path, protocol: str, knobs: dict) -> tuple[dict, LinearConf
     result = json.loads((runs[0] / "result.json").read_text())
     csv = (tmp_path / "results" / f"dense-linear-{protocol}-voc.csv").read_text()
     assert csv.count("\n") == 3  # header, miou, pixel_accuracy
-    return result, resolve(LinearConfig(data=voc, protocol=protocol, **fields)), runs[0]
+    return result, LinearConfig(data=voc, protocol=protocol, **fields).resolved(), runs[0]
 
 
 def trained_and_untrained(cfg: LinearConfig, result: dict, run) -> tuple[float, float]:

@@ -9,7 +9,7 @@ its range (a BadValue naming the option) before any work.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -92,6 +92,12 @@ class DenseConfig:
         (None: the protocol trains on nothing)."""
         return None
 
+    def resolved(self) -> DenseConfig:
+        """The config as the protocol runs it (the protocol's own values for the fields left to it):
+        what its run directory is named by."""
+        self.validate()
+        return self
+
     def folders(self) -> list[tuple[str, Path]]:
         """(flag, folder) of every folder the run writes into, in the order they are checked."""
         return [("--cache-dir", self.cache_dir), ("--out", self.out), ("--results", self.results)]
@@ -159,6 +165,22 @@ class OverclusterConfig(DenseConfig):
         at_least("--pca-dim", self.pca_dim, 0, "0: no scaler, no PCA")
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A protocol's values for the LinearConfig fields left at 0."""
+
+    lr: float
+    epochs: int
+    iterations: int
+    batch_size: int
+
+
+RECIPES = {
+    "leopart-voc": Recipe(lr=0.01, epochs=25, iterations=0, batch_size=120),
+    "dinov3-ade20k": Recipe(lr=1e-3, epochs=0, iterations=40_000, batch_size=16),
+}
+
+
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
 class LinearConfig(DenseConfig):
@@ -199,6 +221,23 @@ class LinearConfig(DenseConfig):
 
     def protocol_name(self) -> str:
         return f"linear-{self.protocol}"
+
+    def resolved(self) -> LinearConfig:
+        """The protocol's values for the fields left at 0 (the values checked first); dinov3-ade20k
+        also scores label 0 as void (reduce_zero_label) and feeds the backbone the crop (image_size =
+        crop_size)."""
+        self.validate()
+        recipe = RECIPES[self.protocol]
+        cfg = replace(
+            self,
+            lr=self.lr or recipe.lr,
+            epochs=self.epochs or recipe.epochs,
+            iterations=self.iterations or recipe.iterations,
+            batch_size=self.batch_size or recipe.batch_size,
+        )
+        if cfg.protocol == "dinov3-ade20k":
+            cfg = replace(cfg, zero_is_ignore=True, image_size=cfg.crop_size)
+        return cfg
 
     def validate(self) -> None:
         super().validate()

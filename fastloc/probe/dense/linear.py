@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,22 +56,6 @@ from fastloc.probe.dense.report import counted, write_result
 from fastloc.probe.dense.slide import score_split
 from fastloc.progress import Progress
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """A protocol's values for the LinearConfig fields left at 0."""
-
-    lr: float
-    epochs: int
-    iterations: int
-    batch_size: int
-
-
-RECIPES = {
-    "leopart-voc": Recipe(lr=0.01, epochs=25, iterations=0, batch_size=120),
-    "dinov3-ade20k": Recipe(lr=1e-3, epochs=0, iterations=40_000, batch_size=16),
-}
-
 # Leopart: linear_finetune.py (SGD, StepLR stepped per epoch) and configs/pascal/*.yml (drop_at 20 of 25)
 LEOPART_MOMENTUM, LEOPART_WEIGHT_DECAY, LEOPART_GAMMA, LEOPART_DROP_FRACTION = 0.9, 1e-4, 0.1, 0.8
 LEOPART_AUGMENTATION = TrainRecipe(kind="rrc", scale=(0.8, 1.0), flip_p=0.5, interpolations=("bilinear",))
@@ -84,24 +67,6 @@ LOG_EVERY = 50  # dinov3's MetricLogger interval: updates per loss line
 
 
 # --------------------------------------------------------------------------- config
-
-
-def resolve(cfg: LinearConfig) -> LinearConfig:
-    """The protocol's values for the fields left at 0 (the values checked first); dinov3-ade20k
-    also scores label 0 as void (reduce_zero_label) and feeds the backbone the crop (image_size =
-    crop_size)."""
-    cfg.validate()
-    recipe = RECIPES[cfg.protocol]
-    cfg = replace(
-        cfg,
-        lr=cfg.lr or recipe.lr,
-        epochs=cfg.epochs or recipe.epochs,
-        iterations=cfg.iterations or recipe.iterations,
-        batch_size=cfg.batch_size or recipe.batch_size,
-    )
-    if cfg.protocol == "dinov3-ade20k":
-        cfg = replace(cfg, zero_is_ignore=True, image_size=cfg.crop_size)
-    return cfg
 
 
 def label_space(cfg: LinearConfig, data) -> LabelSpace:
@@ -413,7 +378,7 @@ def protocol(cfg: LinearConfig, backbone: Backbone, data, labels: LabelSpace, up
 
 def run(cfg: LinearConfig) -> Path:
     """Train the protocol's head on the frozen backbone, score it, write the results; returns the run directory."""
-    cfg = resolve(cfg)
+    cfg = cfg.resolved()
     device, data = open_dense(cfg)
     labels = label_space(cfg, data)
     try:
