@@ -33,7 +33,7 @@ from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
 from fastloc.align.objective import Objective
 from fastloc.align.prepare import Runtime, learning_rate, prepare, setup
 from fastloc.align.step import autocast, train_step
-from fastloc.cli import check_writable
+from fastloc.cli import BadValue, check_writable
 from fastloc.data.config import CenterCropRecipe, LoaderConfig
 from fastloc.data.loader import make_loader
 from fastloc.data.stream import EpochLoader
@@ -58,8 +58,6 @@ def train(cfg: AlignConfig, preset: str = "") -> Path:
     cfg.validate()
     runtime = setup(cfg.system)
     run_dir = cfg.run.out / (cfg.run.name or preset or "align")
-    if runtime.main:
-        check_writable("--run.out", run_dir)
     with run_lock(run_dir, runtime):
         _train(cfg, preset, runtime, run_dir)
     return run_dir
@@ -96,20 +94,24 @@ def _train(cfg: AlignConfig, preset: str, runtime: Runtime, run_dir: Path) -> No
 
 @contextmanager
 def run_lock(run_dir: Path, runtime: Runtime) -> Iterator[None]:
-    """One writer per run directory: rank 0 holds its folder lock for the whole run, and every rank
-    learns whether it got it (a second run of the same directory is refused at once)."""
+    """One writer per run directory: rank 0 makes sure it can write there and holds its folder lock
+    for the whole run (a second run of the same directory is refused at once); every rank learns
+    whether it may go on, so that none waits in a collective for a rank that stopped."""
     with ExitStack() as stack:
-        holder = None
+        refusal: Exception | None = None
         if runtime.main:
             try:
+                check_writable("--run.out", run_dir)
                 stack.enter_context(folder_lock(run_dir, wait=False))
+            except BadValue as exc:
+                refusal = exc
             except Busy as busy:
-                holder = busy.holder
-        if _any_rank(holder is not None, runtime):
-            raise RunBusy(
-                f"{run_dir}: another run is writing this run directory{holder or ''}; "
-                "rerun this command when it has ended (it resumes), or use another --run.name"
-            )
+                refusal = RunBusy(
+                    f"{run_dir}: another run is writing this run directory{busy.holder}; "
+                    "rerun this command when it has ended (it resumes), or use another --run.name"
+                )
+        if _any_rank(refusal is not None, runtime):
+            raise refusal or RunBusy(f"{run_dir}: rank 0 cannot take this run directory (its error says why)")
         yield
 
 
