@@ -31,7 +31,7 @@ from fastloc.align.checkpoint import Checkpointer, RunBusy, all_finite, config_f
 from fastloc.align.config import AlignConfig
 from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
 from fastloc.align.objective import Objective
-from fastloc.align.prepare import Runtime, learning_rate, prepare, setup
+from fastloc.align.prepare import Runtime, any_rank, learning_rate, prepare, setup
 from fastloc.align.step import autocast, train_step
 from fastloc.cli import BadValue, check_writable
 from fastloc.data.config import CenterCropRecipe, LoaderConfig
@@ -110,7 +110,7 @@ def run_lock(run_dir: Path, runtime: Runtime) -> Iterator[None]:
                     f"{run_dir}: another run is writing this run directory{busy.holder}; "
                     "rerun this command when it has ended (it resumes), or use another --run.name"
                 )
-        if _any_rank(refusal is not None, runtime):
+        if any_rank(refusal is not None):
             raise refusal or RunBusy(f"{run_dir}: rank 0 cannot take this run directory (its error says why)")
         yield
 
@@ -377,15 +377,6 @@ def _barrier(runtime: Runtime) -> None:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomically(path, json.dumps(data, indent=1) + "\n")
-
-
-def _any_rank(flag: bool, runtime: Runtime) -> bool:
-    """Whether ``flag`` holds on any rank."""
-    if not runtime.distributed:
-        return flag
-    value = torch.tensor([int(flag)], device=runtime.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def record(run_dir: Path, runtime: Runtime, entry: dict[str, Any]) -> None:

@@ -61,6 +61,23 @@ def setup(cfg: SystemConfig, flag: str = "--system.device") -> Runtime:
     return Runtime(device, rank, world, local)
 
 
+def collective_device() -> torch.device:
+    """Where the process group reduces: the GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (one process: the flag); every rank gets the same answer,
+    so that all go on or all stop, and none waits in a collective for a rank that stopped."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([int(flag)], device=collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 @dataclass
 class Prepared:
     model: nn.Module  # the trainable part as the step runs it: DDP-wrapped, compiled

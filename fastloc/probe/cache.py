@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fastloc.align.prepare import any_rank, collective_device
 from fastloc.kernels.label_pool import label_pool
 from fastloc.progress import Progress
 
@@ -132,7 +133,7 @@ def reuse_or_build(path: Path, key: dict, build: Callable[[], CachedSplit], main
             cache = open_cache(path, key)
         except CacheError as exc:
             why = exc
-    if _every_rank(cache is not None):
+    if not any_rank(cache is None):
         if main:
             print(f"features: reusing the cache {path} ({cache.num_samples} samples)")
         return cache
@@ -140,7 +141,7 @@ def reuse_or_build(path: Path, key: dict, build: Callable[[], CachedSplit], main
         print(f"warning: features: {why}; rebuilding it")
     elif why is not None and main:
         print(f"features: {why}; rebuilding it")
-    if not _every_rank(not isinstance(why, DamagedCache)) and main:
+    if any_rank(isinstance(why, DamagedCache)) and main:
         _discard(path)  # before the build: publishing checks only a sample of a large cache
     _barrier()
     cache = build()
@@ -285,22 +286,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _collective(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` on the device the process group's backend reduces on (NCCL: the GPU)."""
-    if dist.get_backend() == "nccl":
-        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
-    return tensor
-
-
-def _every_rank(flag: bool) -> bool:
-    """``flag`` on every rank (one process: the flag)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = _collective(torch.tensor([int(flag)]))
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
-
-
 def build_cache(
     path: Path,
     key: dict,
@@ -327,7 +312,7 @@ def build_cache(
                 _create(tmp, shapes, dtypes)
             except OSError as exc:
                 created = exc
-        if not _every_rank(created is None):
+        if any_rank(created is not None):
             raise created or CacheError(f"{path}: rank 0 could not create the feature cache (its error says why)")
         return _fill(path, tmp, key, batches, encode, shapes, targets, progress)
     except BaseException as exc:
@@ -404,7 +389,7 @@ def _fill(path, tmp, key, batches, encode, shapes, targets, progress) -> CachedS
     del out
     usable = torch.from_numpy(np.load(tmp / "usable.npy").astype(np.uint8))
     if dist.is_initialized() and dist.get_world_size() > 1:
-        usable = _collective(usable)
+        usable = usable.to(collective_device())
         dist.all_reduce(usable, op=dist.ReduceOp.MAX)
         usable = usable.cpu()
     _barrier()
