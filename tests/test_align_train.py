@@ -17,8 +17,8 @@ from align_runs import args, assert_same_curve, curve, metrics
 
 from fastloc.align.__main__ import main
 from fastloc.align.config import OptimConfig
-from fastloc.align.export import exported_metadata, load_exported
 from fastloc.align.prepare import learning_rate
+from fastloc.models.exported import exported_metadata, load_exported
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,8 +130,9 @@ def test_gpu_compiled_bf16_step_tracks_the_eager_step():
     model on device batches, compiled and eager, from the same start."""
     from fastloc.align.config import SystemConfig
     from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
-    from fastloc.align.prepare import Runtime, prepare
+    from fastloc.align.prepare import prepare
     from fastloc.align.step import train_step
+    from fastloc.runtime import Runtime
 
     runtime = Runtime(torch.device("cuda"), 0, 1, 0)
     losses = {}

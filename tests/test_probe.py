@@ -498,8 +498,9 @@ def test_an_aligned_export_is_probed_with_its_soft_cap_and_norm_eps(blocks, tmp_
     from safetensors.torch import save_file
 
     from fastloc.models.attention import SoftCapAttention
+    from fastloc.models.exported import is_export
     from fastloc.models.registry import backbone
-    from fastloc.probe.backbone import is_export, load_backbone
+    from fastloc.probe.backbone import load_backbone
 
     entry = backbone("tiny")
     meta = {"timm_id": entry.timm_id, "timm_kwargs": entry.kwargs, "soft_cap": 30.0, "norm_eps": 1e-5}

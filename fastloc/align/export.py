@@ -7,8 +7,8 @@ attention-pooling head) come from a random initialization and are listed in the 
 things a plain timm model does not reproduce, both recorded in the metadata: the soft cap of the
 attention logits (30 * tanh(l / 30), which timm's attention has no option for) and the final
 norm's eps (the reference re-creates it: 1e-5 for the ViT family, where timm may build 1e-6).
-``load_exported`` restores both, so its ``forward_features`` equals the student's exactly; plain
-timm differs by the cap (logits above ~10) and the eps.
+``fastloc.models.exported.load_exported`` restores both, so its ``forward_features`` equals the
+student's exactly; plain timm differs by the cap (logits above ~10) and the eps.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
@@ -35,7 +34,6 @@ from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
 from fastloc.align.masks import MaskConfig
 from fastloc.cli import check_writable
 from fastloc.files import write_atomically
-from fastloc.models.attention import soft_cap
 from fastloc.models.registry import backbone, create_model
 
 
@@ -101,29 +99,3 @@ def _final_norm(encoder: nn.Module) -> nn.Module:
     """The student's re-created final norm: ``norm``, or ``fc_norm`` where ``norm`` is Identity (BEiT)."""
     norm = encoder.norm
     return encoder.fc_norm if isinstance(norm, nn.Identity) else norm
-
-
-def exported_metadata(path: Path) -> dict[str, Any]:
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["fastloc"])
-
-
-def load_exported(path: Path) -> nn.Module:
-    """A timm model loaded from an exported file, with the trained soft cap and norm eps restored."""
-    import timm
-
-    meta = exported_metadata(path)
-    model = timm.create_model(
-        meta["timm_id"],
-        pretrained=True,
-        num_classes=0,
-        pretrained_cfg_overlay={"file": str(path), "custom_load": False},  # a state dict, never timm's .npz
-        **meta["timm_kwargs"],
-    )
-    if meta["soft_cap"] is not None:
-        soft_cap(model, meta["soft_cap"])
-    for name in ("norm", "fc_norm"):
-        norm = getattr(model, name, None)
-        if norm is not None and hasattr(norm, "eps"):
-            norm.eps = meta["norm_eps"]
-    return model.eval()

@@ -31,8 +31,8 @@ from fastloc.align.checkpoint import Checkpointer, RunBusy, all_finite, config_f
 from fastloc.align.config import AlignConfig
 from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
 from fastloc.align.objective import Objective
-from fastloc.align.prepare import Runtime, any_rank, learning_rate, prepare, setup
-from fastloc.align.step import autocast, train_step
+from fastloc.align.prepare import learning_rate, prepare
+from fastloc.align.step import train_step
 from fastloc.cli import BadValue, check_writable
 from fastloc.data.config import CenterCropRecipe, LoaderConfig
 from fastloc.data.loader import make_loader
@@ -40,6 +40,7 @@ from fastloc.data.stream import EpochLoader
 from fastloc.files import write_atomically
 from fastloc.lock import Busy, folder_lock
 from fastloc.progress import Progress
+from fastloc.runtime import Runtime, any_rank, autocast, setup
 
 
 class NonFiniteLoss(RuntimeError):
@@ -56,7 +57,7 @@ class Position:
 def train(cfg: AlignConfig, preset: str = "") -> Path:
     """Run (or resume) the alignment described by ``cfg``; returns the run directory."""
     cfg.validate()
-    runtime = setup(cfg.system)
+    runtime = setup(cfg.system.device)
     run_dir = cfg.run.out / (cfg.run.name or preset or "align")
     with run_lock(run_dir, runtime):
         _train(cfg, preset, runtime, run_dir)

@@ -16,12 +16,7 @@ from torch import nn
 
 from fastloc.align.objective import Objective
 from fastloc.align.prepare import Prepared
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from fastloc.runtime import autocast
 
 
 def train_step(

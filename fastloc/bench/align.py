@@ -32,15 +32,16 @@ import torch
 from fastloc.align.config import AlignConfig, OptimConfig, SystemConfig
 from fastloc.align.loop import image_flops
 from fastloc.align.maskembed import MaskEmbed, per_image_loss
-from fastloc.align.prepare import Prepared, Runtime, prepare
+from fastloc.align.prepare import Prepared, prepare
 from fastloc.align.presets import PRESETS
-from fastloc.align.step import autocast, train_step
+from fastloc.align.step import train_step
 from fastloc.bench.common import MissingRow, at_least, check_paths, print_table, write_results
 from fastloc.cli import flowing_help, require
 from fastloc.data.config import LoaderConfig
 from fastloc.data.loader import make_loader
 from fastloc.data.transforms import normalize
 from fastloc.models.attention import SoftCapAttention
+from fastloc.runtime import Runtime, autocast
 
 
 @flowing_help

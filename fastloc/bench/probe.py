@@ -40,8 +40,8 @@ from fastloc.bench.common import MissingRow, at_least, check_paths, print_table,
 from fastloc.cli import BadValue, flowing_help, require
 from fastloc.data.shards import ShardError
 from fastloc.kernels.label_pool import label_pool_loop
+from fastloc.models.exported import is_export
 from fastloc.models.registry import backbone as registered_backbone
-from fastloc.probe.backbone import is_export
 from fastloc.probe.cache import pack_bits, pool_targets
 from fastloc.probe.config import ProbeConfig
 from fastloc.probe.data import open_data

@@ -20,13 +20,13 @@ from torch import nn
 
 from fastloc.align.config import OptimConfig
 from fastloc.align.prepare import learning_rate
-from fastloc.align.step import autocast
 from fastloc.data.config import LoaderConfig, TrainRecipe
 from fastloc.data.loader import make_loader
 from fastloc.data.shards import open_shards
 from fastloc.kernels.label_pool import label_pool
 from fastloc.models.registry import create_model, image_config
 from fastloc.progress import Progress
+from fastloc.runtime import autocast
 
 
 @dataclass(frozen=True, kw_only=True)

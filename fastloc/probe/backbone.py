@@ -14,25 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastloc.models.exported import is_export, load_exported
 from fastloc.models.registry import ImageConfig, create_model, image_config
-
-
-def is_export(name: str) -> bool:
-    """A file written by ``python -m fastloc.align export``."""
-    path = Path(name)
-    if not (name.endswith(".safetensors") and path.is_file()):
-        return False
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return "fastloc" in (f.metadata() or {})
 
 
 def load_backbone(name: str, weights: str, skip_blocks: int = 0) -> nn.Module:
     """The backbone in eval mode, its last ``skip_blocks`` blocks dropped (the final norm kept)."""
     if is_export(name):
-        from fastloc.align.export import load_exported
-
         if weights != "pretrained":
             raise ValueError(f"{name} is an aligned export, which holds its own weights: leave --weights out")
         model = load_exported(Path(name))

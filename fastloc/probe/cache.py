@@ -44,9 +44,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastloc.align.prepare import any_rank, collective_device
 from fastloc.kernels.label_pool import label_pool
 from fastloc.progress import Progress
+from fastloc.runtime import any_rank, collective_device
 
 FORMAT = 2  # 2: checksum.npy
 CHECKSUMS = "checksum"

@@ -24,9 +24,6 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastloc.align.config import SystemConfig
-from fastloc.align.prepare import Runtime, setup
-from fastloc.align.step import autocast
 from fastloc.data.config import LoaderConfig
 from fastloc.data.loader import make_loader
 from fastloc.data.order import EpochPlan
@@ -48,6 +45,7 @@ from fastloc.probe.heads import HeadShape, build_head
 from fastloc.probe.metrics import Evaluator, group_metrics, majority_prediction, selected_epoch
 from fastloc.probe.sources import CachedSource, LiveSource
 from fastloc.progress import Progress
+from fastloc.runtime import Runtime, autocast, setup
 
 
 class FineTuned(nn.Module):
@@ -228,7 +226,7 @@ def open_run(cfg: ProbeConfig) -> tuple[Runtime, ProbeData, Path]:
     data, the run directory and the results CSV; (runtime, data, run directory). A refused run
     leaves nothing behind."""
     cfg.validate()
-    runtime = setup(SystemConfig(device=cfg.device), flag="--device")
+    runtime = setup(cfg.device, flag="--device")
     with report.checked_folders(*cfg.folders()):
         data = open_data(cfg.data, cfg.train_split, cfg.val_split)
         void = (data.val.manifest.get("label") or {}).get("ignore")

@@ -20,8 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastloc.align.config import SystemConfig
-from fastloc.align.prepare import setup
 from fastloc.data.config import LoaderConfig, TrainRecipe
 from fastloc.data.loader import make_loader
 from fastloc.data.shards import ShardSet, open_shards
@@ -40,6 +38,7 @@ from fastloc.probe.data import VAL_SPLITS, check_labelled, check_same_classes, s
 from fastloc.probe.dense.config import DenseConfig
 from fastloc.probe.report import checked_folders
 from fastloc.probe.run import eval_recipe, feature_dtype, frozen_encoder, seed_everything
+from fastloc.runtime import setup
 
 VOID = -1  # the void label inside the dense protocols
 
@@ -52,7 +51,7 @@ def dense_runtime(cfg: DenseConfig) -> torch.device:
         raise ValueError(
             f"python -m fastloc.probe {cfg.protocol_name()} runs in one process: start it without torchrun"
         )
-    device = setup(SystemConfig(device=cfg.device), flag="--device").device
+    device = setup(cfg.device, flag="--device").device
     seed_everything(cfg.seed)
     return device
 
