@@ -1,39 +1,11 @@
 """Per-patch label pooling for Patch-Seg: label maps [B, H, W] -> patch (or image) targets.
 
-Semantics (those of the original Patch-Seg ``ReduceAnnotation``, methods/PATCHSEG.md §3). The
-map is cut into whole p x p patches, rows then columns (patch (i, j) -> n = i * (W // p) + j,
-the order of ``x.unfold(1, p, p).unfold(2, p, p)``); border pixels on the bottom and right that
-do not fill a patch are dropped. With C classes:
-
-- ``union``        -> [B, N, C] multi-hot: class c is present if any pixel of the patch has label
-                      c; class 0 ("unlabeled") is positive only when *every* pixel is 0 (the
-                      original: "more than one distinct label -> y[..., 0] = 0");
-- ``majority``     -> [B, N] int64: the most frequent label, class 0 counted like any other,
-                      ties to the smallest id (the original used ``torch.mode``, whose tie-break
-                      is unspecified);
-- ``global-union`` -> [B, C]: the classes present anywhere in the cropped region (class 0
-                      positive whenever any pixel is 0; no class-0 override).
-
-Labels may be uint8, int16, int32 or int64. union / global-union are written in ``out_dtype``
-(float32 by default; also bfloat16, float16, uint8, bool), majority is always int64. Label
-values outside [0, C) are an error: always checked on the CPU path (ValueError); on the GPU path
-only with ``check=True``, which costs one host sync (min/max read back before the launch) and is
-therefore off by default, as a compiled train step must not sync. Unchecked, an out-of-range
-pixel acts as a class beyond C: it sets no class and counts for no majority, but it does make
-its patch not wholly unlabeled; nothing is read or written out of bounds. The kernels cast
-labels to int32, so unchecked int64 labels beyond the int32 range alias.
-
-Byte-count floor (each label read once, each output written once): 256 x 224 x 224 uint8
-labels = 12.8 MB read; union, p = 16, C = 183 -> 256 x 196 x 183 float32 = 36.7 MB written
-(49.6 MB in all, ~15 us at 3.35 TB/s); int64 labels would read 102.8 MB. The kernels scatter
-(see below), so they also zero-fill the output first (union / global-union: one more 36.7 MB
-write) and, for majority, zero, fill and read an int32 count scratch [B, N, C] (36.7 MB).
-
-Pieces: ``label_pool_reference`` (the spec and the CPU implementation, vectorized torch),
-``label_pool_loop`` (the original per-patch ``torch.unique`` loop: independent check and
-benchmark baseline), the Triton kernels and their launcher ``label_pool_triton`` (CUDA tensors;
-CPU tensors under TRITON_INTERPRET=1), and the op ``fastloc::label_pool`` (CUDA -> Triton,
-CPU -> reference) that ``torch.compile(fullgraph=True)`` can call, wrapped by ``label_pool``.
+``union`` [B, N, C] multi-hot, ``majority`` [B, N] (ties to the smallest id) or ``global-union``
+[B, C], as the original's ``ReduceAnnotation`` (methods/PATCHSEG.md section 3); the semantics,
+dtypes, range checks and byte-count floor are in the README ("Kernels"). Pieces: the spec and CPU
+implementation ``label_pool_reference``, the original's loop ``label_pool_loop`` (a check and a
+baseline), the Triton kernels and ``label_pool_triton``, and the op ``fastloc::label_pool``
+(CUDA -> Triton, CPU -> reference), wrapped by ``label_pool``.
 """
 
 from __future__ import annotations

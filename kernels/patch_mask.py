@@ -1,33 +1,11 @@
 """Patch masking for the MaskEmbed teacher: normalise + mask + repeat M times, in one pass.
 
-The teacher sees every image under M patch masks (MaskEmbed: a random mask, its complement and
-the all-ones mask). From images ``[B, 3, H, W]`` (uint8 straight from the decoder, or float in
-[0, 1]) and keep-masks ``[B, M, N]`` (nonzero = keep; N = (H // p) * (W // p), row-major patch
-grid), this writes ``[B * M, 3, H, W]`` in the compute dtype, rows ordered ``b * M + m`` (as
-``repeat_interleave(x, M)`` in the reference code):
-
-* a pixel of a kept patch    -> its normalised value,
-* a pixel of a masked patch  -> 0 (0 after normalisation is the mean colour, as in the original),
-* a pixel right of or below the last whole patch (384 px at p = 14 leaves 6) -> 0, as in the
-  original, which zero-pads the upsampled mask.
-
-Normalisation is the loaders' and timm's prefetcher's formula, in one place
-(``normalization_coefficients``, used by the reference, the kernel and ``fastloc.data``)::
-
-    offset[c] = 255 * mean[c]  (uint8 input)   |  mean[c]  (float input)
-    denom[c]  = 255 * std[c]                   |  std[c]
-    y = (x.float() - offset[c]) / denom[c]       then cast to the output dtype
-
-both coefficients computed in float64 and rounded once to float32. The kernel divides with
-``div_rn`` (correctly rounded, not the GPU's fast approximate division), so kernel, reference and
-loaders agree bit for bit in float32.
-
-Byte-count floor (read the input once, write the output once, no intermediate tensors): 256 x 3 x
-224^2 uint8 in, 3 masks, bf16 out = 38.5 MB + 231.2 MB = 270 MB, about 90 us at 3 TB/s on an H100.
-
-Public names: ``patch_mask`` (what callers use), ``patch_mask_reference`` (the spec and the CPU
-implementation), ``patch_mask_triton`` (the launcher), and the op ``torch.ops.fastloc.patch_mask``
-(CUDA -> Triton kernel, CPU -> reference; opaque to ``torch.compile``).
+Images [B, 3, H, W] (uint8 or float) and keep-masks [B, M, N] -> [B * M, 3, H, W] in the compute
+dtype, a masked patch (and the pixels past the last whole patch) set to 0, the mean colour; the
+semantics, the one normalization formula (``normalization_coefficients``, shared with the loaders)
+and the byte-count floor are in the README ("Kernels"). Pieces: ``patch_mask`` (what callers use),
+``patch_mask_reference`` (the spec and CPU implementation), ``patch_mask_triton`` (the launcher) and
+the op ``torch.ops.fastloc.patch_mask`` (CUDA -> Triton, CPU -> reference; opaque to torch.compile).
 """
 
 from __future__ import annotations

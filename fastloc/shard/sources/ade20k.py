@@ -1,22 +1,6 @@
-"""ADE20K: the SceneParsing benchmark (ADEChallengeData2016) and the full ADE20K_2021_17_01 release.
-
-SceneParsing (what Patch-Seg uses, 151 classes)::
-
-    ROOT/objectInfo150.csv                       Idx,Ratio,Train,Val,Stuff,Name (Idx 1..150)
-    ROOT/sceneCategories.txt                     optional: "<stem> <scene>" per line
-    ROOT/images/{training,validation}/ADE_*.jpg
-    ROOT/annotations/{training,validation}/ADE_*.png    uint8, 0 = other, 1..150
-
-Full release (3,688 named classes)::
-
-    ROOT/images/ADE/{training,validation}/<group>/<scene>/ADE_*.jpg
-                                                  ADE_*.json       per-image objects (name, name_ndx)
-                                                  ADE_*_seg.png    RGB: class = (R // 10) * 256 + G
-                                                  ADE_*_parts_N.png (ignored)
-
-In ``_seg.png`` the class is the 1-based ``name_ndx`` of the image's JSON objects (0 = unlabeled)
-and B encodes instances. The class table is built from the per-image JSON files of the split;
-``index_ade20k.pkl`` is read only on request, because unpickling runs code.
+"""ADE20K: the SceneParsing benchmark (ADEChallengeData2016, 151 ids) and the full ADE20K_2021_17_01
+release (3,688 classes, uint16 label maps). Layouts and label encodings: shards/README.md ("What
+each converter writes"); ``index_ade20k.pkl`` is read only on request, because unpickling runs code.
 """
 
 from __future__ import annotations

@@ -1,44 +1,8 @@
-"""COCO 2017: images with COCO-Stuff or panoptic label maps, and captions.
+"""COCO 2017: images with COCO-Stuff, instances + stuff JSON or panoptic label maps, and captions.
 
-Layout (official): ``ROOT/{train,val}2017/*.jpg`` and ``ROOT/annotations/`` holding
-``instances_*``, ``stuff_*``, ``panoptic_*`` and ``captions_*{split}2017.json``, the panoptic PNG
-folders ``panoptic_{split}2017/`` and, unpacked from ``stuffthingmaps_trainval2017.zip``, the
-COCO-Stuff label maps ``stuffthingmaps/{split}2017/*.png``. The Patch-Seg layout
-(``ROOT/images/{split}2017``, label maps in ``ROOT/annotations/{split}2017``) is found too.
-
-Label sources (``--labels``):
-
-- ``stuffthingmaps`` (default, what Patch-Seg trains on): uint8 PNGs with 0..181 = COCO id - 1
-  and 255 = unlabeled, mapped exactly as Patch-Seg does: ``label = (png + 1) % 256``. Values
-  182..254 would land outside the 183-class space and make the sample unreadable.
-- ``json``: the same 183-class COCO-Stuff space, painted from ``instances_*.json`` and
-  ``stuff_*.json`` with pycocotools' mask API (polygons, RLE and crowd RLE), by this rule
-  (``PAINT_RULE``, recorded in the manifest):
-
-  1. start from 0 (unlabeled), at the image size the JSON lists (``height`` x ``width``);
-  2. paint the stuff annotations (categories 92..182) in ascending annotation id; stuff
-     category 183 "other" (COCO-Stuff's marker for thing pixels) is skipped, so its pixels stay
-     0 unless a thing covers them;
-  3. paint the thing annotations (categories 1..91): crowd regions first, then individual
-     instances, each group in descending ``area`` with ties broken by ascending annotation id.
-     Later paint wins, so smaller objects end up on top of larger ones and individual
-     instances on top of crowds.
-
-  Without a stuff file (the default ``stuff_{split}2017.json`` absent and not given) only
-  things are painted, and the manifest says so (``label_encoding["stuff"] = False``).
-- ``panoptic``: ``panoptic_{split}2017.json`` plus its PNG folder. A pixel's segment id is
-  R + 256 G + 256^2 B; 0 is VOID (label 0); any other id goes through the image's
-  ``segments_info`` to its ``category_id`` and then to a contiguous index 1..133 (categories
-  sorted by id). ``SourceInfo.extra["category_ids"]`` maps the indices back to COCO ids.
-- ``none``: images only (with ``--captions``, an image-caption dataset).
-
-With ``--captions`` every sample's ``txt`` holds all captions of the image from
-``captions_{split}2017.json`` in ascending annotation id, one per line (line breaks inside a
-caption become spaces; surrounding whitespace is stripped), or "" when it has none.
-
-Annotation files are read once, in the parent (``info()``/``items()``), and kept per image as
-compact JSON bytes, so that forked workers touch only the few objects of the images they read
-instead of copying the whole parsed annotation file page by page.
+The layouts, the four label sources and the JSON paint rule (``PAINT_RULE``) are in
+shards/README.md ("What each converter writes"). Annotation files are read once, in the parent,
+and kept per image as compact JSON bytes, so forked workers touch only the images they read.
 """
 
 from __future__ import annotations

@@ -1,41 +1,8 @@
 """A seeded synthetic segmentation dataset: textured regions overlaid with shaped objects.
 
-It needs no download, so it is the data of the README demo, the tests and the end-to-end demo.
-Every image is drawn in two layers, and the label map comes from the very masks that paint the
-pixels (hard edges, no anti-aliasing), so pixels and labels agree exactly:
-
-1. **Regions.** A random Voronoi partition (1-4 cells; boundaries straight, or curved by a
-   sinusoidal warp of the coordinates) tiles the image. Each cell shows one *region class*:
-   ``background`` (a low-contrast gradient, class 0, which plays Patch-Seg's "unlabeled" role) or
-   a texture (stripes, checkerboard, dots, clouds, grid) with random colours, angle and scale.
-2. **Objects.** 3-8 objects whose class is defined only by their shape (circle, square,
-   triangle, ring, cross, star, ellipse, diamond, hexagon, crescent), with random size (the
-   diameter of the disc of equal area is uniform in 1/12 to 1/3 of the shorter side, so every
-   shape class covers as many pixels on average), centre, rotation, shape parameter (aspect
-   ratio, hole, arm width), colour and fill (flat, gradient or one of the textures). They are
-   painted roughly largest first; later objects cover earlier ones, a ring's hole shows what lies
-   behind it and objects may run off the image edge.
-
-Colours are drawn from the same distribution for regions and objects, so colour never gives a
-class away, and texture periods vary so that one 16x16 patch may not show a full period.
-Mild grey noise (standard deviation 1-4 levels) is added so that JPEG-encoding the pixels is
-realistic. About 23% of 16x16 patches hold two or more classes; about 7 classes per image.
-
-That is the ``standard`` difficulty. The ``demo`` one (``--difficulty demo``, for a tiny ViT at
-64 px with 8 px patches) keeps 8 classes (background, stripes, checkerboard, dots; circle,
-square, triangle, cross), 1-3 cells, 1-3 objects of 1/4-1/2 of the shorter side (centres at
-least 0.8 equal-area radii inside the edges, so shapes stay recognisable) with flat or gradient
-fills only, coarse region textures (a period of 1/12-1/6 of the shorter side) and a background
-of a two-colour gradient plus low-frequency noise, so that it is told by the absence of texture
-and shape, not by its colour. Each difficulty is a ``Difficulty`` (data), see ``DIFFICULTIES``.
-
-Sample ``i`` depends only on ``(data_seed, split, i, min_size, max_size, difficulty)``: its
-generator is ``np.random.default_rng([data_seed, crc32(split), i])`` (standard) or
-``default_rng([data_seed, crc32(split), i, crc32(difficulty)])``, whatever else is generated and
-in whatever order.
-Within one image, geometry and appearance come from two separate child generators, so a
-flat-palette rendering (``draw_scene(..., palette=...)``, used by the tests to check
-pixel/label consistency) has exactly the same layout as the textured one.
+It needs no download: the data of the demo and the tests. The label map comes from the very masks
+that paint the pixels, and sample ``i`` depends only on (data seed, split, i, sizes, difficulty).
+What is drawn, the two difficulties and the seeding: shards/README.md ("What each converter writes").
 """
 
 from __future__ import annotations

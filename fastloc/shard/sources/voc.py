@@ -1,20 +1,6 @@
-"""Pascal VOC 2012 semantic segmentation, with the SBD-augmented ``trainaug`` split.
-
-Official layout (VOCdevkit/VOC2012)::
-
-    ROOT/JPEGImages/<id>.jpg
-    ROOT/SegmentationClass/<id>.png               palette PNG: the palette index is the class
-    ROOT/ImageSets/Segmentation/{train,val}.txt   one id per line (1,464 and 1,449 ids)
-
-SBD-augmented training set (10,582 ids; images from JPEGImages)::
-
-    ROOT/SegmentationClassAug/<id>.png            grayscale PNG: the gray value is the class
-    ROOT/ImageSets/Segmentation/trainaug.txt      (or train_aug.txt) one id per line, or
-                                                  DeepLab's "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"
-
-Label values: 0 background, 1..20 the object classes, 255 void (object borders and difficult
-regions, ignored in evaluation). They are stored as they are: 255 stays 255, and the manifest's
-label encoding says it is to be ignored. Any other value skips the sample, naming the label file.
+"""Pascal VOC 2012 semantic segmentation (train, val) and the SBD-augmented ``trainaug`` split;
+palette indices stored as they are, 255 (void) kept and named in the manifest. Layouts and label
+values: shards/README.md ("What each converter writes").
 """
 
 from __future__ import annotations
