@@ -84,7 +84,8 @@ def _dense(args: tuple[str, ...]) -> Spec:
     from fastloc.probe.dense.data import open_dense_data
     from fastloc.probe.dense.report import run_dir
 
-    cfg = parse(args[0], list(args[1:]), prog=f"python -m fastloc.launch probe {args[0]}").resolved()
+    cfg = parse(args[0], list(args[1:]), prog=f"python -m fastloc.launch probe {args[0]}")
+    cfg.validate()
     return Spec("probe", args, cfg, "", run_dir(cfg, open_dense_data(cfg).dataset))  # the splits are checked here
 
 

@@ -10,17 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastloc.probe.dense.config import LinearConfig
-from fastloc.probe.dense.data import VOID, dense_backbone, open_dense_data
-from fastloc.probe.dense.linear import (
-    ConvHead,
-    build_head,
-    evaluate,
-    label_space,
-    onecycle_lr,
-    update_lr,
-    upsample,
-)
+from fastloc.probe.dense.config import LINEAR, Dinov3Ade20kConfig, LeopartVocConfig
+from fastloc.probe.dense.data import VOID, DenseRun, LabelSpace, dense_backbone, open_dense_data
+from fastloc.probe.dense.dinov3_ade20k import onecycle_lr, update_lr
+from fastloc.probe.dense.leopart_voc import Head as ConvHead
+from fastloc.probe.dense.linear import protocol_module, upsample
 from fastloc.probe.dense.slide import short_side_size, slide_logits, window_boxes
 from fastloc.probe.run import seed_everything
 
@@ -103,17 +97,17 @@ def test_slide_of_a_per_pixel_model_equals_the_whole_image(h, w):
 def test_dinov3_labels_reduce_zero(voc):
     """dinov3-ade20k scores label 0 as void and shifts the classes down (reduce_zero_label), and
     feeds the backbone the crop; leopart-voc keeps class 0 (VOC's background)."""
-    cfg = LinearConfig(data=voc, protocol="dinov3-ade20k", crop_size=64, stride=43).resolved()
+    cfg = Dinov3Ade20kConfig(data=voc, crop_size=64, stride=43)
     assert cfg.zero_is_ignore and cfg.image_size == 64
     assert (cfg.lr, cfg.iterations, cfg.batch_size) == (1e-3, 40_000, 16)
     data = open_dense_data(cfg)
-    labels = label_space(cfg, data)
+    labels = LabelSpace.of(data, cfg.zero_is_ignore)
     assert labels.num_classes == 20
     stored = torch.tensor([[0, 1, 2], [3, 20, 255]], dtype=torch.uint8)
     assert labels.map(stored).tolist() == [[VOID, 0, 1], [2, 19, VOID]]
-    leopart = LinearConfig(data=voc, protocol="leopart-voc").resolved()
+    leopart = LeopartVocConfig(data=voc)
     assert (leopart.lr, leopart.epochs, leopart.batch_size, leopart.image_size) == (0.01, 25, 120, 448)
-    voc_labels = label_space(leopart, data)
+    voc_labels = LabelSpace.of(data, leopart.zero_is_ignore)
     assert voc_labels.num_classes == 21
     assert voc_labels.map(stored).tolist() == [[0, 1, 2], [3, 20, VOID]]
 
@@ -131,8 +125,8 @@ def test_dinov3_schedule():
     assert update_lr(5, total, warmup, peak) == onecycle_lr(4, total, warmup, peak)
 
 
-def run_cli(voc, tmp_path, protocol: str, knobs: dict) -> tuple[dict, LinearConfig, object]:
-    """python -m fastloc.probe linear in-process; (result.json, the resolved config, the run directory)."""
+def run_cli(voc, tmp_path, protocol: str, knobs: dict) -> tuple[dict, object, object]:
+    """python -m fastloc.probe linear in-process; (result.json, the protocol's config, the run directory)."""
     from fastloc.probe.__main__ import main
 
     fields = {
@@ -156,21 +150,23 @@ def run_cli(voc, tmp_path, protocol: str, knobs: dict) -> tuple[dict, LinearConf
     result = json.loads((runs[0] / "result.json").read_text())
     csv = (tmp_path / "results" / f"dense-linear-{protocol}-voc.csv").read_text()
     assert csv.count("\n") == 3  # header, miou, pixel_accuracy
-    return result, LinearConfig(data=voc, protocol=protocol, **fields).resolved(), runs[0]
+    return result, LINEAR[protocol](data=voc, **fields), runs[0]
 
 
-def trained_and_untrained(cfg: LinearConfig, result: dict, run) -> tuple[float, float]:
+def trained_and_untrained(cfg, result: dict, run) -> tuple[float, float]:
     """mIoU of the saved head and of the head the run started from (same seed, same order)."""
     device = torch.device("cpu")
     data = open_dense_data(cfg)
-    labels = label_space(cfg, data)
+    labels = LabelSpace.of(data, cfg.zero_is_ignore)
     seed_everything(cfg.seed)
     backbone = dense_backbone(cfg, device)
     assert backbone.digest == result["protocol"]["backbone_digest"]
-    untrained = build_head(cfg.protocol, backbone.dim, labels.num_classes)
-    trained = build_head(cfg.protocol, backbone.dim, labels.num_classes)
+    protocol = protocol_module(cfg)
+    untrained = protocol.Head(backbone.dim, labels.num_classes)
+    trained = protocol.Head(backbone.dim, labels.num_classes)
     trained.load_state_dict(load_file(str(run / "head.safetensors")))
-    scores = [evaluate(cfg, head, backbone, data, labels, device).miou() for head in (trained, untrained)]
+    evaluate = protocol.evaluator(cfg, DenseRun(device, data, labels, backbone))
+    scores = [evaluate(head).miou() for head in (trained, untrained)]
     return scores[0], scores[1]
 
 

@@ -13,7 +13,7 @@ from fastloc.data.order import EpochPlan
 from fastloc.data.shards import ShardError, open_shards
 from fastloc.data.transforms import sample_rng
 from fastloc.probe.dense import mmseg
-from fastloc.probe.dense.config import LinearConfig
+from fastloc.probe.dense.config import Dinov3Ade20kConfig
 from fastloc.probe.dense.data import VOID, LabelSpace, open_dense_data
 from fastloc.probe.dense.mmseg import (
     CROP_CHECKS,
@@ -221,7 +221,7 @@ def test_photometric_draws_stay_in_range_and_gate_at_half():
 
 
 def first_batches(voc, seed: int, workers: int, epochs: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    cfg = LinearConfig(data=voc, protocol="dinov3-ade20k", train_split="trainaug", crop_size=64, stride=43).resolved()
+    cfg = Dinov3Ade20kConfig(data=voc, train_split="trainaug", crop_size=64, stride=43)
     data = open_dense_data(cfg)
     labels = LabelSpace.of(data, True)
     loader = train_loader(data.train, labels, 4, seed, 48, 64, MEAN, STD, workers)
@@ -251,7 +251,7 @@ def test_loader_is_seeded_whatever_the_workers(voc):
 
 def test_a_sample_that_does_not_read_is_replaced(voc, monkeypatch):
     """The next sample of the epoch's share takes its slot, marked not valid."""
-    cfg = LinearConfig(data=voc, protocol="dinov3-ade20k", train_split="trainaug", crop_size=64, stride=43).resolved()
+    cfg = Dinov3Ade20kConfig(data=voc, train_split="trainaug", crop_size=64, stride=43)
     data = open_dense_data(cfg)
     loader = train_loader(data.train, LabelSpace.of(data, True), 4, 0, 48, 64, MEAN, STD, 0)
     samples = loader.loader.dataset

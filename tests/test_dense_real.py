@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from fastloc.probe.__main__ import main
-from fastloc.probe.dense.config import LinearConfig
+from fastloc.probe.dense.config import Dinov3Ade20kConfig
 from fastloc.probe.dense.data import LabelSpace, open_dense_data
 
 
@@ -48,7 +48,7 @@ def test_dinov3_ade20k_scores_real_images_at_their_resolution(ade, fixtures, tmp
     out = result(tmp_path)
     assert out["protocol"]["name"] == "linear-dinov3-ade20k" and out["dataset"]["num_classes"] == 150
     assert out["dataset"]["zero_is_ignore"] is True and 0 <= out["selected"]["miou"] <= 1
-    cfg = LinearConfig(data=ade, train_split="val", protocol="dinov3-ade20k").resolved()
+    cfg = Dinov3Ade20kConfig(data=ade, train_split="val")
     labels = LabelSpace.of(open_dense_data(cfg), cfg.zero_is_ignore)
     assert labels.num_classes == 150 and labels.names[0] == out["dataset"]["classes"][0]
     pngs = sorted((fixtures / "ade20k-sceneparsing3" / "annotations" / "validation").glob("*.png"))

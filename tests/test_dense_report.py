@@ -11,7 +11,7 @@ import torch
 
 from fastloc.probe.__main__ import main
 from fastloc.probe.compare import compare
-from fastloc.probe.dense.config import OverclusterConfig
+from fastloc.probe.dense.config import LINEAR, OverclusterConfig
 from fastloc.probe.dense.data import LabelSpace
 from fastloc.probe.dense.report import write_result
 from fastloc.probe.report import SEPARATOR
@@ -113,7 +113,7 @@ def test_each_protocol_gives_the_cpus_figure_on_cuda(protocol, voc, tmp_path):
 def test_each_protocol_opens_the_splits_it_needs(voc, tmp_path):
     """overcluster needs only the evaluation split; leopart-voc and hummingbird train on trainaug
     where it is there (their references), dinov3-ade20k on train; --train-split overrides."""
-    from fastloc.probe.dense.config import HummingbirdConfig, LinearConfig
+    from fastloc.probe.dense.config import Dinov3Ade20kConfig, HummingbirdConfig, LeopartVocConfig
     from fastloc.probe.dense.data import open_dense_data
 
     only_val = tmp_path / "only-val"
@@ -122,23 +122,26 @@ def test_each_protocol_opens_the_splits_it_needs(voc, tmp_path):
     data = open_dense_data(OverclusterConfig(data=only_val))
     assert data.train is None and data.val.manifest["split"] == "val" and data.dataset == "voc"
     split = lambda cfg: open_dense_data(cfg).train.manifest["split"]  # noqa: E731
-    assert split(LinearConfig(data=voc)) == "trainaug" and split(HummingbirdConfig(data=voc)) == "trainaug"
-    assert split(LinearConfig(data=voc, protocol="dinov3-ade20k")) == "train"
-    assert split(LinearConfig(data=voc, train_split="train")) == "train"
+    assert split(LeopartVocConfig(data=voc)) == "trainaug" and split(HummingbirdConfig(data=voc)) == "trainaug"
+    assert split(Dinov3Ade20kConfig(data=voc)) == "train"
+    assert split(LeopartVocConfig(data=voc, train_split="train")) == "train"
     with pytest.raises(FileNotFoundError, match="no training split .looked for trainaug/manifest.json or train/"):
         open_dense_data(HummingbirdConfig(data=only_val))
 
 
-@pytest.mark.parametrize("protocol", ["overcluster", "linear", "hummingbird"])
-def test_every_option_has_help_as_flowing_text(protocol, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "protocol, args",
+    [("overcluster", []), *(("linear", ["--protocol", name]) for name in LINEAR), ("hummingbird", [])],
+)
+def test_every_option_has_help_as_flowing_text(protocol, args, capsys, monkeypatch):
     """python -m fastloc.probe PROTOCOL --help: every field (its base's too) with its docstring on one line."""
     import dataclasses
 
     from test_bench import field_docs
 
-    from fastloc.probe.dense.config import PROTOCOLS
+    from fastloc.probe.dense.config import PROTOCOLS, linear_config
 
-    cfg = PROTOCOLS[protocol]
+    cfg = linear_config(args) if protocol == "linear" else PROTOCOLS[protocol]
     docs = {}
     for klass in reversed(cfg.__mro__):
         if dataclasses.is_dataclass(klass):
@@ -146,7 +149,7 @@ def test_every_option_has_help_as_flowing_text(protocol, capsys, monkeypatch):
     fields = [f.name for f in dataclasses.fields(cfg)]
     assert [f for f in fields if not docs.get(f, "").strip()] == [], f"{protocol}: options without help"
     monkeypatch.setenv("COLUMNS", "400")
-    assert main([protocol, "--help"]) == 0
+    assert main([protocol, *args, "--help"]) == 0
     lines = capsys.readouterr().out.splitlines()
     for field in fields:
         option = "DATA" if field == "data" else "--" + field.replace("_", "-")  # the one positional

@@ -228,9 +228,9 @@ def _kmeans_row(cfg: dense.OverclusterConfig, device: torch.device) -> dict:
     return _row("kmeans", setting, time_runs(ours, 2), time_runs(scipy, 1))
 
 
-def _head_row(cfg: dense.LinearConfig, device: torch.device, dim: int, grid: int, classes: int) -> dict:
+def _head_row(cfg: dense.LeopartVocConfig, device: torch.device, dim: int, grid: int, classes: int) -> dict:
     """The head's forward + backward at the loss size: logits upsampled against features upsampled first."""
-    batch, size = cfg.batch_size or 120, cfg.probe_size
+    batch, size = cfg.batch_size, cfg.probe_size
     features = torch.randn(batch, dim, grid, grid, device=device)
     target = torch.randint(0, classes, (batch, size, size), device=device)
     head = torch.nn.Conv2d(dim, classes, 1).to(device)

@@ -1,4 +1,5 @@
-"""The probe's one config: what to probe on which data, the original's recipe as the defaults.
+"""The probe's configs: what every evaluation shares (``EvalConfig``), and Patch-Seg's own, the
+original's recipe as the defaults.
 
 ``validate()`` refuses a value that makes no sense (a BadValue naming the option) before any
 work: a run that fails only after training loses its figures.
@@ -18,10 +19,11 @@ from fastloc.cli import check_name, flowing_help, require
 MAX_SEED = 2**32 - 1  # numpy's seed range, which seed_everything also seeds
 
 
-@flowing_help
 @dataclass(frozen=True, kw_only=True)
-class ProbeConfig:
-    """Train a Patch-Seg head on a frozen backbone and score it on the validation split."""
+class EvalConfig:
+    """What every evaluation shares (Patch-Seg and the dense protocols): the data, the frozen
+    backbone, the device and loaders, and where results go. Help texts and defaults are
+    Patch-Seg's; ``DenseConfig`` restates those the dense protocols mean otherwise."""
 
     data: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="DATA")]
     """The shard set (e.g. shards/coco), holding a train and a validation split with label maps."""
@@ -33,49 +35,14 @@ class ProbeConfig:
     weights: str = "pretrained"
     """pretrained (timm's hub), random, or a local weights file (safetensors or a timm checkpoint)."""
 
-    reduction: Literal["union", "majority", "global-union"] = "union"
-    """Per-patch target: union (the classes present in a patch), majority (its most frequent
-    class) or global-union (the classes present in the image)."""
-
-    head: Literal["transformer", "transformer-cls", "transformer-separate", "mlp", "linear"] = "transformer"
-    """The output head; the transformer-* intervention heads read the CLS token only (cls) or all
-    tokens (separate) and exist for union only."""
-
     skip_blocks: int = 0
     """Drop the backbone's last k blocks (its final norm is kept)."""
 
-    full_finetune: bool = False
-    """Train the backbone too (no feature cache then)."""
-
-    epochs: int = 5
-    """Passes over the training split; the validation split is scored after each."""
-
-    batch_size: int = 32
-    """Training batch per rank (the original: 32 on one GPU)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16 autocast, as the original (cached features are then bf16); fp32 for everything."""
 
     eval_batch_size: int = 32
     """Validation and feature-extraction batch per rank."""
-
-    lr: float = 1e-3
-    """AdamW peak learning rate."""
-
-    min_lr: float = 1e-4
-    """The cosine schedule's floor."""
-
-    weight_decay: float = 0.01
-    """AdamW weight decay, on every head parameter."""
-
-    warmup_updates: int = 500
-    """Linear warmup from 0 over this many updates (the first update runs at lr 0)."""
-
-    num_layers: int = 2
-    """Blocks of the transformer heads."""
-
-    hidden_size: int = 1024
-    """Width of the mlp head's hidden layer."""
-
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16 autocast, as the original (cached features are then bf16); fp32 for everything."""
 
     seed: int = 0
     """Seed of the head's initialization and of the training order."""
@@ -110,6 +77,56 @@ class ProbeConfig:
     workers: int = 4
     """Host worker processes of the loaders and of the cache reader (0: in this process)."""
 
+    def validate(self) -> None:
+        """A ``BadValue`` for the first shared option out of its range (nothing is read or written);
+        each evaluation adds its own knobs' rules."""
+        at_least("--eval-batch-size", self.eval_batch_size, 1)
+        at_least("--skip-blocks", self.skip_blocks, 0)
+        check_seed(self.seed)
+        at_least("--workers", self.workers, 0, "0: in this process")
+        check_names(self)
+
+
+@flowing_help
+@dataclass(frozen=True, kw_only=True)
+class ProbeConfig(EvalConfig):
+    """Train a Patch-Seg head on a frozen backbone and score it on the validation split."""
+
+    reduction: Literal["union", "majority", "global-union"] = "union"
+    """Per-patch target: union (the classes present in a patch), majority (its most frequent
+    class) or global-union (the classes present in the image)."""
+
+    head: Literal["transformer", "transformer-cls", "transformer-separate", "mlp", "linear"] = "transformer"
+    """The output head; the transformer-* intervention heads read the CLS token only (cls) or all
+    tokens (separate) and exist for union only."""
+
+    full_finetune: bool = False
+    """Train the backbone too (no feature cache then)."""
+
+    epochs: int = 5
+    """Passes over the training split; the validation split is scored after each."""
+
+    batch_size: int = 32
+    """Training batch per rank (the original: 32 on one GPU)."""
+
+    lr: float = 1e-3
+    """AdamW peak learning rate."""
+
+    min_lr: float = 1e-4
+    """The cosine schedule's floor."""
+
+    weight_decay: float = 0.01
+    """AdamW weight decay, on every head parameter."""
+
+    warmup_updates: int = 500
+    """Linear warmup from 0 over this many updates (the first update runs at lr 0)."""
+
+    num_layers: int = 2
+    """Blocks of the transformer heads."""
+
+    hidden_size: int = 1024
+    """Width of the mlp head's hidden layer."""
+
     predictions: int = 4
     """Validation images drawn in predictions.png (0: none)."""
 
@@ -120,7 +137,8 @@ class ProbeConfig:
 
     def validate(self) -> None:
         """A ``BadValue`` for the first option out of its range (nothing is read or written)."""
-        for flag in ("--epochs", "--batch-size", "--eval-batch-size", "--num-layers", "--hidden-size"):
+        super().validate()
+        for flag in ("--epochs", "--batch-size", "--num-layers", "--hidden-size"):
             at_least(flag, getattr(self, field(flag)), 1)
         positive(self.lr, "--lr")
         require(0 <= self.min_lr <= self.lr, "--min-lr", self.min_lr, f"must be in [0, --lr {self.lr}]")
@@ -131,14 +149,10 @@ class ProbeConfig:
             "must be >= 0",
         )
         at_least("--warmup-updates", self.warmup_updates, 0)
-        at_least("--skip-blocks", self.skip_blocks, 0)
-        check_seed(self.seed)
-        at_least("--workers", self.workers, 0, "0: in this process")
         at_least("--predictions", self.predictions, 0, "0: none")
         intervention = self.head in ("transformer-cls", "transformer-separate")
         rule = f"is defined for the union reduction only, not {self.reduction}"
         require(not intervention or self.reduction == "union", "--head", self.head, rule)
-        check_names(self)
 
 
 def field(flag: str) -> str:

@@ -1,27 +1,32 @@
 """The dense evaluations' configs: what every protocol shares, then each protocol's own knobs.
 
 The defaults are the published recipes (../shared/methods/OTHER-METHODS.md section 1, the
-open-hummingbird-eval and DINOv3 code); a knob that moves numbers (section 4) is a field, and the
-result JSON records every field under the protocol's name. ``validate()`` refuses a value out of
-its range (a BadValue naming the option) before any work.
+Leopart, open-hummingbird-eval and DINOv3 code); a knob that moves numbers (section 4) is a field,
+and the result JSON records every field under the protocol's name. ``validate()`` refuses a value
+out of its range (a BadValue naming the option) before any work; ``parse`` picks the config of a
+command line (the linear probes' by --protocol).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import tyro
 
-from fastloc.cli import flowing_help, require
-from fastloc.probe.config import at_least, check_names, check_seed, field, positive
+from fastloc.cli import BadValue, flowing_help, require
+from fastloc.probe.config import EvalConfig, at_least, field, positive
 
 
 @dataclass(frozen=True, kw_only=True)
-class DenseConfig:
-    """What every dense protocol shares: the data, the frozen backbone, where results go."""
+class DenseConfig(EvalConfig):
+    """What every dense protocol shares: the data, the frozen backbone, where results go (the
+    shared fields as the dense protocols describe them). Each protocol also has ``image_size``
+    (the backbone's input side, set by SIZE_FLAG) and ``zero_is_ignore``."""
+
+    PROTOCOL: ClassVar[str]  # the name in results, CSV file names and run directories
+    SIZE_FLAG: ClassVar[str] = "--image-size"
 
     data: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="DATA")]
     """The shard set (e.g. shards/voc from python -m fastloc.shard voc), holding the splits named below."""
@@ -30,18 +35,8 @@ class DenseConfig:
     """A registered short name (python -m fastloc.probe --help lists them), a timm id, or a file
     written by python -m fastloc.align export. dino-vit-s is Leopart's starting point."""
 
-    weights: str = "pretrained"
-    """pretrained (timm's hub), random, or a local weights file (safetensors or a timm checkpoint)."""
-
     skip_blocks: int = 0
     """Drop the backbone's last k blocks (its final norm is kept); 0 = last-block tokens, as the protocols."""
-
-    image_size: int = 448
-    """The side of the square input; the backbone's position embedding is resampled to it."""
-
-    zero_is_ignore: bool = False
-    """Score label 0 as void and shift the other classes down by one (mmseg's reduce_zero_label:
-    ADE20k's and COCO-Stuff's 'unlabeled'). VOC's class 0 is background, a class like any other."""
 
     precision: Literal["bf16", "fp32"] = "bf16"
     """bf16 autocast for the backbone (cached features are then bf16); fp32 for everything."""
@@ -74,52 +69,49 @@ class DenseConfig:
     val_split: str = ""
     """The evaluation split's folder under data (default: val or validation)."""
 
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    """cuda when available, else cpu."""
-
-    loader: Literal["auto", "gpu", "cpu"] = "auto"
-    """gpu = DALI decoding on the GPU, cpu = the torch twin; auto = gpu when CUDA is present."""
-
     workers: int = 4
     """Host worker processes of the loaders (0: in this process)."""
 
     def protocol_name(self) -> str:
         """The protocol's name in results, CSV file names and run directories."""
-        return {OverclusterConfig: "overcluster", HummingbirdConfig: "hummingbird"}.get(type(self), "dense")
+        return self.PROTOCOL
 
     def train_splits(self) -> tuple[str, ...] | None:
         """The training split's folder names in order of preference when --train-split is not given
         (None: the protocol trains on nothing)."""
         return None
 
-    def resolved(self) -> DenseConfig:
-        """The config as the protocol runs it (the protocol's own values for the fields left to it):
-        what its run directory is named by."""
-        self.validate()
-        return self
-
     def folders(self) -> list[tuple[str, Path]]:
         """(flag, folder) of every folder the run writes into, in the order they are checked."""
         return [("--cache-dir", self.cache_dir), ("--out", self.out), ("--results", self.results)]
 
+
+@dataclass(frozen=True, kw_only=True)
+class SquareConfig(DenseConfig):
+    """A protocol that feeds the backbone every image resized to one square and scores the
+    evaluation split so (from the feature cache); label 0 is read as the user says."""
+
+    image_size: int = 448
+    """The side of the square input; the backbone's position embedding is resampled to it."""
+
+    zero_is_ignore: bool = False
+    """Score label 0 as void and shift the other classes down by one (mmseg's reduce_zero_label:
+    ADE20k's and COCO-Stuff's 'unlabeled'). VOC's class 0 is background, a class like any other."""
+
     def validate(self) -> None:
-        """A ``BadValue`` for the first shared option out of its range (nothing read or written);
-        each protocol adds its own knobs' rules."""
-        at_least("--skip-blocks", self.skip_blocks, 0)
+        super().validate()
         at_least("--image-size", self.image_size, 1, "a multiple of the backbone's patch")
-        at_least("--eval-batch-size", self.eval_batch_size, 1)
-        check_seed(self.seed)
-        at_least("--workers", self.workers, 0, "0: in this process")
-        check_names(self)
 
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
-class OverclusterConfig(DenseConfig):
+class OverclusterConfig(SquareConfig):
     """Leopart's overclustering: k-means on the evaluation split's patch tokens, clusters matched to
     classes, mIoU. Defaults: VOC val, 448 square, StandardScaler + PCA-50 fitted on the eval set,
     k-means 100 iterations x 5 restarts, K 100/300/500 many-to-one (precision) and 21 Hungarian,
     maps at 100 x 100, mean of 5 seeds."""
+
+    PROTOCOL = "overcluster"
 
     clusters: tuple[int, ...] = (100, 300, 500, 21)
     """The values of K. K = the number of classes is matched one-to-one (Hungarian on IoU); a larger
@@ -165,112 +157,106 @@ class OverclusterConfig(DenseConfig):
         at_least("--pca-dim", self.pca_dim, 0, "0: no scaler, no PCA")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A protocol's values for the LinearConfig fields left at 0."""
-
-    lr: float
-    epochs: int
-    iterations: int
-    batch_size: int
-
-
-RECIPES = {
-    "leopart-voc": Recipe(lr=0.01, epochs=25, iterations=0, batch_size=120),
-    "dinov3-ade20k": Recipe(lr=1e-3, epochs=0, iterations=40_000, batch_size=16),
-}
+LinearProtocol = Literal["leopart-voc", "dinov3-ade20k"]  # the keys of LINEAR
 
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
-class LinearConfig(DenseConfig):
-    """A linear probe on frozen patch tokens, trained then scored by mIoU over the evaluation split.
-    Two named protocols: leopart-voc (Leopart's VOC linear probe) and dinov3-ade20k (DINOv2/v3's
-    ADE20k linear probe: BatchNorm + linear, sliding-window full-resolution mIoU)."""
+class LeopartVocConfig(SquareConfig):
+    """Leopart's VOC linear probe: a 1x1 conv on frozen patch tokens, trained by SGD on live
+    RandomResizedCrop batches, then scored by mIoU over the evaluation split (its square cached
+    features, logits bilinear to --image-size)."""
 
-    protocol: Literal["leopart-voc", "dinov3-ade20k"] = "leopart-voc"
-    """The recipe; the fields below left at 0 take its values (python -m fastloc.probe linear --help)."""
+    PROTOCOL = "linear-leopart-voc"
 
-    lr: float = 0.0
-    """Learning rate (0: the protocol's: leopart-voc 0.01, Leopart's for DINO/Leopart ViT-S (0.1 for
-    ViT-B and MAE, 1.0 for MoCo-v3); dinov3-ade20k 1e-3)."""
+    protocol: LinearProtocol = "leopart-voc"
+    """The recipe: leopart-voc (these options) or dinov3-ade20k (python -m fastloc.probe linear
+    --protocol dinov3-ade20k --help)."""
 
-    epochs: int = 0
-    """leopart-voc: passes over the training split (0: 25; lr x 0.1 at 80% of them, epoch 20 of 25)."""
+    lr: float = 0.01
+    """Learning rate: Leopart's for DINO/Leopart ViT-S (0.1 for ViT-B and MAE, 1.0 for MoCo-v3)."""
 
-    iterations: int = 0
-    """dinov3-ade20k: updates (0: 40,000; scale it down on small hardware and say so, the result records it)."""
+    epochs: int = 25
+    """Passes over the training split (lr x 0.1 at 80% of them, epoch 20 of 25)."""
 
-    batch_size: int = 0
-    """Global training batch (0: leopart-voc 120 = 60 x 2 GPUs; dinov3-ade20k 16 = 2 x 8 GPUs)."""
-
-    crop_size: int = 512
-    """dinov3-ade20k: the training crop, the sliding window's side and the backbone's input side
-    (--image-size is set to it); a multiple of the patch size."""
-
-    stride: int = 341
-    """dinov3-ade20k: the sliding window's stride."""
-
-    short_side: int = 512
-    """dinov3-ade20k: evaluation images are resized (aspect kept) to this short side, scored at
-    their original resolution; training images to int(short_side x U(0.5, 2)) (dinov3's img_size 512
-    for both)."""
+    batch_size: int = 120
+    """Global training batch (Leopart: 60 x 2 GPUs)."""
 
     probe_size: int = 100
-    """leopart-voc: features are bilinearly upsampled to this side, and the loss is computed there."""
+    """Features are bilinearly upsampled to this side, and the loss is computed there."""
 
-    def protocol_name(self) -> str:
-        return f"linear-{self.protocol}"
-
-    def resolved(self) -> LinearConfig:
-        """The protocol's values for the fields left at 0 (the values checked first); dinov3-ade20k
-        also scores label 0 as void (reduce_zero_label) and feeds the backbone the crop (image_size =
-        crop_size)."""
-        self.validate()
-        recipe = RECIPES[self.protocol]
-        cfg = replace(
-            self,
-            lr=self.lr or recipe.lr,
-            epochs=self.epochs or recipe.epochs,
-            iterations=self.iterations or recipe.iterations,
-            batch_size=self.batch_size or recipe.batch_size,
-        )
-        if cfg.protocol == "dinov3-ade20k":
-            cfg = replace(cfg, zero_is_ignore=True, image_size=cfg.crop_size)
-        return cfg
+    def train_splits(self) -> tuple[str, ...]:
+        """Leopart trains on VOC's trainaug where the shard set has it."""
+        return ("trainaug", "train")
 
     def validate(self) -> None:
         super().validate()
-        require(math.isfinite(self.lr) and self.lr >= 0, "--lr", self.lr, "must be >= 0 (0: the protocol's)")
-        for flag in ("--epochs", "--iterations", "--batch-size"):
-            at_least(flag, getattr(self, field(flag)), 0, "0: the protocol's")
-        require(
-            not (self.protocol == "leopart-voc" and self.iterations),
-            "--iterations",
-            self.iterations,
-            "belongs to dinov3-ade20k; leopart-voc trains for --epochs",
-        )
-        require(
-            not (self.protocol == "dinov3-ade20k" and self.epochs),
-            "--epochs",
-            self.epochs,
-            "belongs to leopart-voc; dinov3-ade20k trains for --iterations",
-        )
-        for flag in ("--crop-size", "--short-side", "--probe-size"):
+        positive(self.lr, "--lr")
+        for flag in ("--epochs", "--batch-size", "--probe-size"):
+            at_least(flag, getattr(self, field(flag)), 1)
+
+
+@flowing_help
+@dataclass(frozen=True, kw_only=True)
+class Dinov3Ade20kConfig(DenseConfig):
+    """DINOv2/v3's ADE20k linear probe: BatchNorm + a 1x1 conv on frozen patch tokens, trained by
+    AdamW on the reference's training pipeline, then scored by sliding windows at full resolution
+    (mIoU). Label 0 is void (reduce_zero_label) and the backbone's input side is the crop."""
+
+    PROTOCOL = "linear-dinov3-ade20k"
+    SIZE_FLAG = "--crop-size"
+
+    protocol: LinearProtocol = "dinov3-ade20k"
+    """The recipe: dinov3-ade20k (these options) or leopart-voc (python -m fastloc.probe linear
+    --protocol leopart-voc --help)."""
+
+    lr: float = 1e-3
+    """Learning rate (dinov3's)."""
+
+    iterations: int = 40_000
+    """Updates (scale it down on small hardware and say so, the result records it)."""
+
+    batch_size: int = 16
+    """Global training batch (dinov3: 2 x 8 GPUs)."""
+
+    crop_size: int = 512
+    """The training crop, the sliding window's side and the backbone's input side; a multiple of
+    the patch size."""
+
+    stride: int = 341
+    """The sliding window's stride."""
+
+    short_side: int = 512
+    """Evaluation images are resized (aspect kept) to this short side, scored at their original
+    resolution; training images to int(short_side x U(0.5, 2)) (dinov3's img_size 512 for both)."""
+
+    @property
+    def image_size(self) -> int:
+        return self.crop_size
+
+    @property
+    def zero_is_ignore(self) -> bool:
+        return True
+
+    def train_splits(self) -> tuple[str, ...]:
+        return ("train", "training")
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self.lr, "--lr")
+        for flag in ("--iterations", "--batch-size", "--crop-size", "--short-side"):
             at_least(flag, getattr(self, field(flag)), 1)
         rule = f"must be in [1, --crop-size {self.crop_size}] (windows further apart leave pixels unscored)"
         require(1 <= self.stride <= self.crop_size, "--stride", self.stride, rule)
 
-    def train_splits(self) -> tuple[str, ...]:
-        """Leopart trains on VOC's trainaug where the shard set has it."""
-        return ("trainaug", "train") if self.protocol == "leopart-voc" else ("train", "training")
-
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
-class HummingbirdConfig(DenseConfig):
+class HummingbirdConfig(SquareConfig):
     """Hummingbird in-context retrieval (open-hummingbird-eval): a memory bank of training patch
     tokens with their label distributions, k-NN label transfer onto evaluation patches, mIoU."""
+
+    PROTOCOL = "hummingbird"
 
     image_size: int = 512
     """The side of the square input (the reference's script: 512)."""
@@ -304,13 +290,13 @@ class HummingbirdConfig(DenseConfig):
     bank_chunk: int = 65_536
     """Bank rows compared per step of the exact k-NN search (memory: queries x chunk similarities)."""
 
-    def train_splits(self) -> tuple[str, ...]:
-        """The reference's bank comes from VOC's trainaug, where the shard set has it."""
-        return ("trainaug", "train", "training")
-
     bank_void: Literal["background", "ignore"] = "background"
     """Void pixels (VOC's 255) in the bank's label distributions: background counts them as class 0
     (the reference's y[y == 255] = 0); ignore leaves them out of each patch's distribution."""
+
+    def train_splits(self) -> tuple[str, ...]:
+        """The reference's bank comes from VOC's trainaug, where the shard set has it."""
+        return ("trainaug", "train", "training")
 
     def validate(self) -> None:
         super().validate()
@@ -327,14 +313,45 @@ class HummingbirdConfig(DenseConfig):
         require(not (self.zero_is_ignore and self.bank_void == "background"), "--zero-is-ignore", True, rule)
 
 
-PROTOCOLS: dict[str, type[DenseConfig]] = {
+LINEAR: dict[str, type[DenseConfig]] = {"leopart-voc": LeopartVocConfig, "dinov3-ade20k": Dinov3Ade20kConfig}
+PROTOCOLS: dict[str, type[DenseConfig]] = {  # linear: its --protocol's default
     "overcluster": OverclusterConfig,
-    "linear": LinearConfig,
+    "linear": LeopartVocConfig,
     "hummingbird": HummingbirdConfig,
 }
 
 
-def parse(protocol: str, args: list[str], prog: str = "") -> DenseConfig:
-    """One protocol's config from its command line, as python -m fastloc.probe PROTOCOL parses it
+def parse(command: str, args: list[str], prog: str = "") -> DenseConfig:
+    """One protocol's config from its command line, as python -m fastloc.probe COMMAND parses it
     (SystemExit on a usage error)."""
-    return tyro.cli(PROTOCOLS[protocol], args=args, prog=prog or f"python -m fastloc.probe {protocol}")
+    config = linear_config(args) if command == "linear" else PROTOCOLS[command]
+    return tyro.cli(config, args=args, prog=prog or f"python -m fastloc.probe {command}")
+
+
+def linear_config(args: list[str]) -> type[DenseConfig]:
+    """The config of the linear protocol the last --protocol names (as tyro reads it; an unknown
+    name is left to tyro's error). Another protocol's option is a ``BadValue``: it would do nothing."""
+    protocol = "leopart-voc"
+    for i, arg in enumerate(args):
+        if arg.startswith("--protocol="):
+            protocol = arg.partition("=")[2]
+        elif arg == "--protocol" and i + 1 < len(args):
+            protocol = args[i + 1]
+    if protocol not in LINEAR:
+        return PROTOCOLS["linear"]
+    own = options(LINEAR[protocol])
+    for arg in args:
+        flag = arg.partition("=")[0]
+        owner = next((name for name, other in LINEAR.items() if flag in options(other) - own), None)
+        if owner:
+            raise BadValue(f"{flag} belongs to --protocol {owner}, not {protocol}")
+    return LINEAR[protocol]
+
+
+def options(config: type) -> set[str]:
+    """A config's command-line options (a boolean's both forms)."""
+    out = set()
+    for f in fields(config):
+        flag = f.name.replace("_", "-")
+        out |= {f"--{flag}", f"--no-{flag}"} if isinstance(f.default, bool) else {f"--{flag}"}
+    return out

@@ -1,5 +1,6 @@
-"""The dense protocols' inputs: the backbone at the protocol's size, the label space, the feature
-cache of an evaluation split, and the live loaders of augmented training images.
+"""The dense protocols' inputs: the opened run (``open_run``: checks, device, splits, label space,
+the backbone at the protocol's size), the feature cache of an evaluation split, and the live
+loaders of augmented training images.
 
 The evaluation split goes through the ``square`` recipe (the whole image resized to S x S, as
 Leopart's and Hummingbird's evaluations do) once per backbone, split and size; its patch tokens
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,33 +44,6 @@ from fastloc.probe.run import eval_recipe, feature_dtype, frozen_encoder, seed_e
 from fastloc.runtime import setup
 
 VOID = -1  # the void label inside the dense protocols
-
-
-def dense_runtime(cfg: DenseConfig) -> torch.device:
-    """The device of a protocol's one process, everything seeded from ``cfg.seed``. A protocol's
-    work is one device's (its global batch, its k-means, its bank), so under torchrun it refuses
-    before any process group is made."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(
-            f"python -m fastloc.probe {cfg.protocol_name()} runs in one process: start it without torchrun"
-        )
-    device = setup(cfg.device, flag="--device").device
-    seed_everything(cfg.seed)
-    return device
-
-
-def open_dense(cfg: DenseConfig) -> tuple[torch.device, DenseData]:
-    """Every check before a protocol's work, in order: option values, one process and its device,
-    the output folders, the data, the run directory and the results CSV; (device, data). A refused
-    run leaves nothing behind."""
-    from fastloc.probe.dense import report
-
-    cfg.validate()
-    device = dense_runtime(cfg)
-    with checked_folders(*cfg.folders()):
-        data = open_dense_data(cfg)
-        report.check_outputs(cfg, data.dataset)
-    return device, data
 
 
 @dataclass(frozen=True)
@@ -122,12 +98,58 @@ def dense_backbone(cfg: DenseConfig, device: torch.device) -> Backbone:
     patch = image_config(model).patch_size
     if cfg.image_size < patch or cfg.image_size % patch:
         raise ValueError(
-            f"--image-size {cfg.image_size}: must be a positive multiple of {cfg.backbone}'s patch {patch}"
+            f"{cfg.SIZE_FLAG} {cfg.image_size}: must be a positive multiple of {cfg.backbone}'s patch {patch}"
         )
     if image_config(model).size != cfg.image_size:
         model.set_input_size(img_size=cfg.image_size)
     model = model.to(device).eval().requires_grad_(False)
     return Backbone(model, image_config(model), fingerprint(model))
+
+
+def dense_runtime(cfg: DenseConfig) -> torch.device:
+    """The device of a protocol's one process, everything seeded from ``cfg.seed``. A protocol's
+    work is one device's (its global batch, its k-means, its bank), so under torchrun it refuses
+    before any process group is made."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            f"python -m fastloc.probe {cfg.protocol_name()} runs in one process: start it without torchrun"
+        )
+    device = setup(cfg.device, flag="--device").device
+    seed_everything(cfg.seed)
+    return device
+
+
+@dataclass
+class DenseRun:
+    """An opened protocol run: its device, splits, label space and frozen backbone, and the
+    seconds of each stage it timed (result.json's timings)."""
+
+    device: torch.device
+    data: DenseData
+    labels: LabelSpace
+    backbone: Backbone
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the block's seconds to ``timings[stage]``."""
+        start = time.perf_counter()
+        yield
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def open_run(cfg: DenseConfig) -> DenseRun:
+    """Every check before a protocol's work, in order: option values, one process and its device,
+    the output folders, the data, the run directory and the results CSV; then the label space and
+    the backbone at the protocol's size. A refused run leaves nothing behind."""
+    from fastloc.probe.dense import report
+
+    cfg.validate()
+    device = dense_runtime(cfg)
+    with checked_folders(*cfg.folders()):
+        data = open_dense_data(cfg)
+        report.check_outputs(cfg, data.dataset)
+    return DenseRun(device, data, LabelSpace.of(data, cfg.zero_is_ignore), dense_backbone(cfg, device))
 
 
 def patch_encoder(backbone: Backbone, precision: str, device: torch.device):

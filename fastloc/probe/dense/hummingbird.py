@@ -10,7 +10,6 @@ result. One process: the bank and the search are one device's work.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +26,11 @@ from fastloc.probe.dense.data import (
     VOID,
     Backbone,
     LabelSpace,
-    dense_backbone,
     eval_batches,
     eval_split,
     feature_dtype,
     loader_config,
-    open_dense,
+    open_run,
     patch_encoder,
 )
 from fastloc.probe.dense.metrics import (
@@ -323,27 +321,22 @@ def wait(device: torch.device) -> None:
 
 def run(cfg: HummingbirdConfig) -> Path:
     """Build the bank, transfer labels onto the evaluation split, score; returns the run directory."""
-    device, data = open_dense(cfg)
-    labels = LabelSpace.of(data, cfg.zero_is_ignore)
-    backbone = dense_backbone(cfg, device)
-    timings = {}
-    start = time.perf_counter()
-    bank = build_bank(cfg, data.train, backbone, labels, device)
-    wait(device)
-    timings["bank_s"] = time.perf_counter() - start
+    opened = open_run(cfg)
+    device, data, labels, backbone = opened.device, opened.data, opened.labels, opened.backbone
+    with opened.timed("bank_s"):
+        bank = build_bank(cfg, data.train, backbone, labels, device)
+        wait(device)
     print(
         f"memory bank: {bank.size} patches ({bank.per_image} per image x {bank.images} images x {bank.epochs} epochs)"
     )
-    start = time.perf_counter()
-    cache = eval_split(cfg, data.val, backbone, device)
-    timings["features_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    segcounts = transfer_counts(cfg, cache, bank, labels, backbone.image.grid, device)
-    counts = segcounts.checked_counts()
-    timings["search_s"] = time.perf_counter() - start
+    with opened.timed("features_s"):
+        cache = eval_split(cfg, data.val, backbone, device)
+    with opened.timed("search_s"):
+        segcounts = transfer_counts(cfg, cache, bank, labels, backbone.image.grid, device)
+        counts = segcounts.checked_counts()
     scored = matched_counts(counts, cfg.matching)
     figures = {"miou": mean_iou(scored, include_background=True), "pixel_accuracy": pixel_accuracy(scored)}
     per_class = {"miou": class_iou(scored).tolist()}
-    extra = {"timings_s": timings, "differences": DIFFERENCES, **counted(segcounts)}
+    extra = {"timings_s": opened.timings, "differences": DIFFERENCES, **counted(segcounts)}
     knobs = protocol(cfg, bank, backbone, data.train.manifest["split"])
     return write_result(cfg, knobs, data, labels, backbone.model, figures, per_class, extra)

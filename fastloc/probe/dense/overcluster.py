@@ -25,15 +25,7 @@ import torch
 
 from fastloc.probe.dense import report
 from fastloc.probe.dense.config import OverclusterConfig
-from fastloc.probe.dense.data import (
-    VOID,
-    LabelSpace,
-    dense_backbone,
-    eval_batches,
-    eval_split,
-    open_dense,
-    resize_nearest,
-)
+from fastloc.probe.dense.data import VOID, LabelSpace, eval_batches, eval_split, open_run, resize_nearest
 from fastloc.probe.dense.kmeans import PCA_MAX_POINTS_PER_DIM, kmeans, standardize_and_project
 from fastloc.probe.dense.metrics import SegCounts, class_iou, fold_clusters, hungarian, many_to_one, mean_iou
 
@@ -177,19 +169,15 @@ def protocol(cfg: OverclusterConfig, images: int) -> dict:
 
 def run(cfg: OverclusterConfig) -> Path:
     """The whole protocol; returns the run directory (result.json, and the CSV rows under cfg.results)."""
-    device, data = open_dense(cfg)
-    labels = LabelSpace.of(data, cfg.zero_is_ignore)
-    backbone = dense_backbone(cfg, device)
-    timings = {}
-    start = time.perf_counter()
-    cache = eval_split(cfg, data.val, backbone, device)
-    tokens, targets = gather(cache, cfg, device, labels)
-    timings["features_s"] = time.perf_counter() - start
-    start = time.perf_counter()
+    opened = open_run(cfg)
+    device, labels, backbone, timings = opened.device, opened.labels, opened.backbone, opened.timings
+    with opened.timed("features_s"):
+        cache = eval_split(cfg, opened.data.val, backbone, device)
+        tokens, targets = gather(cache, cfg, device, labels)
     reduction = {}
-    if cfg.pca_dim:
-        tokens, reduction = standardize_and_project(tokens, cfg.pca_dim, torch.Generator().manual_seed(cfg.seed))
-    timings["scaler_pca_s"] = time.perf_counter() - start
+    with opened.timed("scaler_pca_s"):
+        if cfg.pca_dim:
+            tokens, reduction = standardize_and_project(tokens, cfg.pca_dim, torch.Generator().manual_seed(cfg.seed))
     print(f"overcluster: {targets.shape[0]} images, {tokens.shape[0]} tokens of dimension {tokens.shape[1]}")
     results = overcluster(tokens, targets, backbone.image.grid, labels.num_classes, cfg)
     figures, per_class, extra = summarise(results)
@@ -197,4 +185,4 @@ def run(cfg: OverclusterConfig) -> Path:
     timings["score_s"] = sum(c.score_s for runs in results.values() for c in runs)
     extra.update(timings=timings, reduction=reduction, device=str(device), tokens=int(tokens.shape[0]))
     knobs = protocol(cfg, int(targets.shape[0]))
-    return report.write_result(cfg, knobs, data, labels, backbone.model, figures, per_class, extra)
+    return report.write_result(cfg, knobs, opened.data, labels, backbone.model, figures, per_class, extra)
