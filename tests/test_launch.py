@@ -269,15 +269,15 @@ def test_a_dense_protocol_sweep_runs_and_reports_its_figures(voc, tmp_path, caps
 def test_a_dense_jobs_run_directory_is_the_one_its_protocol_writes(voc, tmp_path, capsys):
     """dinov3-ade20k feeds the backbone its crop (image size = crop size): the launcher names the run
     directory from the config as the protocol resolves it, not as parsed (size 448)."""
-    from fastloc.probe.dense.config import LinearConfig
+    from fastloc.probe.dense.config import Dinov3Ade20kConfig
     from fastloc.probe.dense.report import run_dir
 
     argv = ["probe", "linear", str(voc), "--protocol", "dinov3-ade20k", "--crop-size", "64", "--stride", "43"]
     argv += ["--backbone", "tiny", "--weights", "random", "--out", str(tmp_path / "runs")]
     assert main([*argv, "--launch.dry-run", *CPU]) == 0
     resolved = json.loads("{" + capsys.readouterr().out.split("\n{", 1)[1])
-    cfg = LinearConfig(data=voc, protocol="dinov3-ade20k", crop_size=64, stride=43, backbone="tiny", weights="random")
-    written = run_dir(replace(cfg, out=tmp_path / "runs").resolved(), "voc")
+    cfg = Dinov3Ade20kConfig(data=voc, crop_size=64, stride=43, backbone="tiny", weights="random")
+    written = run_dir(replace(cfg, out=tmp_path / "runs"), "voc")
     assert resolved["run_dir"] == str(written) and written.name == "linear-dinov3-ade20k-voc-tiny-size64-skip0"
 
 
