@@ -1,23 +1,7 @@
-"""``python -m fastloc.bench evals``: each dense protocol's wall time, beside a baseline measured
-in the same run.
-
-Rows, each a whole run of ``python -m fastloc.probe PROTOCOL`` (the evaluation split's feature
-cache built in it): ``overcluster``, ``linear`` (leopart-voc) and ``hummingbird``. Baselines, on
-the same inputs in the same process:
-
-- ``kmeans``: one clustering (the largest K, one restart, the protocol's iterations) of the same
-  PCA-reduced training points by fastloc's torch k-means on this device, against
-  ``scipy.cluster.vq.kmeans2`` on the CPU (what a numpy install offers; faiss is not a dependency);
-- ``linear head step``: the probe head's forward and backward at the loss size with the logits
-  upsampled (fastloc: the 1x1 conv at the patch grid) against the features upsampled first
-  (Leopart's order); both compute the same function;
-- ``knn transfer``: label transfer of a slice of evaluation patches from a bank, chunked
-  (``metrics.knn_transfer``) against one whole similarity matrix and its top-k.
-
-Scales: ``tiny`` (the CPU default: a generated 48 / 32-image set, the tiny ViT at 64 px, short
-recipes) and ``voc`` (VOC's size, 1,464 train / 1,449 val generated images, ViT-B/16 with random
-weights at 448 px (Hummingbird: 512), each protocol's published recipe). Aims on one H100 at VOC
-size: overclustering (3 values of K x 5 seeds, and K = C) under 2 minutes, the linear probe under 10.
+"""``python -m fastloc.bench evals``: each dense protocol's wall time (overcluster, linear
+leopart-voc, hummingbird), beside baselines measured in the same run on the same inputs (scipy's
+k-means, Leopart's head order, one whole similarity matrix), at a ``tiny`` or ``voc`` scale. The
+rows and aims: README.md, "Benchmarks".
 """
 
 from __future__ import annotations

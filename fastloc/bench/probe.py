@@ -1,24 +1,8 @@
-"""``python -m fastloc.bench probe``: a Patch-Seg probe run's wall time, fastloc's against the original style.
-
-Three runs of ``fastloc.probe.run.probe`` in one process, on the same data with the same seed:
-
-- ``cold``: an empty cache folder: the frozen backbone's feature cache is built, then the epochs;
-- ``cached``: the same run again, reusing that cache;
-- ``original-style``: no cache (the backbone recomputed every epoch, as the original does) and
-  the labels pooled by the original's per-patch ``torch.unique`` loop (the run's reduction only).
-
-An untimed run on a few generated images comes first, so the first setting does not pay the
-process's start-up costs alone.
-
-Each row splits the wall time into features (the cache's build or reuse; for the original style
-only the loaders' setup, its backbone runs inside training and evaluation), head training,
-evaluation and the rest (backbone loading, the report). Training and evaluation batches have one
-size, so every setting sees the same batches and features: their macro recall per epoch must be
-equal, and the benchmark says whether it is. Data: a generated synthetic set, or ``--data``.
-Runs, caches and their results CSV live in a scratch folder, never in ./results.
-
-Aims on one H100: 5 COCO-size epochs (118k train / 5k val images, ViT-B/16) in <= 3 minutes
-including the cache build, and >= 10x the original style.
+"""``python -m fastloc.bench probe``: a Patch-Seg probe run's wall time, fastloc's against the
+original style: ``cold`` (the feature cache built), ``cached`` (reused) and ``original-style``
+(no cache, the original's per-patch label loop), each split into features, training, evaluation
+and the rest; their per-epoch figures must be equal and the table says whether they are. The rows
+and aims: README.md, "Benchmarks".
 """
 
 from __future__ import annotations

@@ -1,28 +1,10 @@
 """The feature cache: a frozen backbone's tokens and the pooled labels of one split, on disk.
 
-Preprocessing is deterministic (the eval recipe), so the backbone's features are computed once
-and every epoch and head reads them back. One folder per (backbone fingerprint, split manifest,
-image size, normalization, skip-blocks, feature dtype), holding numpy ``.npy`` files opened as
-memory maps, so RAM stays bounded whatever the split's size:
-
-    features.npy  [S, T, D]   bf16 bits as int16 (--precision bf16) or float32
-    union.npy     [S, N, C8]  the union targets, bit-packed (C8 = ceil(C / 8))
-    majority.npy  [S, N]      uint8 or int16
-    global.npy    [S, C8]     the global-union targets, bit-packed
-    usable.npy    [S]         False for a sample the loaders could not use
-    checksum.npy  [S, A]      CRC-32 of each row of each array (A arrays, in name order)
-    meta.json                 the key, the shapes, the format version; written last
-
-The dense evaluations (``fastloc.probe.dense``) keep the same folder with other target arrays
-(the label maps themselves, ``labels.npy`` [S, H, W]): ``meta.json`` lists a cache's arrays.
-
-It is built in a hidden ``.partial-*`` folder that is renamed into place when complete, so a
-killed build leaves no cache that looks whole; the files get their full size on disk before any
-row is written, so a full disk is one error up front (a memory map written past the free space
-would die of SIGBUS). With several ranks each writes its share of the rows into the same files (a
-shared file system, as SLURM clusters have). Opening a cache checks the rows' checksums (all of a
-small cache, a random sample of a large one: ``VERIFY_BYTES``), so a file damaged at the same size
-is rebuilt, with a warning, instead of being scored.
+Preprocessing is deterministic, so the features are computed once and every epoch, head and dense
+protocol reads them back through memory maps (RAM stays bounded). A cache is built in a hidden
+``.partial-*`` folder renamed into place when whole, its files take their full size before any row
+is written (a full disk is one error, not a SIGBUS), and rows carry CRC-32 checksums checked on
+opening. The files and rules: README.md, "Feature cache".
 """
 
 from __future__ import annotations
