@@ -42,11 +42,9 @@ class Spec:
 def parse(command: str, args: tuple[str, ...]) -> Spec:
     """The config ``python -m fastloc.COMMAND`` would run for ``args`` (SystemExit on a usage error)."""
     if command == "align":
-        from fastloc.align.presets import PRESETS
+        from fastloc.align.presets import parse_train
 
-        prog = "python -m fastloc.launch align"
-        cfg = tyro.extras.overridable_config_cli(PRESETS, args=list(args), prog=prog)
-        preset = next((a for a in args if a in PRESETS), "")
+        cfg, preset = parse_train(args, "python -m fastloc.launch align")
         cfg.validate()
         check_shards("--data.train", cfg.data.train)
         check_shards("--data.val", cfg.data.val)

@@ -1,4 +1,5 @@
-"""Tiny alignment runs for tests: their shard set, their command line and their loss curves."""
+"""Tiny alignment runs for tests: their shard set, their command line, their loss curves and the
+kills that interrupt them."""
 
 from __future__ import annotations
 
@@ -62,3 +63,24 @@ def assert_same_curve(a: Path, b: Path, rel: float = 1e-5) -> None:
     for u, v in zip(x, y):
         for p, q in zip(u[1:], v[1:]):
             assert (p is None) == (q is None) and (p is None or abs(p - q) <= rel * abs(q)), (u, v)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL in this process: nothing of the run catches it, nothing more is written."""
+
+
+def kill_on_call(monkeypatch, owner, name: str, call: int, before: bool = False) -> None:
+    """Replace ``owner.name`` so that its ``call``-th call raises ``Killed`` (after doing its work,
+    or ``before`` it)."""
+    original, calls = getattr(owner, name), []
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        if before and len(calls) == call:
+            raise Killed
+        out = original(*a, **k)
+        if len(calls) == call:
+            raise Killed
+        return out
+
+    monkeypatch.setattr(owner, name, wrapped)

@@ -16,33 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from align_runs import args, curve, metrics
+from align_runs import Killed, args, curve, kill_on_call, metrics
 
 import fastloc.align.checkpoint as checkpoint
 import fastloc.align.loop as loop
 from fastloc.align.__main__ import main
 from fastloc.lock import folder_lock
-
-
-class Killed(BaseException):
-    """Stands for SIGKILL in this process: nothing of the run catches it, nothing more is written."""
-
-
-def kill_on_call(monkeypatch, owner, name: str, call: int, before: bool = False) -> None:
-    """Replace ``owner.name`` so that its ``call``-th call raises ``Killed`` (after doing its work,
-    or ``before`` it)."""
-    original, calls = getattr(owner, name), []
-
-    def wrapped(*a, **k):
-        calls.append(1)
-        if before and len(calls) == call:
-            raise Killed
-        out = original(*a, **k)
-        if len(calls) == call:
-            raise Killed
-        return out
-
-    monkeypatch.setattr(owner, name, wrapped)
 
 
 def attempts(run: Path) -> list[dict]:

@@ -18,7 +18,7 @@ from typing import Literal
 import tyro
 
 from fastloc.align.loop import NonFiniteLoss
-from fastloc.align.presets import PRESETS
+from fastloc.align.presets import PRESETS, parse_train
 from fastloc.cli import flowing_help, run_command
 
 
@@ -64,9 +64,7 @@ def export_command(args: list[str]) -> int:
 def train_command(args: list[str]) -> int:
     from fastloc.align.loop import train
 
-    cfg = tyro.extras.overridable_config_cli(PRESETS, args=args, prog="python -m fastloc.align train")
-    preset = next((a for a in args if a in PRESETS), "")
-    print(f"run: {train(cfg, preset)}")
+    print(f"run: {train(*parse_train(args, 'python -m fastloc.align train'))}")
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,12 @@ def plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def from_plain(cls: type, data: dict[str, Any]) -> Any:
+    """The dataclass ``cls`` from ``plain``'s form of it (a TypeError for fields it does not have)."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: from_plain(hints[k], v) if dataclasses.is_dataclass(hints.get(k)) else v for k, v in data.items()})
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -124,14 +131,13 @@ def _tensors(tree: Any):
 
 
 def load_objective(objective: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Load a checkpoint's objective state: every key but the frozen teacher's must be there and fit."""
+    """Load a checkpoint's objective state: every key of the objective's state must be there and fit."""
     try:
         missing, unexpected = objective.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # a shape that does not fit
         raise CheckpointError(
             f"the checkpoint does not fit the objective: {' '.join(str(exc).split())[:300]}"
         ) from None
-    missing = [k for k in missing if not k.startswith("teacher.")]
     if missing or unexpected:
         raise CheckpointError(
             f"the checkpoint does not fit the objective: missing {missing[:5]}, unexpected {unexpected[:5]}"

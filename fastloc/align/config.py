@@ -7,10 +7,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
-from fastloc.align.maskembed import MaskEmbedConfig
+import tyro
+
+from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
+from fastloc.align.objective import Objective
 from fastloc.cli import check_name, flowing_help, require
+
+# The objectives, by config type: a preset's method config names its objective. One defined
+# elsewhere registers itself here (OBJECTIVES[ItsConfig] = Its) before its run is built. --method
+# parses the union of their configs; tyro takes the preset's type, with no subcommand.
+OBJECTIVES: dict[type, type[Objective]] = {MaskEmbedConfig: MaskEmbed}
+Method = Union[tuple(OBJECTIVES)]  # noqa: UP007 (X | Y is not built from a tuple)
 
 
 @flowing_help
@@ -161,9 +170,9 @@ class RunConfig:
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
 class AlignConfig:
-    """A MaskEmbed alignment run."""
+    """An alignment run (MaskEmbed unless the preset's method config names another objective)."""
 
-    method: MaskEmbedConfig = field(default_factory=MaskEmbedConfig)
+    method: tyro.conf.AvoidSubcommands[Method] = field(default_factory=MaskEmbedConfig)
     """The method and its backbone."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -180,11 +189,5 @@ class AlignConfig:
 
     def validate(self) -> None:
         """Every section's rules, then the method's; a ``BadValue`` names the first bad option."""
-        for section in (self.data, self.optim, self.system, self.run):
+        for section in (self.data, self.optim, self.system, self.run, self.method):
             section.validate()
-        method = self.method
-        require(method.skip_blocks >= 0, "--method.skip-blocks", method.skip_blocks, "must be 0 or more")
-        require(method.decoder_depth >= 1, "--method.decoder-depth", method.decoder_depth, "must be at least 1")
-        cap = method.soft_cap
-        require(cap is None or cap > 0, "--method.soft-cap", cap, "must be above 0 (or None: off)")
-        method.masks.validate()

@@ -1,20 +1,17 @@
 """``python -m fastloc.align export RUN``: the aligned encoder as a safetensors file timm loads.
 
-The file holds the student's encoder (all blocks, the re-trained final norm) under timm's own key
-names, so ``timm.create_model(id, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(
-file=PATH, custom_load=False))`` loads it strictly; parameters the student never used (SigLIP's
-attention-pooling head) come from a random initialization and are listed in the metadata. Two
-things a plain timm model does not reproduce, both recorded in the metadata: the soft cap of the
-attention logits (30 * tanh(l / 30), which timm's attention has no option for) and the final
-norm's eps (the reference re-creates it: 1e-5 for the ViT family, where timm may build 1e-6).
-``fastloc.models.exported.load_exported`` restores both, so its ``forward_features`` equals the
-student's exactly; plain timm differs by the cap (logits above ~10) and the eps.
+The file holds the objective's ``encoder()`` (MaskEmbed: the student's) under timm's own key
+names, so timm loads it strictly; parameters it never used (SigLIP's attention-pooling head) come
+from a random initialization and are listed in the metadata. The metadata also holds what plain
+timm does not reproduce, the attention logits' soft cap and the final norm's eps (the reference
+re-creates it), which ``fastloc.models.exported.load_exported`` restores: its
+``forward_features`` equals the trained encoder's exactly.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,26 +24,31 @@ from fastloc.align.checkpoint import (
     CheckpointError,
     config_differences,
     config_fingerprint,
+    from_plain,
     load,
     load_objective,
 )
-from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
-from fastloc.align.masks import MaskConfig
+from fastloc.align.config import OBJECTIVES
+from fastloc.align.objective import ObjectiveConfig
 from fastloc.cli import check_writable
 from fastloc.files import write_atomically
+from fastloc.models.attention import SoftCapAttention
 from fastloc.models.registry import backbone, create_model
 
 
-def method_config(run_dir: Path) -> MaskEmbedConfig:
-    """The run's method, from its config.json (a ``CheckpointError`` when there is none that fits)."""
+def method_config(run_dir: Path) -> ObjectiveConfig:
+    """The run's method, from its config.json: the registered objective config with its fields
+    (test_align_objective.py keeps those distinct); a ``CheckpointError`` when none fits."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; {run_dir} is not a run directory of python -m fastloc.align")
     try:
-        method = dict(json.loads(path.read_text())["config"]["method"])
-        method["masks"] = MaskConfig(**method["masks"])
-        return MaskEmbedConfig(**method)
-    except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not the config of this version
+        method = json.loads(path.read_text())["config"]["method"]
+        kind = next((kind for kind in OBJECTIVES if {f.name for f in fields(kind)} == set(method)), None)
+        if kind is None:
+            raise ValueError("its method is no registered objective's")
+        return from_plain(kind, method)
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, not this version's, no registered objective's
         raise CheckpointError(f"{path}: not the config of an alignment run ({type(exc).__name__}: {exc})") from None
 
 
@@ -60,7 +62,7 @@ def export(run_dir: Path, which: Literal["best", "last"] = "best", out: Path | N
     check_writable("--out", out.parent)
     state = load(path)
     _check_method(path, state, cfg)
-    objective = MaskEmbed(cfg)
+    objective = OBJECTIVES[type(cfg)](cfg)
     load_objective(objective, state["objective"])
     encoder = objective.encoder()
     trained = encoder.state_dict()
@@ -74,18 +76,18 @@ def export(run_dir: Path, which: Literal["best", "last"] = "best", out: Path | N
     meta = {
         "timm_id": entry.timm_id,
         "timm_kwargs": entry.kwargs,
-        "soft_cap": cfg.soft_cap if entry.soft_cap else None,
+        "soft_cap": next((m.cap for m in encoder.modules() if isinstance(m, SoftCapAttention)), None),
         "norm_eps": _final_norm(encoder).eps,
         "untrained": untrained,
         "checkpoint": str(path),
         "step": int(state["step"]),
-        "sigma": float(state["objective"]["sigma"]),
+        **objective.export_metadata(),
     }
     write_atomically(out, save(tensors, metadata={"fastloc": json.dumps(meta)}))
     return out
 
 
-def _check_method(path: Path, state: dict[str, Any], cfg: MaskEmbedConfig) -> None:
+def _check_method(path: Path, state: dict[str, Any], cfg: ObjectiveConfig) -> None:
     """The checkpoint was saved by this run's method (a checkpoint copied from another run is refused)."""
     saved = {k: v for k, v in state["config"].items() if k.startswith("method.") and k != "method.weights"}
     here = {f"method.{k}": v for k, v in config_fingerprint(cfg).items() if k != "weights"}

@@ -1,12 +1,11 @@
 """The training loop every objective shares: ``train(cfg)`` runs (or resumes) one run directory.
 
 A run directory holds ``config.json`` (the resolved config and the git revision), ``run.json``
-(sigma, the attempts), ``metrics.jsonl`` (one line per logging step and per validation), the
-step checkpoints and ``best.pt``. Running the same command again resumes from the newest
-readable checkpoint exactly where it stopped: weights, optimizer, schedule, the loader's
-position, the mask generators, sigma and whether the epoch was validated are restored, and the
-metric lines written after that checkpoint are dropped, so the metrics continue as if the run
-had never stopped. One process writes a run directory at a time (a folder lock); a checkpoint is
+(the objective's calibration, e.g. sigma, and the attempts), ``metrics.jsonl`` (one line per
+logging step and per validation), the step checkpoints and ``best.pt``. Running the same command
+again resumes from the newest readable checkpoint exactly where it stopped (the whole
+``TrainState``), and the metric lines written after that checkpoint are dropped, so the metrics
+continue as if the run had never stopped. One process writes a run directory at a time (a folder lock); a checkpoint is
 written only from finite state. Under torchrun (or the SLURM launcher) every rank runs ``train``.
 """
 
@@ -18,20 +17,18 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.flop_counter import FlopCounterMode
 
-from fastloc.align.checkpoint import Checkpointer, RunBusy, all_finite, config_fingerprint, load_objective, plain
-from fastloc.align.config import AlignConfig
-from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
+from fastloc.align.checkpoint import Checkpointer, RunBusy, all_finite, config_fingerprint, plain
+from fastloc.align.config import OBJECTIVES, AlignConfig
 from fastloc.align.objective import Objective
 from fastloc.align.prepare import learning_rate, prepare
+from fastloc.align.state import TrainState
 from fastloc.align.step import train_step
 from fastloc.cli import BadValue, check_writable
 from fastloc.data.config import CenterCropRecipe, LoaderConfig
@@ -47,50 +44,21 @@ class NonFiniteLoss(RuntimeError):
     """The loss or the gradient became NaN or infinite; the run stopped, its last good checkpoint kept."""
 
 
-@dataclass
-class Position:
-    step: int = 0  # updates done
-    validated: int = 0  # epochs whose validation and epoch-end checkpoint are done
-    best_val: float = math.inf
-
-
 def train(cfg: AlignConfig, preset: str = "") -> Path:
     """Run (or resume) the alignment described by ``cfg``; returns the run directory."""
     cfg.validate()
     runtime = setup(cfg.system.device)
     run_dir = cfg.run.out / (cfg.run.name or preset or "align")
     with run_lock(run_dir, runtime):
-        _train(cfg, preset, runtime, run_dir)
+        torch.manual_seed(cfg.run.seed)  # the same initialization on every rank (DDP also broadcasts it)
+        objective = OBJECTIVES[type(cfg.method)](cfg.method)
+        train_loader, val_loader = loaders(cfg, objective, runtime)
+        prepared = prepare(objective, cfg.optim, cfg.system, runtime)
+        masks = torch.Generator(runtime.device).manual_seed(_seed(cfg.run.seed))  # the same on every rank
+        loop = Loop(cfg, TrainState(objective, prepared, train_loader, masks), val_loader, runtime, run_dir)
+        loop.begin(preset)
+        loop.run()
     return run_dir
-
-
-def _train(cfg: AlignConfig, preset: str, runtime: Runtime, run_dir: Path) -> None:
-    torch.manual_seed(cfg.run.seed)  # the same initialization on every rank (DDP also broadcasts it)
-    objective = MaskEmbed(cfg.method)
-    train_loader, val_loader = loaders(cfg, objective, runtime)
-    prepared = prepare(objective, cfg.optim, cfg.system, runtime)
-    masks = torch.Generator(runtime.device).manual_seed(_seed(cfg.run.seed))  # the same on every rank
-    checkpointer = Checkpointer(run_dir)
-    if runtime.main:
-        checkpointer.clean()
-    found = checkpointer.latest(config_fingerprint(cfg), move_aside=runtime.main)
-    position = Position()
-    if found is not None:
-        position = restore(found[1], objective, prepared, train_loader, masks)
-        _trim_metrics(run_dir, position, runtime)
-        record(run_dir, runtime, {"resumed_from": str(found[0]), "step": position.step})
-    else:
-        _trim_metrics(run_dir, position, runtime)  # a killed attempt's lines before its first checkpoint
-        if runtime.main:
-            _write_json(run_dir / "config.json", {"preset": preset, "config": plain(cfg), "git": git_revision()})
-        _barrier(runtime)
-        with autocast(runtime.device, cfg.system.precision):
-            calibration = objective.calibrate(
-                validation_batches(objective, val_loader, runtime, cfg.data.max_val_batches)
-            )
-        record(run_dir, runtime, {"started": True, **calibration})
-    flops = image_flops(cfg.method)
-    Loop(cfg, objective, prepared, train_loader, val_loader, masks, checkpointer, runtime, run_dir, flops).run(position)
 
 
 @contextmanager
@@ -140,45 +108,66 @@ def loaders(cfg: AlignConfig, objective: Objective, runtime: Runtime) -> tuple[E
 
 
 class Loop:
-    def __init__(
-        self, cfg, objective, prepared, train_loader, val_loader, masks, checkpointer, runtime, run_dir, flops
-    ):
-        self.cfg, self.objective, self.prepared = cfg, objective, prepared
-        self.train_loader, self.val_loader, self.masks = train_loader, val_loader, masks
-        self.checkpointer, self.runtime, self.run_dir, self.flops = checkpointer, runtime, run_dir, flops
-        self.total = cfg.optim.epochs * len(train_loader)
-        self.device = runtime.device
+    """One run directory's training: ``begin`` (resume, or start and calibrate), then ``run``."""
 
-    def run(self, position: Position) -> None:
-        cfg, runtime = self.cfg, self.runtime
+    def __init__(self, cfg: AlignConfig, state: TrainState, val_loader: EpochLoader, runtime: Runtime, run_dir: Path):
+        self.cfg, self.state, self.objective, self.val_loader = cfg, state, state.objective, val_loader
+        self.runtime, self.run_dir, self.device = runtime, run_dir, runtime.device
+        self.checkpointer, self.fingerprint = Checkpointer(run_dir), config_fingerprint(cfg)
+        self.total = cfg.optim.epochs * len(state.loader)
+        self.flops = self.objective.flops_per_image()
+
+    def begin(self, preset: str) -> None:
+        """Resume from the newest readable checkpoint of this config, or start the run: its
+        config.json, then the objective's calibration; either way recorded in run.json."""
+        cfg, runtime, run_dir = self.cfg, self.runtime, self.run_dir
+        if runtime.main:
+            self.checkpointer.clean()
+        found = self.checkpointer.latest(self.fingerprint, move_aside=runtime.main)
+        if found is not None:
+            self.state.load_state_dict(found[1])
+        _trim_metrics(run_dir, self.state, runtime)  # a killed attempt's lines after that state
+        if found is not None:
+            record(run_dir, runtime, {"resumed_from": str(found[0]), "step": self.state.step})
+            return
+        if runtime.main:
+            _write_json(run_dir / "config.json", {"preset": preset, "config": plain(cfg), "git": git_revision()})
+        _barrier(runtime)
+        with autocast(self.device, cfg.system.precision):
+            batches = validation_batches(self.objective, self.val_loader, runtime, cfg.data.max_val_batches)
+            calibration = self.objective.calibrate(batches)
+        record(run_dir, runtime, {"started": True, **calibration}, facts=calibration)
+
+    def run(self) -> None:
+        cfg, runtime, state = self.cfg, self.runtime, self.state
         progress = Progress(
             self.total,
-            position.step,
+            state.step,
             self.run_dir.name,
             enabled=cfg.run.progress and runtime.main,
             unit="updates",
             rate_unit="updates/s",
         )
-        window = _Window(self.device, position.step)
+        window = _Window(self.device)
         try:
-            for epoch in range(position.validated, cfg.optim.epochs):
-                if self.train_loader.epoch <= epoch:  # else its last update was done before a resume
-                    self.train_epoch(epoch, position, window, progress)
-                self.end_epoch(epoch, position)
+            for epoch in range(state.validated, cfg.optim.epochs):
+                if state.loader.epoch <= epoch:  # else its last update was done before a resume
+                    self.train_epoch(epoch, window, progress)
+                self.end_epoch(epoch)
         finally:
             progress.close()
 
-    def train_epoch(self, epoch: int, position: Position, window: _Window, progress: Progress) -> None:
+    def train_epoch(self, epoch: int, window: _Window, progress: Progress) -> None:
         """The updates of ``epoch`` from the loader's position (a restored one is kept)."""
-        cfg, runtime = self.cfg, self.runtime
-        self.train_loader.set_epoch(epoch)
-        for batch in self.train_loader:
+        cfg, runtime, state = self.cfg, self.runtime, self.state
+        state.loader.set_epoch(epoch)
+        for batch in state.loader:
             images = batch.images.to(self.device, non_blocking=True)
-            sample = global_sample(self.objective, len(batch), self.masks, runtime)
-            lr = learning_rate(cfg.optim, position.step, self.total)
+            sample = global_sample(self.objective, len(batch), state.masks, runtime)
+            lr = learning_rate(cfg.optim, state.step, self.total)
             metrics = train_step(
                 self.objective,
-                self.prepared,
+                state.prepared,
                 images,
                 sample,
                 lr,
@@ -186,25 +175,24 @@ class Loop:
                 cfg.optim.clip_grad_norm,
                 cfg.system.precision,
             )
-            position.step += 1
-            window.add(metrics, position.step, len(batch) * runtime.world_size, lr)
+            state.step += 1
+            window.add(metrics, state.step, len(batch) * runtime.world_size, lr)
             progress.update(1)
-            if position.step % cfg.run.log_every == 0:
+            if state.step % cfg.run.log_every == 0:
                 self.log(window.flush(), epoch)
-            if position.step % cfg.run.checkpoint_every == 0:
+            if state.step % cfg.run.checkpoint_every == 0:
                 self.log(window.flush(), epoch)  # checks the loss and gradient before they are saved
-                self.save(position)
+                self.save()
         if window.steps:
             self.log(window.flush(), epoch)
 
-    def end_epoch(self, epoch: int, position: Position) -> None:
+    def end_epoch(self, epoch: int) -> None:
         """Validate ``epoch``'s weights, then the epoch-end checkpoint (and ``best.pt``)."""
-        val = self.validate()
-        best = val < position.best_val
-        position.best_val = min(position.best_val, val)
-        position.validated = epoch + 1
-        self.append({"step": position.step, "epoch": epoch, "val_loss": val})
-        self.save(position, best=best)
+        state, val = self.state, self.validate()
+        best = val < state.best_val
+        state.best_val, state.validated = min(state.best_val, val), epoch + 1
+        self.append({"step": state.step, "epoch": epoch, "val_loss": val})
+        self.save(best=best)
 
     # ------------------------------------------------------------ logging, checkpoints, validation
 
@@ -229,13 +217,13 @@ class Loop:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
 
-    def save(self, position: Position, best: bool = False) -> None:
-        """Write the checkpoint of ``position`` (rank 0), only if every weight and moment is finite."""
-        state = checkpoint_state(self.cfg, self.objective, self.prepared, self.train_loader, self.masks, position)
+    def save(self, best: bool = False) -> None:
+        """Write the checkpoint of the train state (rank 0), only if every weight and moment is finite."""
+        state, step = {"config": self.fingerprint, **self.state.state_dict()}, self.state.step
         if not all_finite(state):  # the same weights on every rank: each stops here alike
-            self.stop(f"the weights or optimizer state are not finite after update {position.step}")
+            self.stop(f"the weights or optimizer state are not finite after update {step}")
         if self.runtime.main:
-            self.checkpointer.save(state, position.step, best=best)
+            self.checkpointer.save(state, step, best=best)
         _barrier(self.runtime)
 
     @torch.no_grad()
@@ -259,8 +247,8 @@ class Loop:
 class _Window:
     """Metrics accumulated on the device between logging steps (no host sync per step)."""
 
-    def __init__(self, device: torch.device, step: int):
-        self.device, self.start_step = device, step
+    def __init__(self, device: torch.device):
+        self.device = device
         self.reset()
 
     def reset(self) -> None:
@@ -299,58 +287,11 @@ class _Window:
         return out
 
 
-# ---------------------------------------------------------------- state
-
-
 def global_sample(objective: Objective, batch: int, generator: torch.Generator, runtime: Runtime) -> torch.Tensor:
     """This rank's rows of the random inputs of the whole global batch: every rank draws them all
     from the same generator and keeps rows rank, rank + world, ... (the order deals samples to
     ranks that way), so a sample's masks do not depend on how many ranks share the batch."""
     return objective.sample(batch * runtime.world_size, generator)[runtime.rank :: runtime.world_size]
-
-
-def checkpoint_state(cfg, objective, prepared, loader, masks, position: Position) -> dict[str, Any]:
-    """Everything a resumed run needs (the frozen teacher is rebuilt from the config instead)."""
-    return {
-        "config": config_fingerprint(cfg),
-        "step": position.step,
-        "validated": position.validated,
-        "best_val": position.best_val,
-        "objective": {k: v for k, v in objective.state_dict().items() if not k.startswith("teacher.")},
-        "optimizer": prepared.optimizer.state_dict(),
-        "loader": loader.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "masks": masks.get_state(),  # the same on every rank
-        },
-    }
-
-
-def restore(state, objective, prepared, loader, masks) -> Position:
-    load_objective(objective, state["objective"])
-    prepared.optimizer.load_state_dict(state["optimizer"])
-    loader.load_state_dict(state["loader"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    masks.set_state(state["rng"]["masks"])
-    return Position(step=int(state["step"]), validated=int(state["validated"]), best_val=float(state["best_val"]))
-
-
-def image_flops(method: MaskEmbedConfig) -> float:
-    """FLOPs of one training image (forward and backward, every view), counted by torch on a copy
-    of the objective on the meta device (no memory, no time, no compiled code in the way)."""
-    with torch.device("meta"):
-        objective = MaskEmbed(replace(method, weights="random"))
-        size, rows, grid = objective.image.size, method.masks.rows, objective.image.grid
-        images = torch.zeros(1, 3, size, size, dtype=torch.uint8)
-        with FlopCounterMode(display=False) as counter:
-            objective.losses(images, torch.ones(1, rows, grid * grid, dtype=torch.bool)).mean().backward()
-    return float(counter.get_total_flops())
-
-
-# ---------------------------------------------------------------- small helpers
 
 
 def validation_batches(objective: Objective, loader: EpochLoader, runtime: Runtime, limit: int):
@@ -380,19 +321,18 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomically(path, json.dumps(data, indent=1) + "\n")
 
 
-def record(run_dir: Path, runtime: Runtime, entry: dict[str, Any]) -> None:
-    """Append an attempt's facts to run.json (rank 0)."""
+def record(run_dir: Path, runtime: Runtime, entry: dict[str, Any], facts: dict[str, Any] | None = None) -> None:
+    """Append an attempt's facts to run.json (rank 0); ``facts`` (the calibration: MaskEmbed's
+    sigma) also at its top level."""
     if not runtime.main:
         return
     path = run_dir / "run.json"
     data = json.loads(path.read_text()) if path.is_file() else {"attempts": []}
     data["attempts"].append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": runtime.world_size, **entry})
-    if "sigma" in entry:
-        data["sigma"] = entry["sigma"]
-    _write_json(path, data)
+    _write_json(path, data | (facts or {}))
 
 
-def _trim_metrics(run_dir: Path, position: Position, runtime: Runtime) -> None:
+def _trim_metrics(run_dir: Path, state: TrainState, runtime: Runtime) -> None:
     """Drop the metric lines written after the state a run (re)starts from, since they will be
     redone: training lines after its update, validation lines of epochs it has not validated, and
     a line a failed write left half-written."""
@@ -403,7 +343,7 @@ def _trim_metrics(run_dir: Path, position: Position, runtime: Runtime) -> None:
     for line in path.read_text().splitlines():
         try:
             entry = json.loads(line)
-            keep = entry["step"] <= position.step and ("val_loss" not in entry or entry["epoch"] < position.validated)
+            keep = entry["step"] <= state.step and ("val_loss" not in entry or entry["epoch"] < state.validated)
         except (ValueError, KeyError, TypeError):
             keep = False
         if keep:

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastloc.align.masks import MaskConfig, sample_masks
-from fastloc.align.objective import Objective
-from fastloc.cli import flowing_help
+from fastloc.align.objective import Objective, ObjectiveConfig, rebuilt
+from fastloc.cli import flowing_help, require
 from fastloc.data.batch import Batch
 from fastloc.kernels.patch_mask import patch_mask
 from fastloc.models.decoder import Decoder
@@ -32,14 +32,8 @@ from fastloc.models.registry import backbone, create_model, image_config
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
-class MaskEmbedConfig:
+class MaskEmbedConfig(ObjectiveConfig):
     """The method's knobs; the defaults are the reference's."""
-
-    backbone: str = "clip-vit-b"
-    """A registered backbone (python -m fastloc.align --help lists them) or any timm model id."""
-
-    weights: str = "pretrained"
-    """pretrained (timm's hub), random, or a weights file (safetensors or a timm checkpoint)."""
 
     skip_blocks: int = 1
     """Blocks removed from the end of the teacher (its final norm is kept)."""
@@ -61,6 +55,27 @@ class MaskEmbedConfig:
     """tokens: every output token of the teacher; pooled: only its pooled output (the class token
     after the final norm), predicted from the decoder's first token: the reference's prefix_only
     ablation (its -cls config), which needs skip_blocks 0 and a class-token backbone."""
+
+    def validate(self) -> None:
+        require(self.skip_blocks >= 0, "--method.skip-blocks", self.skip_blocks, "must be 0 or more")
+        require(self.decoder_depth >= 1, "--method.decoder-depth", self.decoder_depth, "must be at least 1")
+        cap = self.soft_cap
+        require(cap is None or cap > 0, "--method.soft-cap", cap, "must be above 0 (or None: off)")
+        self.masks.validate()
+
+
+class TargetNet(nn.Module):
+    """The frozen target network (the backbone less ``skip_blocks`` blocks, its final norm kept) as
+    the loss reads it: views [B * M, 3, S, S] -> tokens [B * M, T, D], or the pooled outputs
+    [B * M, 1, D]. The config rebuilds it exactly, so it is in no checkpoint (``rebuilt``)."""
+
+    def __init__(self, model: nn.Module, skip_blocks: int, pooled: bool):
+        super().__init__()
+        self.model, self.pooled = rebuilt(build_teacher(model, skip_blocks)), pooled
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        tokens = self.model.forward_features(views)
+        return self.model.forward_head(tokens, pre_logits=True).unsqueeze(1) if self.pooled else tokens
 
 
 class Trainable(nn.Module):
@@ -114,7 +129,7 @@ class MaskEmbed(Objective):
         model = create_model(cfg.backbone, cfg.weights)
         self.cfg, self.image = cfg, image_config(model)
         student_model = copy.deepcopy(model)  # the student starts from the teacher's weights
-        self.teacher = build_teacher(model, cfg.skip_blocks)
+        self.target_net = TargetNet(model, cfg.skip_blocks, cfg.target == "pooled")
         dim = self.teacher.num_features
         cap = cfg.soft_cap if entry.soft_cap else None
         student = Student(student_model, dim, cap)
@@ -132,10 +147,10 @@ class MaskEmbed(Objective):
         self.register_buffer("scale", torch.ones(()))  # 1 / sigma for mse; 1 otherwise
         self.register_buffer("sigma", torch.zeros(()))  # 0 until calibrated
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()  # frozen: always in eval mode
-        return self
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen timm backbone of ``target_net``."""
+        return self.target_net.model
 
     # ------------------------------------------------------------ the views
 
@@ -153,14 +168,7 @@ class MaskEmbed(Objective):
     def targets(self, views: torch.Tensor) -> torch.Tensor:
         """[B * M, T, D] teacher outputs, scaled."""
         with torch.no_grad():
-            return self._teacher_out(views) * self.scale
-
-    def _teacher_out(self, views: torch.Tensor) -> torch.Tensor:
-        """[B * M, T, D] tokens, or [B * M, 1, D] pooled outputs."""
-        tokens = self.teacher.forward_features(views)
-        if self.cfg.target == "tokens":
-            return tokens
-        return self.teacher.forward_head(tokens, pre_logits=True).unsqueeze(1)
+            return self.target_net(views) * self.scale
 
     # ------------------------------------------------------------ the loss
 
@@ -192,7 +200,7 @@ class MaskEmbed(Objective):
         moments = None
         for batch, masks in batches:
             views, _ = self.views(batch.images, masks)
-            out = self._teacher_out(views).double()  # [B * M, T or 1, D]
+            out = self.target_net(views).double()  # [B * M, T or 1, D]
             if batch.valid is not None:  # repeats that fill the last batch do not count
                 out = out[batch.valid.repeat_interleave(masks.shape[1])]
             moments = merge_moments(moments, batch_moments(out))
@@ -208,6 +216,9 @@ class MaskEmbed(Objective):
 
     def encoder(self) -> nn.Module:
         return self.trainable.student.encoder
+
+    def export_metadata(self) -> dict[str, float]:
+        return {"sigma": float(self.sigma)}
 
 
 def _check_pooled(cfg: MaskEmbedConfig, model: nn.Module) -> None:

@@ -3,9 +3,9 @@
 ``fastloc.runtime.setup`` has picked the device and joined the process group; ``prepare`` then,
 in this order (each step needs the one before):
 
-1. move the objective to the device; the teacher stays frozen and in eval mode;
-2. wrap only the trainable part in DDP (the frozen teacher needs no gradient sync);
-3. compile the teacher's forward and the DDP-wrapped trainable (``torch.compile``);
+1. move the objective to the device; its ``frozen()`` modules stay in eval mode;
+2. wrap only the trainable part in DDP (frozen modules need no gradient sync);
+3. compile each frozen module and the DDP-wrapped trainable (``torch.compile``);
 4. build AdamW over the trainable parameters (all decayed, as the reference, unless asked).
 
 Model code knows nothing of this: precision is the loop's autocast, parallelism is DDP here.
@@ -40,7 +40,8 @@ def prepare(objective: Objective, optim: OptimConfig, system: SystemConfig, runt
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)
     if system.compile:  # 3
-        objective.teacher.forward_features = torch.compile(objective.teacher.forward_features)
+        for module in objective.frozen():
+            module.compile()
         model = torch.compile(model)
     params = [p for p in objective.trainable.parameters() if p.requires_grad]
     return Prepared(model, adamw(objective.trainable, optim), params)  # 4

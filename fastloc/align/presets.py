@@ -7,20 +7,23 @@ crop_pct come from the backbone's pretrained config at run time, not from here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+
+import tyro
 
 from fastloc.align.config import AlignConfig, DataConfig, OptimConfig, RunConfig, SystemConfig
 from fastloc.align.maskembed import MaskEmbedConfig
 
 
 def recipe(backbone: str, batch: int, accumulation: int, lr: float) -> AlignConfig:
-    """The reference's IN-21k run: 5 epochs, ``batch`` x ``accumulation`` images per GPU and
-    update, ``lr`` to ``lr`` / 10, no warmup."""
+    """The reference's IN-21k run of MaskEmbed: 5 epochs, ``batch`` x ``accumulation`` images per
+    GPU and update, ``lr`` to ``lr`` / 10, no warmup."""
     base = AlignConfig()
     return replace(
         base,
-        method=replace(base.method, backbone=backbone),
+        method=MaskEmbedConfig(backbone=backbone),
         data=replace(base.data, batch_size=batch * accumulation, accumulation=accumulation),
         optim=replace(base.optim, lr=lr),
     )
@@ -67,3 +70,10 @@ PRESETS: dict[str, tuple[str, AlignConfig]] = {
     for name, (b, a, lr) in _RECIPES.items()
 }
 PRESETS["tiny"] = ("a small random ViT on the synthetic shards; CPU, fp32, 1 epoch", TINY)
+
+
+def parse_train(args: Sequence[str], prog: str) -> tuple[AlignConfig, str]:
+    """The config and preset name of ``PRESET [--section.field VALUE ...]`` (SystemExit on a usage
+    error): one parser for ``python -m fastloc.align train`` and the launcher."""
+    cfg = tyro.extras.overridable_config_cli(PRESETS, args=list(args), prog=prog)
+    return cfg, next((a for a in args if a in PRESETS), "")

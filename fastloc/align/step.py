@@ -3,8 +3,8 @@
 The batch's images are split into ``accumulation`` micro-batches; each runs the objective's
 losses under autocast (the compiled teacher and the compiled, DDP-wrapped student + decoder) and
 its backward (gradients averaged: loss / accumulation; DDP syncs on the last micro-batch only);
-then the global gradient norm is clipped, the learning rate set and AdamW steps. The metrics are
-device tensors: the loop reads them only at logging steps.
+then the global gradient norm is clipped, the learning rate set, AdamW steps and the objective's
+``after_step`` runs. The metrics are device tensors: the loop reads them only at logging steps.
 """
 
 from __future__ import annotations
@@ -50,4 +50,5 @@ def train_step(
         group["lr"] = lr
     prepared.optimizer.step()
     prepared.optimizer.zero_grad(set_to_none=True)
+    objective.after_step()
     return {"loss": total, "grad_norm": grad_norm}

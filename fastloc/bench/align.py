@@ -1,19 +1,10 @@
 """``python -m fastloc.bench align``: MaskEmbed's training update, fastloc's against the original's.
 
-Random weights; every row times full updates (forward, backward, AdamW) after warm-up updates:
-
-- ``fastloc (compiled)``: ``prepare()``'s step: the compiled teacher and student + decoder,
-  fused soft-capped attention (FlexAttention) on a GPU, masks drawn on the device, one pass of
-  the masking kernel, on uint8 batches already on the device; also split into teacher / student
-  + decoder (forward and backward) / optimizer, with peak memory and MFU;
-- ``fastloc (eager)``: the same without ``torch.compile``;
-- ``original-style``: as the reference runs it: materialized soft-capped attention, masks from
-  numpy on the host, normalization and masking in torch (``repeat_interleave`` of the upsampled
-  mask), no compile, the same autocast;
-- ``fastloc end to end``: the run's loader (DALI on a GPU, the torch twin on a CPU) reading
-  synthetic shards at the backbone's size, feeding the compiled step.
-
-Aims on one H100 (clip-vit-b, batch 256): >= 2,000 images/s and >= 2.5x the original-style step.
+Random weights; each row times full updates (forward, backward, AdamW) after warm-up: ``fastloc
+(compiled)`` (``prepare()``'s step, also split into teacher / student + decoder / optimizer with
+peak memory and MFU), ``fastloc (eager)``, ``original-style`` (as the reference runs it) and
+``fastloc end to end`` (the run's loader feeding the compiled step). The rows and aims: README.md,
+"Benchmarks".
 """
 
 from __future__ import annotations
@@ -30,7 +21,6 @@ import numpy as np
 import torch
 
 from fastloc.align.config import AlignConfig, OptimConfig, SystemConfig
-from fastloc.align.loop import image_flops
 from fastloc.align.maskembed import MaskEmbed, per_image_loss
 from fastloc.align.prepare import Prepared, prepare
 from fastloc.align.presets import PRESETS
@@ -104,7 +94,7 @@ def run(cfg: AlignBench, command: str) -> Path:
         images = images.expand(-1, -1, objective.image.size, objective.image.size).contiguous()
         rows.append(_row("fastloc (compiled)", _fastloc(objective, prepared, images, precision, cfg), batch, device))
         split = _split(objective, prepared, images, precision, cfg.steps)
-        flops = image_flops(method)
+        flops = objective.flops_per_image()
         dali = cuda and importlib.util.find_spec("nvidia.dali") is not None
         label = "fastloc end to end" + ("" if dali or not cuda else " (torch twin: DALI is not installed)")
         times = _end_to_end(objective, prepared, align, precision, cfg, "gpu" if dali else "cpu")
@@ -120,7 +110,7 @@ def run(cfg: AlignBench, command: str) -> Path:
         if isinstance(module, SoftCapAttention):
             module.fused = False  # the reference materializes the logits
     rows.append(_row("original-style", _original(objective, prepared, images, precision, cfg), batch, device))
-    flops = flops or image_flops(method)
+    flops = flops or objective.flops_per_image()
     peak = 989e12 if cuda else None
     for row in rows:
         row["mfu"] = flops * row["images_per_s"] / peak if peak else None
