@@ -22,11 +22,10 @@ MAX_SEED = 2**32 - 1  # numpy's seed range, which seed_everything also seeds
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """What every evaluation shares (Patch-Seg and the dense protocols): the data, the frozen
-    backbone, the device and loaders, and where results go. Help texts and defaults are
-    Patch-Seg's; ``DenseConfig`` restates those the dense protocols mean otherwise."""
+    backbone, the device and loaders, where results go; Patch-Seg's defaults."""
 
     data: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="DATA")]
-    """The shard set (e.g. shards/coco), holding a train and a validation split with label maps."""
+    """The shard set (python -m fastloc.shard converts one), holding the splits named below with label maps."""
 
     backbone: str = "clip-vit-b"
     """A registered short name (python -m fastloc.probe --help lists them), a timm id, or a file
@@ -39,22 +38,22 @@ class EvalConfig:
     """Drop the backbone's last k blocks (its final norm is kept)."""
 
     precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16 autocast, as the original (cached features are then bf16); fp32 for everything."""
+    """bf16 autocast (cached features are then bf16); fp32 for everything."""
 
     eval_batch_size: int = 32
     """Validation and feature-extraction batch per rank."""
 
     seed: int = 0
-    """Seed of the head's initialization and of the training order."""
+    """Seed of everything random (the head's initialization, the training order, k-means, sampling)."""
 
     cache: bool = True
-    """Compute the frozen backbone's features once and train from that cache."""
+    """Compute the frozen backbone's features once, keep them in the feature cache and reuse them."""
 
     cache_dir: Path = Path("runs/probe/cache")
     """Where feature caches live, one folder per backbone, split, image size and skip-blocks."""
 
     out: Path = Path("runs/probe")
-    """Parent folder of run directories (config, result JSON, plots)."""
+    """Parent folder of run directories (each holds result.json)."""
 
     name: str = ""
     """Run directory name under out (default: dataset-reduction-head-backbone-skipK)."""

@@ -13,6 +13,8 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -207,6 +209,14 @@ def evaluate(model, source, reduction: str, classes: int, device: torch.device, 
     return evaluator.compute()
 
 
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the block's seconds to ``timings[stage]`` (result.json's timings)."""
+    start = time.perf_counter()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -264,9 +274,8 @@ def probe(cfg: ProbeConfig, pool=pool_targets) -> Path:
     model.requires_grad_(cfg.full_finetune)
     trainable = FineTuned(model, head) if cfg.full_finetune else head
     timings = {}
-    start = time.perf_counter()
-    train_source, val_source = make_sources(cfg, data, model, image, runtime, pool)
-    timings["sources_s"] = time.perf_counter() - start
+    with timed(timings, "sources_s"):
+        train_source, val_source = make_sources(cfg, data, model, image, runtime, pool)
     step_model = trainable
     if runtime.distributed:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -274,18 +283,18 @@ def probe(cfg: ProbeConfig, pool=pool_targets) -> Path:
         step_model = DistributedDataParallel(trainable, device_ids=ids, find_unused_parameters=cfg.full_finetune)
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = schedule(optimizer, cfg, len(train_source))
-    history, timings["train_s"], timings["eval_s"] = [], 0.0, 0.0
+    history = []
     for epoch in range(cfg.epochs):
         progress = Progress(
             len(train_source), 0, f"head epoch {epoch + 1}/{cfg.epochs}", runtime.main, unit="updates", rate_unit="it/s"
         )
-        start = time.perf_counter()
-        train_loss = train_epoch(step_model, optimizer, scheduler, train_source, epoch, cfg, runtime.device, progress)
-        progress.close()
-        timings["train_s"] += time.perf_counter() - start
-        start = time.perf_counter()
-        metrics = evaluate(trainable, val_source, cfg.reduction, data.num_classes, runtime.device, cfg.precision)
-        timings["eval_s"] += time.perf_counter() - start
+        with timed(timings, "train_s"):
+            train_loss = train_epoch(
+                step_model, optimizer, scheduler, train_source, epoch, cfg, runtime.device, progress
+            )
+            progress.close()
+        with timed(timings, "eval_s"):
+            metrics = evaluate(trainable, val_source, cfg.reduction, data.num_classes, runtime.device, cfg.precision)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, **metrics}
         metrics["groups"] = group_metrics(metrics, data.groups)
         history.append(metrics)

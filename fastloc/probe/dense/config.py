@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import tyro
 
@@ -21,40 +21,19 @@ from fastloc.probe.config import EvalConfig, at_least, field, positive
 
 @dataclass(frozen=True, kw_only=True)
 class DenseConfig(EvalConfig):
-    """What every dense protocol shares: the data, the frozen backbone, where results go (the
-    shared fields as the dense protocols describe them). Each protocol also has ``image_size``
-    (the backbone's input side, set by SIZE_FLAG) and ``zero_is_ignore``."""
+    """What every dense protocol shares: the data, the frozen backbone, where results go (their
+    defaults and names). Each protocol also has ``image_size`` (the backbone's input side, set by
+    SIZE_FLAG) and ``zero_is_ignore``."""
 
     PROTOCOL: ClassVar[str]  # the name in results, CSV file names and run directories
     SIZE_FLAG: ClassVar[str] = "--image-size"
-
-    data: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="DATA")]
-    """The shard set (e.g. shards/voc from python -m fastloc.shard voc), holding the splits named below."""
 
     backbone: str = "dino-vit-s"
     """A registered short name (python -m fastloc.probe --help lists them), a timm id, or a file
     written by python -m fastloc.align export. dino-vit-s is Leopart's starting point."""
 
-    skip_blocks: int = 0
-    """Drop the backbone's last k blocks (its final norm is kept); 0 = last-block tokens, as the protocols."""
-
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16 autocast for the backbone (cached features are then bf16); fp32 for everything."""
-
     eval_batch_size: int = 60
     """Feature-extraction batch (Leopart: 60)."""
-
-    seed: int = 0
-    """Seed of everything random in the protocol (k-means, heads, memory sampling, order)."""
-
-    cache: bool = True
-    """Keep the evaluation split's features and label maps in the feature cache, to be reused."""
-
-    cache_dir: Path = Path("runs/probe/cache")
-    """Where feature caches live (shared with Patch-Seg's)."""
-
-    out: Path = Path("runs/probe")
-    """Parent folder of run directories (result.json)."""
 
     name: str = ""
     """Run directory name under out (default: protocol-dataset-backbone-sizeN)."""
@@ -65,12 +44,6 @@ class DenseConfig(EvalConfig):
     train_split: str = ""
     """The training split's folder under data (default: trainaug when there, else train or training,
     for leopart-voc and hummingbird, as their references; train or training for dinov3-ade20k)."""
-
-    val_split: str = ""
-    """The evaluation split's folder under data (default: val or validation)."""
-
-    workers: int = 4
-    """Host worker processes of the loaders (0: in this process)."""
 
     def protocol_name(self) -> str:
         """The protocol's name in results, CSV file names and run directories."""
@@ -332,20 +305,18 @@ def linear_config(args: list[str]) -> type[DenseConfig]:
     """The config of the linear protocol the last --protocol names (as tyro reads it; an unknown
     name is left to tyro's error). Another protocol's option is a ``BadValue``: it would do nothing."""
     protocol = "leopart-voc"
-    for i, arg in enumerate(args):
-        if arg.startswith("--protocol="):
-            protocol = arg.partition("=")[2]
-        elif arg == "--protocol" and i + 1 < len(args):
-            protocol = args[i + 1]
-    if protocol not in LINEAR:
+    for arg, after in zip(args, [*args[1:], ""]):
+        flag, eq, value = arg.partition("=")
+        if flag == "--protocol":
+            protocol = value if eq else after
+    config = LINEAR.get(protocol)
+    if config is None:
         return PROTOCOLS["linear"]
-    own = options(LINEAR[protocol])
-    for arg in args:
-        flag = arg.partition("=")[0]
-        owner = next((name for name, other in LINEAR.items() if flag in options(other) - own), None)
-        if owner:
-            raise BadValue(f"{flag} belongs to --protocol {owner}, not {protocol}")
-    return LINEAR[protocol]
+    for flag in (arg.partition("=")[0] for arg in args):
+        for name, other in LINEAR.items():
+            if flag in options(other) - options(config):
+                raise BadValue(f"{flag} belongs to --protocol {name}, not {protocol}")
+    return config
 
 
 def options(config: type) -> set[str]:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -106,19 +104,6 @@ def dense_backbone(cfg: DenseConfig, device: torch.device) -> Backbone:
     return Backbone(model, image_config(model), fingerprint(model))
 
 
-def dense_runtime(cfg: DenseConfig) -> torch.device:
-    """The device of a protocol's one process, everything seeded from ``cfg.seed``. A protocol's
-    work is one device's (its global batch, its k-means, its bank), so under torchrun it refuses
-    before any process group is made."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(
-            f"python -m fastloc.probe {cfg.protocol_name()} runs in one process: start it without torchrun"
-        )
-    device = setup(cfg.device, flag="--device").device
-    seed_everything(cfg.seed)
-    return device
-
-
 @dataclass
 class DenseRun:
     """An opened protocol run: its device, splits, label space and frozen backbone, and the
@@ -128,24 +113,24 @@ class DenseRun:
     data: DenseData
     labels: LabelSpace
     backbone: Backbone
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def timed(self, stage: str) -> Iterator[None]:
-        """Add the block's seconds to ``timings[stage]``."""
-        start = time.perf_counter()
-        yield
-        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+    timings: dict[str, float] = field(default_factory=dict)  # seconds by stage (fastloc.probe.run.timed)
 
 
 def open_run(cfg: DenseConfig) -> DenseRun:
-    """Every check before a protocol's work, in order: option values, one process and its device,
-    the output folders, the data, the run directory and the results CSV; then the label space and
-    the backbone at the protocol's size. A refused run leaves nothing behind."""
+    """Every check before a protocol's work, in order: option values, one process and its device
+    (everything seeded from ``cfg.seed``), the output folders, the data, the run directory and the
+    results CSV; then the label space and the backbone at the protocol's size. A refused run leaves
+    nothing behind. A protocol's work is one device's (its global batch, its k-means, its bank), so
+    under torchrun it refuses before any process group is made."""
     from fastloc.probe.dense import report
 
     cfg.validate()
-    device = dense_runtime(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            f"python -m fastloc.probe {cfg.protocol_name()} runs in one process: start it without torchrun"
+        )
+    device = setup(cfg.device, flag="--device").device
+    seed_everything(cfg.seed)
     with checked_folders(*cfg.folders()):
         data = open_dense_data(cfg)
         report.check_outputs(cfg, data.dataset)

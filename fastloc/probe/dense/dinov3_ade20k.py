@@ -1,13 +1,7 @@
 """DINOv2/v3's ADE20k linear probe (--protocol dinov3-ade20k; facebookresearch/dinov3
-dinov3/eval/segmentation: config-ade20k-linear-training.yaml, train.py, loss.py, schedulers.py,
-models/heads/linear_head.py, inference.py): Dropout2d -> BatchNorm -> 1x1 conv trained by AdamW
-under WarmupOneCycleLR on the reference's training pipeline (mmseg.py), scored by sliding windows
-at full resolution (slide.py).
-
-Where it departs from dinov3 (the result's "differences" say the same): the last update's head is
-scored (dinov3: the best of its evaluations every 5,000 iterations), the warmup is scaled with
---iterations (1,500 of 40,000), and the backbone takes the crop as its input size, so a window
-smaller than the crop is zero-padded.
+dinov3/eval/segmentation): Dropout2d -> BatchNorm -> 1x1 conv trained by AdamW under
+WarmupOneCycleLR on the reference's training pipeline (mmseg.py), scored by sliding windows at
+full resolution (slide.py). Where it departs from dinov3: ``knobs``'s "differences".
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from fastloc.probe.dense.metrics import (
     pixel_accuracy,
 )
 from fastloc.probe.dense.report import counted, write_result
+from fastloc.probe.run import timed
 from fastloc.progress import Progress
 
 # get_hbird_train_transforms: the shared crop (flip commented out there), then four RandomApply(ColorJitter)
@@ -323,15 +324,15 @@ def run(cfg: HummingbirdConfig) -> Path:
     """Build the bank, transfer labels onto the evaluation split, score; returns the run directory."""
     opened = open_run(cfg)
     device, data, labels, backbone = opened.device, opened.data, opened.labels, opened.backbone
-    with opened.timed("bank_s"):
+    with timed(opened.timings, "bank_s"):
         bank = build_bank(cfg, data.train, backbone, labels, device)
         wait(device)
     print(
         f"memory bank: {bank.size} patches ({bank.per_image} per image x {bank.images} images x {bank.epochs} epochs)"
     )
-    with opened.timed("features_s"):
+    with timed(opened.timings, "features_s"):
         cache = eval_split(cfg, data.val, backbone, device)
-    with opened.timed("search_s"):
+    with timed(opened.timings, "search_s"):
         segcounts = transfer_counts(cfg, cache, bank, labels, backbone.image.grid, device)
         counts = segcounts.checked_counts()
     scored = matched_counts(counts, cfg.matching)

@@ -1,12 +1,7 @@
 """Leopart's VOC linear probe (--protocol leopart-voc; leopart experiments/linear_probing/
-{linear_finetune,eval_linear}.py, ../shared/methods/OTHER-METHODS.md section 1): a 1x1 conv trained
-by SGD with cross-entropy at 100 x 100 on live RandomResizedCrop batches, scored on the whole
-evaluation split (square 448, from the feature cache) with logits bilinear at 448.
-
-Where it departs from Leopart (the result's "differences" say the same): the last epoch's head is
-scored (Leopart keeps its top-3 checkpoints by mIoU on 8 validation batches), the global batch of
-120 runs in one process (Leopart: 2 GPUs x 60) and a class neither present nor predicted is left
-out of the mean (Leopart counts it as 0).
+{linear_finetune,eval_linear}.py): a 1x1 conv trained by SGD with cross-entropy at 100 x 100 on
+live RandomResizedCrop batches, scored on the whole evaluation split (square 448, from the feature
+cache) with logits bilinear at 448. Where it departs from Leopart: ``knobs``'s "differences".
 """
 
 from __future__ import annotations

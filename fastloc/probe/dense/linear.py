@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from fastloc.probe.dense.config import DenseConfig
 from fastloc.probe.dense.data import DenseRun, open_run
 from fastloc.probe.dense.report import counted, write_result
+from fastloc.probe.run import timed
 
 
 def to_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
@@ -77,19 +78,19 @@ def run(cfg: DenseConfig) -> Path:
     protocol = protocol_module(cfg)
     opened = open_run(cfg)
     head = protocol.Head(opened.backbone.dim, opened.labels.num_classes).to(opened.device)
-    with opened.timed("features_s"):
+    with timed(opened.timings, "features_s"):
         evaluate = protocol.evaluator(cfg, opened)
     train = opened.data.train
     if train.num_samples < cfg.batch_size:
         raise ValueError(f"{train.root}: fewer samples than one batch of {cfg.batch_size}")
     loader = protocol.training_loader(cfg, opened)
     updates_per_epoch = len(loader)
-    with opened.timed("train_s"):
+    with timed(opened.timings, "train_s"):
         try:
             losses = protocol.train(cfg, head, loader, opened)
         finally:
             loader.close()
-    with opened.timed("eval_s"):
+    with timed(opened.timings, "eval_s"):
         counts = evaluate(head)
         figures = {"miou": counts.miou(), "pixel_accuracy": counts.pixel_accuracy()}
     out = write_result(

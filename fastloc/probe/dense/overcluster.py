@@ -28,6 +28,7 @@ from fastloc.probe.dense.config import OverclusterConfig
 from fastloc.probe.dense.data import VOID, LabelSpace, eval_batches, eval_split, open_run, resize_nearest
 from fastloc.probe.dense.kmeans import PCA_MAX_POINTS_PER_DIM, kmeans, standardize_and_project
 from fastloc.probe.dense.metrics import SegCounts, class_iou, fold_clusters, hungarian, many_to_one, mean_iou
+from fastloc.probe.run import timed
 
 PROTOCOL = "overcluster"
 
@@ -171,11 +172,11 @@ def run(cfg: OverclusterConfig) -> Path:
     """The whole protocol; returns the run directory (result.json, and the CSV rows under cfg.results)."""
     opened = open_run(cfg)
     device, labels, backbone, timings = opened.device, opened.labels, opened.backbone, opened.timings
-    with opened.timed("features_s"):
+    with timed(opened.timings, "features_s"):
         cache = eval_split(cfg, opened.data.val, backbone, device)
         tokens, targets = gather(cache, cfg, device, labels)
     reduction = {}
-    with opened.timed("scaler_pca_s"):
+    with timed(opened.timings, "scaler_pca_s"):
         if cfg.pca_dim:
             tokens, reduction = standardize_and_project(tokens, cfg.pca_dim, torch.Generator().manual_seed(cfg.seed))
     print(f"overcluster: {targets.shape[0]} images, {tokens.shape[0]} tokens of dimension {tokens.shape[1]}")
