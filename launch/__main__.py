@@ -78,18 +78,18 @@ def launch(command: str, argv: list[str]) -> int:
         pairs = [({}, parse(command, tuple(job_args)))]
         folder = cfg.folder or pairs[0][1].run_dir / "slurm"
         name = f"fastloc-{command}-{pairs[0][1].run_dir.name}"
-    specs = [spec for _, spec in pairs]
+    plans = [plan for _, plan in pairs]
     if cfg.dry_run:
         if cfg.cluster == "slurm":
-            print(submit.sbatch_script(cfg, folder, name, len(specs)))
+            print(submit.sbatch_script(cfg, folder, name, len(plans)))
         else:
             print(f"# local executor: {cfg.tasks} task(s) in {folder}")
-        for values, spec in pairs:
-            print(json.dumps({"sweep": values, "run_dir": str(spec.run_dir), "config": plain(spec.config)}, indent=1))
+        for values, plan in pairs:
+            print(json.dumps({"sweep": values, "run_dir": str(plan.run_dir), "config": plain(plan.config)}, indent=1))
         return 0
-    jobs = submit.submit(cfg, specs, folder, name)
-    for job, spec in zip(jobs, specs):
-        print(f"submitted {job.job_id}: {spec.run_dir} (logs: {job.paths.stdout})")
+    jobs = submit.submit(cfg, plans, folder, name)
+    for job, plan in zip(jobs, plans):
+        print(f"submitted {job.job_id}: {plan.run_dir} (logs: {job.paths.stdout})")
     if cfg.sweep:
         print(f"sweep: {sweep.write_record(folder, command, cfg.cluster, pairs, jobs).parent}")
     if not cfg.wait:

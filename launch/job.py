@@ -29,7 +29,7 @@ COMMANDS = ("align", "probe")
 
 
 @dataclass(frozen=True)
-class Spec:
+class JobPlan:
     """A resolved job: its command line, its config and the run directory it writes."""
 
     command: str
@@ -39,7 +39,7 @@ class Spec:
     run_dir: Path
 
 
-def parse(command: str, args: tuple[str, ...]) -> Spec:
+def parse(command: str, args: tuple[str, ...]) -> JobPlan:
     """The config ``python -m fastloc.COMMAND`` would run for ``args`` (SystemExit on a usage error)."""
     if command == "align":
         from fastloc.align.presets import parse_train
@@ -48,7 +48,7 @@ def parse(command: str, args: tuple[str, ...]) -> Spec:
         cfg.validate()
         check_shards("--data.train", cfg.data.train)
         check_shards("--data.val", cfg.data.val)
-        return Spec(command, args, cfg, preset, cfg.run.out / (cfg.run.name or preset or "align"))
+        return JobPlan(command, args, cfg, preset, cfg.run.out / (cfg.run.name or preset or "align"))
     if command == "probe" and args and args[0] in PROTOCOLS:
         return _dense(args)
     if command == "probe":
@@ -58,7 +58,7 @@ def parse(command: str, args: tuple[str, ...]) -> Spec:
 
         cfg = tyro.cli(ProbeConfig, args=list(args), prog="python -m fastloc.launch probe")
         cfg.validate()
-        return Spec(command, args, cfg, "", cfg.out / run_name(cfg, open_data(cfg.data).dataset))
+        return JobPlan(command, args, cfg, "", cfg.out / run_name(cfg, open_data(cfg.data).dataset))
     raise ValueError(f"unknown command {command!r}: one of {', '.join(COMMANDS)}")
 
 
@@ -76,7 +76,7 @@ def check_shards(flag: str, folder: Path) -> None:
         raise BadValue(f"{flag} {folder}: not a usable shard set ({exc})") from None
 
 
-def _dense(args: tuple[str, ...]) -> Spec:
+def _dense(args: tuple[str, ...]) -> JobPlan:
     """A dense protocol's job: ``probe PROTOCOL DATA ...`` as python -m fastloc.probe parses it."""
     from fastloc.probe.dense.config import parse
     from fastloc.probe.dense.data import open_dense_data
@@ -84,24 +84,24 @@ def _dense(args: tuple[str, ...]) -> Spec:
 
     cfg = parse(args[0], list(args[1:]), prog=f"python -m fastloc.launch probe {args[0]}")
     cfg.validate()
-    return Spec("probe", args, cfg, "", run_dir(cfg, open_dense_data(cfg).dataset))  # the splits are checked here
+    return JobPlan("probe", args, cfg, "", run_dir(cfg, open_dense_data(cfg).dataset))  # the splits are checked here
 
 
-def run(spec: Spec) -> dict[str, Any]:
+def run(plan: JobPlan) -> dict[str, Any]:
     """Run a resolved job in this process (every rank calls it); a short result for the summary."""
-    if spec.command == "align":
+    if plan.command == "align":
         from fastloc.align.loop import train
 
-        run_dir = train(spec.config, spec.preset)
+        run_dir = train(plan.config, plan.preset)
         return {"run": str(run_dir), **_last_validation(run_dir / "metrics.jsonl")}
-    if spec.args and spec.args[0] in PROTOCOLS:
+    if plan.args and plan.args[0] in PROTOCOLS:
         import importlib
 
-        run_dir = importlib.import_module(f"fastloc.probe.dense.{spec.args[0]}").run(spec.config)
+        run_dir = importlib.import_module(f"fastloc.probe.dense.{plan.args[0]}").run(plan.config)
         return {"run": str(run_dir), **json.loads((run_dir / "result.json").read_text())["selected"]}
     from fastloc.probe.run import probe
 
-    run_dir = probe(spec.config)
+    run_dir = probe(plan.config)
     last = json.loads((run_dir / "result.json").read_text())["last"]
     return {"run": str(run_dir), "macro_recall": last["macro_recall"], "macro_ap": last["macro_ap"]}
 

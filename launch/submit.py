@@ -22,7 +22,7 @@ from typing import Any
 import submitit
 
 from fastloc.launch.config import LaunchConfig
-from fastloc.launch.job import Job, Spec
+from fastloc.launch.job import Job, JobPlan
 
 _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -121,12 +121,12 @@ def worker_command(folder: Path) -> str:
     return " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
 
 
-def submit(cfg: LaunchConfig, specs: list[Spec], folder: Path, name: str) -> list[submitit.Job]:
-    """Submit one job per spec: a single job, or one array (``--launch.parallel`` at once)."""
+def submit(cfg: LaunchConfig, plans: list[JobPlan], folder: Path, name: str) -> list[submitit.Job]:
+    """Submit one job per plan: a single job, or one array (``--launch.parallel`` at once)."""
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     ex = executor(cfg, folder, name)
-    jobs = [Job(spec.command, spec.args, spec.run_dir) for spec in specs]
+    jobs = [Job(plan.command, plan.args, plan.run_dir) for plan in plans]
     said = io.StringIO()  # submitit prints a refusing sbatch's stderr itself, then raises: one line instead
     try:
         with contextlib.redirect_stderr(said):

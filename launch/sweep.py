@@ -18,7 +18,7 @@ from typing import Any
 
 import submitit
 
-from fastloc.launch.job import Spec, parse
+from fastloc.launch.job import JobPlan, parse
 
 Values = dict[str, str]
 ENDED_BADLY = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
@@ -50,18 +50,18 @@ def member_args(command: str, args: tuple[str, ...], values: Values) -> tuple[st
     return tuple(out)
 
 
-def members(command: str, args: tuple[str, ...], sweep: tuple[str, ...]) -> list[tuple[Values, Spec]]:
+def members(command: str, args: tuple[str, ...], sweep: tuple[str, ...]) -> list[tuple[Values, JobPlan]]:
     """Every member's sweep values and resolved job, each with its own run directory."""
     grid = axes(sweep)
     combos = [dict(zip([k for k, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])]
-    specs = [parse(command, member_args(command, args, values)) for values in combos]
-    if len({spec.run_dir for spec in specs}) < len(specs):
+    plans = [parse(command, member_args(command, args, values)) for values in combos]
+    if len({plan.run_dir for plan in plans}) < len(plans):
         name_flag = "--run.name" if command == "align" else "--name"
-        specs = [
-            parse(command, (*spec.args, name_flag, f"{spec.run_dir.name}-{_tag(values)}"))
-            for values, spec in zip(combos, specs)
+        plans = [
+            parse(command, (*plan.args, name_flag, f"{plan.run_dir.name}-{_tag(values)}"))
+            for values, plan in zip(combos, plans)
         ]
-    return list(zip(combos, specs))
+    return list(zip(combos, plans))
 
 
 def _tag(values: Values) -> str:
@@ -69,14 +69,14 @@ def _tag(values: Values) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)
 
 
-def write_record(folder: Path, command: str, cluster: str, pairs: list[tuple[Values, Spec]], jobs) -> Path:
+def write_record(folder: Path, command: str, cluster: str, pairs: list[tuple[Values, JobPlan]], jobs) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     record = {
         "command": command,
         "cluster": cluster,
         "members": [
-            {"values": values, "args": list(spec.args), "run_dir": str(spec.run_dir), "job_id": job.job_id}
-            for (values, spec), job in zip(pairs, jobs)
+            {"values": values, "args": list(plan.args), "run_dir": str(plan.run_dir), "job_id": job.job_id}
+            for (values, plan), job in zip(pairs, jobs)
         ],
     }
     path = folder / "sweep.json"
