@@ -94,7 +94,7 @@ def block_sample(rng: np.random.Generator, i: int) -> tuple[str, np.ndarray, np.
 # placement is the gpu-marked test in test_data_dali.py).
 LOADERS = {
     "torch": TorchLoader,
-    "dali-cpu": lambda cfg: DaliLoader(cfg, device="cpu"),
+    "dali-cpu": lambda cfg, at: DaliLoader(cfg, at, device="cpu"),
 }
 
 

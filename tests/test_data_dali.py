@@ -12,20 +12,11 @@ import torch
 from loader_data import mean_image_difference, run_epochs, same_samples, spoil
 from PIL import Image
 
-from fastloc.data.config import LoaderConfig, TrainRecipe
+from fastloc.data.config import SOLO, LoaderConfig
 from fastloc.data.dali_loader import DaliLoader, error_reason
 from fastloc.data.dali_pipeline import INPUTS, Spec, build_pipeline
+from fastloc.data.recipes import RECIPES, CentreSquare, Rkrc, RkrcDraw, Rrc, RrcDraw
 from fastloc.data.samples import SkippedSampleWarning, window_arrays
-from fastloc.data.transforms import (
-    RkrcDraw,
-    RrcDraw,
-    image_eval,
-    image_rkrc,
-    image_rrc,
-    window_eval,
-    window_rkrc,
-    window_rrc,
-)
 
 S = 32
 
@@ -63,13 +54,13 @@ def test_the_graph_makes_the_recipes_pixels():
             f = 1.0 / math.sqrt(float(rng.uniform(0.08, 1.0))) if trial % 2 else 1.0
             s = math.sqrt(3 / 4) if trial % 5 == 1 else (math.sqrt(4 / 3) if trial % 5 == 2 else 1.0)
             draw = RkrcDraw(f / s, f * s, interp, flip)
-            window, expect = window_rkrc(h, w, S, draw), image_rkrc(pil, S, draw)
+            window, expect = Rkrc().window(h, w, S, draw), Rkrc().image(pil, S, draw)
         elif trial % 3 == 1:
             ch, cw = int(rng.integers(1, h + 1)), int(rng.integers(1, w + 1))
             draw = RrcDraw(int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw, interp, flip)
-            window, expect = window_rrc(S, draw), image_rrc(pil, S, draw)
+            window, expect = Rrc().window(h, w, S, draw), Rrc().image(pil, S, draw)
         else:
-            window, expect = window_eval(h, w, S), image_eval(pil, S)
+            window, expect = CentreSquare().window(h, w, S, None), CentreSquare().image(pil, S, None)
         arrays = window_arrays([window])
         pipe.feed_input("jpg", [np.frombuffer(jpg, np.uint8)])
         for name in INPUTS:
@@ -85,7 +76,7 @@ def test_samples_that_do_not_decode_are_found_once(synthetic_copy):
     loader finds it alone, remembers it, and the next epoch replaces it without a failure."""
     spoil(synthetic_copy, 21, "sampling")
     spoil(synthetic_copy, 5, "zeros")  # the header check: never reaches DALI
-    loader = DaliLoader(config(synthetic_copy, recipe="train", seed=3), device="cpu")
+    loader = DaliLoader(config(synthetic_copy, recipe=Rkrc(), seed=3), SOLO, device="cpu")
     with pytest.warns(SkippedSampleWarning):
         first = run_epochs(loader, 1)
     assert list(loader.bad) == [21] and "does not decode (cpu DALI)" in loader.bad[21]
@@ -108,14 +99,14 @@ def test_error_reason_is_the_operator_message():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("recipe", ["eval", "train"])
+@pytest.mark.parametrize("recipe", ["eval", "rkrc"])
 def test_gpu_pipeline_matches_the_cpu_pipeline(synthetic, recipe):
     """device='gpu' (nvJPEG, GPU resize/pad/normalize): CUDA batches with the CPU pipeline's keys,
     labels, classes and valid flags, images within the decoders' tolerance."""
-    cfg = config(synthetic, recipe=recipe, train=TrainRecipe(kind="rkrc"), normalize=False)
-    gpu = [b.to("cpu") for b in run_epochs(DaliLoader(cfg, device="gpu"), 2)]
-    cpu = run_epochs(DaliLoader(cfg, device="cpu"), 2)
+    cfg = config(synthetic, recipe=RECIPES[recipe](), normalize=False)
+    gpu = [b.to("cpu") for b in run_epochs(DaliLoader(cfg, SOLO, device="gpu"), 2)]
+    cpu = run_epochs(DaliLoader(cfg, SOLO, device="cpu"), 2)
     assert len(gpu) == len(cpu) == 10 and same_samples(gpu, cpu)
     assert mean_image_difference(gpu, cpu) < 3.0
-    batch = next(iter(DaliLoader(config(synthetic, recipe="eval"), device="gpu")))
+    batch = next(iter(DaliLoader(config(synthetic, recipe=RECIPES["eval"]()), SOLO, device="gpu")))
     assert batch.images.is_cuda and batch.images.dtype == torch.float32 and batch.labels.is_cuda and batch.valid.is_cuda

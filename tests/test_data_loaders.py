@@ -28,8 +28,9 @@ from loader_data import (
 )
 from PIL import Image
 
-from fastloc.data.config import CenterCropRecipe, LoaderConfig, TrainRecipe
+from fastloc.data.config import SOLO, LoaderConfig, Placement
 from fastloc.data.order import epoch_order
+from fastloc.data.recipes import RECIPES, CenterCrop, CentreSquare, Rkrc, Rrc
 from fastloc.data.samples import SkippedSampleWarning
 from fastloc.data.shards import ShardError, open_shards
 from fastloc.data.stream import _LIVE
@@ -44,8 +45,8 @@ def config(root: Path, **kw) -> LoaderConfig:
     return LoaderConfig(**{"shards": root, "batch_size": 8, "size": S, "workers": 2, "threads": 2, **kw})
 
 
-def load(name: str, cfg: LoaderConfig, epochs: int = 1) -> list:
-    return run_epochs(LOADERS[name](cfg), epochs)
+def load(name: str, cfg: LoaderConfig, epochs: int = 1, at: Placement = SOLO) -> list:
+    return run_epochs(LOADERS[name](cfg, at), epochs)
 
 
 def reference(root: Path) -> dict[str, tuple[Image.Image, np.ndarray, int]]:
@@ -62,18 +63,12 @@ def reference(root: Path) -> dict[str, tuple[Image.Image, np.ndarray, int]]:
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(
-    ("recipe", "kind", "norm"),
-    [
-        ("eval", "rkrc", True),
-        ("train", "rkrc", False),
-        ("train", "rrc", True),
-        ("center-crop", "rkrc", False),
-        ("square", "rkrc", False),
-    ],
+    ("recipe", "norm"), [("eval", True), ("rkrc", False), ("rrc", True), ("center-crop", False), ("square", False)]
 )
-def test_batches_follow_the_contract(synthetic, name, recipe, kind, norm):
-    cfg = config(synthetic, recipe=recipe, train=TrainRecipe(kind=kind), normalize=norm)
-    loader = LOADERS[name](cfg)
+def test_batches_follow_the_contract(synthetic, name, recipe, norm):
+    assert set(RECIPES) == {"eval", "rkrc", "rrc", "center-crop", "square"}  # every recipe of the registry
+    cfg = config(synthetic, recipe=RECIPES[recipe](), normalize=norm)
+    loader = LOADERS[name](cfg, SOLO)
     batches = list(loader)
     ref = reference(synthetic)
     assert len(batches) == len(loader) == 40 // 8
@@ -89,8 +84,8 @@ def test_batches_follow_the_contract(synthetic, name, recipe, kind, norm):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_batch_contents_follow_the_options(synthetic, name):
-    raw = load(name, config(synthetic, recipe="eval", normalize=False))
-    cfg = config(synthetic, recipe="eval", mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    raw = load(name, config(synthetic, recipe=CentreSquare(), normalize=False))
+    cfg = config(synthetic, recipe=CentreSquare(), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     normed = load(name, cfg)
     for a, b in zip(raw, normed):
         assert a.keys == b.keys and b.images.dtype == torch.float32
@@ -107,26 +102,26 @@ def test_batch_contents_follow_the_options(synthetic, name):
 @pytest.mark.parametrize(
     "kw",
     [
-        {"recipe": "eval", "shuffle": False, "drop_last": False},
-        {"recipe": "center-crop", "center_crop": CenterCropRecipe(crop_pct=0.9), "drop_last": False},
-        {"recipe": "square", "shuffle": False, "drop_last": False},
-        {"recipe": "train", "seed": 3},
-        {"recipe": "train", "train": TrainRecipe(kind="rrc"), "world_size": 3, "rank": 1, "batch_size": 4},
+        {"recipe": CentreSquare(), "shuffle": False, "drop_last": False},
+        {"recipe": CenterCrop(crop_pct=0.9), "drop_last": False},
+        {"recipe": RECIPES["square"](), "shuffle": False, "drop_last": False},
+        {"recipe": Rkrc(), "seed": 3},
+        {"recipe": Rrc(), "batch_size": 4, "at": Placement(rank=1, world_size=3)},
     ],
     ids=["eval", "center-crop", "square", "train-rkrc", "train-rrc-rank1of3"],
 )
 def test_both_loaders_yield_the_same_batches(synthetic, kw):
     """Same seed, epoch and rank: the same keys, labels, classes and valid flags in the same
     batches; the images differ only by the resampling (DALI's against PIL's)."""
-    cfg = config(synthetic, normalize=False, **kw)
-    torch_batches, dali_batches = (load(name, cfg, epochs=2) for name in NAMES)
+    cfg = config(synthetic, normalize=False, **{k: v for k, v in kw.items() if k != "at"})
+    torch_batches, dali_batches = (load(name, cfg, 2, kw.get("at", SOLO)) for name in NAMES)
     assert same_samples(torch_batches, dali_batches)
     assert mean_image_difference(torch_batches, dali_batches) < 1.5
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_same_seed_same_batches_any_workers(synthetic, name):
-    cfg = config(synthetic, recipe="train", seed=3, workers=0, threads=1)
+    cfg = config(synthetic, recipe=Rkrc(), seed=3, workers=0, threads=1)
     first = load(name, cfg, epochs=2)
     assert same_batches(first, load(name, replace(cfg, workers=2, threads=2), epochs=2))
     keys = [b.keys for b in first]
@@ -137,7 +132,7 @@ def test_same_seed_same_batches_any_workers(synthetic, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_unshuffled_order_is_the_manifest_order(synthetic, name):
     shards = open_shards(synthetic)
-    keys = all_keys(load(name, config(synthetic, recipe="eval", shuffle=False, drop_last=False)))
+    keys = all_keys(load(name, config(synthetic, recipe=CentreSquare(), shuffle=False, drop_last=False)))
     assert keys == [shards.name(g)[1] for g in range(40)]
 
 
@@ -153,8 +148,8 @@ def test_ranks_run_in_lockstep(synthetic, name, drop_last):
     shards = open_shards(synthetic)
     ranks = []
     for rank in range(3):
-        cfg = config(synthetic, batch_size=4, rank=rank, world_size=3, drop_last=drop_last, recipe="eval", seed=7)
-        loader = LOADERS[name](cfg)
+        cfg = config(synthetic, batch_size=4, drop_last=drop_last, recipe=CentreSquare(), seed=7)
+        loader = LOADERS[name](cfg, Placement(rank=rank, world_size=3))
         batches = list(loader)
         assert len(batches) == len(loader) == (3 if drop_last else 4)
         assert all(len(b) == 4 and b.images.shape[0] == 4 and b.labels.shape[0] == 4 for b in batches)
@@ -175,10 +170,10 @@ def test_configurations_that_yield_nothing_are_errors(synthetic, name):
     with pytest.raises(
         ValueError, match=r"batch_size 16 is larger than each rank's share of 13 samples \(40 samples over 3"
     ):
-        LOADERS[name](config(synthetic, batch_size=16, world_size=3))
+        LOADERS[name](config(synthetic, batch_size=16), Placement(world_size=3))
     with pytest.raises(ValueError, match="40 samples cannot be shared by 41 ranks"):
-        LOADERS[name](config(synthetic, batch_size=1, world_size=41, drop_last=False))
-    assert len(LOADERS[name](config(synthetic, batch_size=16, world_size=3, drop_last=False))) == 1
+        LOADERS[name](config(synthetic, batch_size=1, drop_last=False), Placement(world_size=41))
+    assert len(LOADERS[name](config(synthetic, batch_size=16, drop_last=False), Placement(world_size=3))) == 1
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -186,7 +181,7 @@ def test_a_loader_in_a_reference_cycle_releases_its_workers(synthetic, name):
     """A live worker stream is held by the registry (never garbage together with its queues, which
     the collector would close first, leaving each worker to time out); collecting its loader
     releases the stream and stops the workers."""
-    loader = LOADERS[name](config(synthetic, recipe="eval"))
+    loader = LOADERS[name](config(synthetic, recipe=CentreSquare()), SOLO)
     next(iter(loader))
     stream = loader._host if name == "torch" else loader._feeder.host
     assert stream in _LIVE
@@ -214,30 +209,30 @@ def _stop_after(loader, stop: int, epochs: int) -> list:
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("stop", [2, 5, 7])  # mid-epoch, at the epoch boundary, in the second epoch
 def test_resume_gives_the_uninterrupted_batches(synthetic, tmp_path, name, stop):
-    cfg = config(synthetic, recipe="train", seed=1)
+    cfg = config(synthetic, recipe=Rkrc(), seed=1)
     uninterrupted = load(name, cfg, epochs=2)  # 5 batches per epoch
-    loader = LOADERS[name](cfg)
+    loader = LOADERS[name](cfg, SOLO)
     got = _stop_after(loader, stop, 2)
     torch.save({"loader": loader.state_dict()}, tmp_path / "ckpt.pt")
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["loader"]
     assert (saved["epoch"], saved["position"]) == divmod(stop, 5)
-    resumed = LOADERS[name](replace(cfg, workers=1))
+    resumed = LOADERS[name](replace(cfg, workers=1), SOLO)
     resumed.load_state_dict(saved)
     for epoch in range(resumed.epoch, 2):
         resumed.set_epoch(epoch)
         got += list(resumed)
     assert same_batches(got, uninterrupted)
     with pytest.raises(ValueError, match="batch_size"):
-        LOADERS[name](replace(cfg, batch_size=4)).load_state_dict(saved)
+        LOADERS[name](replace(cfg, batch_size=4), SOLO).load_state_dict(saved)
 
 
 @pytest.mark.parametrize(("saver", "restorer"), [NAMES, NAMES[::-1]])
 def test_a_state_saved_by_one_loader_restores_in_the_other(synthetic, saver, restorer):
-    cfg = config(synthetic, recipe="train", seed=2, normalize=False)
+    cfg = config(synthetic, recipe=Rkrc(), seed=2, normalize=False)
     whole = load(restorer, cfg, epochs=2)
-    first = LOADERS[saver](cfg)
+    first = LOADERS[saver](cfg, SOLO)
     _stop_after(first, 3, 2)
-    second = LOADERS[restorer](cfg)
+    second = LOADERS[restorer](cfg, SOLO)
     second.load_state_dict(first.state_dict())
     rest = []
     for epoch in range(second.epoch, 2):
@@ -250,7 +245,7 @@ def test_a_state_saved_by_one_loader_restores_in_the_other(synthetic, saver, res
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("recipe", ["eval", "train"])
+@pytest.mark.parametrize("recipe", ["eval", "rkrc"])
 def test_unusable_samples_are_replaced_and_flagged(synthetic_copy, name, recipe):
     """A zeroed JPEG (the header check), one no decoder takes (sampling factors 0), and a label map
     of the wrong size: each slot gets the next usable sample of the order, marked not valid;
@@ -261,7 +256,7 @@ def test_unusable_samples_are_replaced_and_flagged(synthetic_copy, name, recipe)
         28: spoil(synthetic_copy, 28, "label"),
     }
     shards = open_shards(synthetic_copy)
-    loader = LOADERS[name](config(synthetic_copy, recipe=recipe, shuffle=False, drop_last=False))
+    loader = LOADERS[name](config(synthetic_copy, recipe=RECIPES[recipe](), shuffle=False, drop_last=False), SOLO)
     with pytest.warns(SkippedSampleWarning) as caught:
         batches = list(loader)
     messages = sorted(str(w.message) for w in caught if issubclass(w.category, SkippedSampleWarning))
@@ -284,9 +279,9 @@ def test_unusable_samples_are_replaced_and_flagged(synthetic_copy, name, recipe)
 def test_both_loaders_replace_alike(synthetic_copy):
     for g, how in [(3, "sampling"), (11, "zeros"), (30, "label")]:
         spoil(synthetic_copy, g, how)
-    cfg = config(synthetic_copy, recipe="train", seed=5, normalize=False, world_size=2, rank=1, batch_size=4)
+    cfg = config(synthetic_copy, recipe=Rkrc(), seed=5, normalize=False, batch_size=4)
     with pytest.warns(SkippedSampleWarning):
-        torch_batches, dali_batches = (load(name, cfg, epochs=2) for name in NAMES)
+        torch_batches, dali_batches = (load(name, cfg, 2, Placement(rank=1, world_size=2)) for name in NAMES)
     assert same_samples(torch_batches, dali_batches)
     assert sum(int((~b.valid).sum()) for b in torch_batches) > 0
 
@@ -296,7 +291,7 @@ def test_a_share_with_nothing_usable_is_an_error(synthetic_copy, name):
     for g in range(40):
         spoil(synthetic_copy, g, "zeros")
     with pytest.raises(ShardError, match="no usable sample in rank 0's share.*jpg does not decode"):
-        list(LOADERS[name](config(synthetic_copy)))
+        list(LOADERS[name](config(synthetic_copy), SOLO))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -306,7 +301,7 @@ def test_images_over_the_pixel_limit_are_replaced(synthetic, name):
     ref = reference(synthetic)
     limit = 60 * 60
     with pytest.warns(SkippedSampleWarning, match="over the limit of 3,600"):
-        batches = load(name, config(synthetic, recipe="eval", max_pixels=limit, shuffle=False, drop_last=False))
+        batches = load(name, config(synthetic, recipe=CentreSquare(), max_pixels=limit, shuffle=False, drop_last=False))
     for b in batches:  # replacements included
         for key in b.keys:
             assert ref[key][0].width * ref[key][0].height <= limit
@@ -322,14 +317,14 @@ def test_truncated_or_missing_shard_is_an_error(synthetic_copy, name):
     data = tar.read_bytes()
     tar.write_bytes(data[:-3000])
     with pytest.raises(ShardError, match=f"{tar.name}.*truncated"):
-        LOADERS[name](cfg)
+        LOADERS[name](cfg, SOLO)
     tar.unlink()
     with pytest.raises(ShardError, match=f"{tar.name}.*missing"):
-        LOADERS[name](cfg)
+        LOADERS[name](cfg, SOLO)
     tar.write_bytes(data)
     idx.unlink()
     with pytest.raises(ShardError, match=f"{idx.name}.*missing"):
-        LOADERS[name](cfg)
+        LOADERS[name](cfg, SOLO)
 
 
 # ---------------------------------------------------------------- geometry through the loaders
@@ -343,7 +338,7 @@ def test_train_labels_stay_aligned_with_pixels(tmp_path, name, kind):
     see a misalignment."""
     rng = np.random.default_rng(4)
     root = write_set(tmp_path / "blocks", [block_sample(rng, i) for i in range(24)], num_classes=len(PALETTE))
-    cfg = config(root, recipe="train", train=TrainRecipe(kind=kind), normalize=False, seed=5)
+    cfg = config(root, recipe=RECIPES[kind](), normalize=False, seed=5)
     checked = mirrored_wrong = 0
     for batch in load(name, cfg, epochs=3):
         labels = batch.labels[:, None].float()  # [B, 1, S, S]
@@ -362,7 +357,7 @@ def test_train_labels_stay_aligned_with_pixels(tmp_path, name, kind):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("recipe", ["eval", "train"])
+@pytest.mark.parametrize("recipe", ["eval", "rkrc"])
 def test_uint16_label_maps_are_lossless(tmp_path, name, recipe):
     """> 256 classes: 16-bit PNGs whose label is the source position y * W + x, so every output
     label says which source pixel it came from: eval takes exactly PIL's nearest pixels of the
@@ -372,7 +367,7 @@ def test_uint16_label_maps_are_lossless(tmp_path, name, recipe):
     root = write_set(tmp_path / "coords", samples, num_classes=4096)
     assert open_shards(root).manifest["label"]["dtype"] == "uint16"
     sources = {key: label for key, _, label, _ in samples}
-    cfg = config(root, batch_size=3, recipe=recipe, shuffle=False, drop_last=False)
+    cfg = config(root, batch_size=3, recipe=RECIPES[recipe](), shuffle=False, drop_last=False)
     seen = []
     for batch in load(name, cfg):
         for key, label in zip(batch.keys, batch.labels):

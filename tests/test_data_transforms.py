@@ -10,38 +10,23 @@ import pytest
 import torch
 from PIL import Image
 
-from fastloc.data.config import TrainRecipe
+from fastloc.data.recipes import CenterCrop, CentreSquare, Rkrc, RkrcDraw, Rrc, RrcDraw, Square
 from fastloc.data.transforms import (
-    RkrcDraw,
-    RrcDraw,
-    apply_eval,
-    apply_rkrc,
-    apply_rrc,
     center_crop_or_pad,
-    draw_rkrc,
-    draw_rrc,
-    image_center_crop,
-    image_eval,
-    image_rkrc,
-    image_rrc,
-    image_square,
-    label_center_crop,
-    label_eval,
-    label_square,
     largest_center_square,
     pil_filter,
     pil_nearest_indices,
     resize_label,
     rkrc_size,
     sample_rng,
-    window_center_crop,
-    window_eval,
-    window_rkrc,
-    window_rrc,
-    window_square,
 )
 
 S = 32
+
+
+def apply(recipe, image: Image.Image, label: np.ndarray, size: int, draw):
+    """A recipe's image and label map of one view: ([3, S, S] uint8, [S, S] int64)."""
+    return recipe.image(image, size, draw), torch.from_numpy(recipe.label(label, size, draw).astype(np.int64))
 
 
 def test_label_resize_is_pil_nearest():
@@ -109,7 +94,7 @@ def test_rkrc_pixels_match_timm(draw):
     for h, w in [(40, 50), (45, 37), (100, 33)]:
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         label = np.arange(h * w, dtype=np.int32).reshape(h, w)
-        image_t, label_t = apply_rkrc(Image.fromarray(pixels), label, S, draw)
+        image_t, label_t = apply(Rkrc(), Image.fromarray(pixels), label, S, draw)
         rh, rw = rkrc_size(h, w, S, draw.f_h, draw.f_w)
         expected = []
         for im, interp in [
@@ -127,14 +112,14 @@ def test_rrc_matches_torchvision_resized_crop():
     from torchvision.transforms import functional as F
 
     rng = np.random.default_rng(2)
-    recipe = TrainRecipe(kind="rrc")
+    recipe = Rrc()
     for h, w in [(40, 50), (60, 25), (33, 33)]:
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         label = np.arange(h * w, dtype=np.int32).reshape(h, w)
-        d = draw_rrc(sample_rng(0, 0, h), h, w, recipe)
+        d = recipe.draw(sample_rng(0, 0, h), h, w)
         assert d.top >= 0 and d.top + d.height <= h and d.left >= 0 and d.left + d.width <= w
         d = RrcDraw(d.top, d.left, d.height, d.width, "bicubic", False)
-        image_t, label_t = apply_rrc(Image.fromarray(pixels), label, S, d)
+        image_t, label_t = apply(Rrc(), Image.fromarray(pixels), label, S, d)
         ref = F.resized_crop(
             Image.fromarray(pixels), d.top, d.left, d.height, d.width, [S, S], F.InterpolationMode.BICUBIC
         )
@@ -152,7 +137,7 @@ def test_eval_matches_patchseg_reference():
     for h, w in [(40, 57), (57, 40), (32, 32), (101, 64)]:
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         label = np.arange(h * w).reshape(h, w).astype(np.uint16)
-        image_t, label_t = apply_eval(Image.fromarray(pixels), label, S)
+        image_t, label_t = apply(CentreSquare(), Image.fromarray(pixels), label, S, None)
         top, left, m = largest_center_square(h, w)
         assert (top, left, m) == ((h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w))
         crop = Image.fromarray(pixels).crop((left, top, left + m, top + m))
@@ -171,16 +156,18 @@ def test_square_is_torchvision_resize_of_the_whole_image():
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         label = rng.integers(0, 256, (h, w), dtype=np.uint8)
         image = Image.fromarray(pixels)
-        assert np.array_equal(image_square(image, S).permute(1, 2, 0).numpy(), np.asarray(v2.Resize((S, S))(image)))
+        assert np.array_equal(
+            Square().image(image, S, None).permute(1, 2, 0).numpy(), np.asarray(v2.Resize((S, S))(image))
+        )
         nearest = v2.Resize((S, S), interpolation=v2.InterpolationMode.NEAREST)(Image.fromarray(label))
-        assert np.array_equal(label_square(label, S), np.asarray(nearest))
-        got = _through_window(image, window_square(h, w, S))
-        assert np.array_equal(got, image_square(image, S).numpy())
+        assert np.array_equal(Square().label(label, S, None), np.asarray(nearest))
+        got = _through_window(image, Square().window(h, w, S, None))
+        assert np.array_equal(got, Square().image(image, S, None).numpy())
 
 
 def test_rkrc_draws_follow_the_recipe():
-    recipe = TrainRecipe()
-    draws = [draw_rkrc(sample_rng(0, 0, g), recipe) for g in range(2000)]
+    recipe = Rkrc()
+    draws = [recipe.draw(sample_rng(0, 0, g), 1, 1) for g in range(2000)]
     zoom = np.array([math.sqrt(d.f_h * d.f_w) for d in draws])  # f (the aspect factor cancels)
     aspect = np.array([d.f_w / d.f_h for d in draws])  # s^2 = r
     assert 0.4 < np.mean(zoom > 1 + 1e-9) < 0.6 and zoom.max() <= 1 / math.sqrt(0.08) + 1e-9
@@ -189,7 +176,7 @@ def test_rkrc_draws_follow_the_recipe():
     )
     assert 0.4 < np.mean([d.flip for d in draws]) < 0.6
     assert 0.4 < np.mean([d.interpolation == "bicubic" for d in draws]) < 0.6
-    assert draw_rkrc(sample_rng(0, 0, 7), recipe) == draws[7] != draw_rkrc(sample_rng(0, 1, 7), recipe)
+    assert recipe.draw(sample_rng(0, 0, 7), 1, 1) == draws[7] != recipe.draw(sample_rng(0, 1, 7), 1, 1)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
@@ -212,7 +199,7 @@ def test_eval_label_gather_is_pil_nearest(dtype):
         m = min(h, w)
         left, top = (w - m) // 2, (h - m) // 2
         crop = Image.fromarray(label).crop((left, top, left + m, top + m))
-        ours = label_eval(label, size)
+        ours = CentreSquare().label(label, size, None)
         if dtype == np.uint8:  # mode L: PIL's own NEAREST resize
             assert np.array_equal(ours, np.asarray(crop.resize((size, size), Image.NEAREST)))
         else:  # mode I;16: PIL computes each coordinate afresh; the twin's tables are mode L's (see the reply)
@@ -236,23 +223,23 @@ def test_windows_give_the_recipes_geometry():
     """Cropping, resizing the Window's box (PIL's box argument) and padding equals each recipe's
     pixels: exactly for rrc and eval (crop, then resize), to the rounding of rkrc's fractional box."""
     rng = np.random.default_rng(6)
-    recipe = TrainRecipe()
+    recipe = Rkrc()
     worst = 0.0
     for trial in range(60):
         h, w = (int(v) for v in rng.integers(8, 120, 2))
         image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         if trial % 3 == 0:
-            draw = draw_rkrc(sample_rng(0, trial, 0), recipe)
+            draw = recipe.draw(sample_rng(0, trial, 0), 1, 1)
             if trial % 2:  # an aspect jitter that pads one side
                 draw = RkrcDraw(1 / math.sqrt(4 / 3), math.sqrt(4 / 3), draw.interpolation, draw.flip)
-            window, expect = window_rkrc(h, w, S, draw), image_rkrc(image, S, draw)
+            window, expect = recipe.window(h, w, S, draw), recipe.image(image, S, draw)
             if min(rkrc_size(h, w, S, draw.f_h, draw.f_w)) < S:
                 assert sum(window.pad) > 0
         elif trial % 3 == 1:
-            draw = draw_rrc(sample_rng(0, trial, 0), h, w, TrainRecipe(kind="rrc"))
-            window, expect = window_rrc(S, draw), image_rrc(image, S, draw)
+            draw = Rrc().draw(sample_rng(0, trial, 0), h, w)
+            window, expect = Rrc().window(h, w, S, draw), Rrc().image(image, S, draw)
         else:
-            window, expect = window_eval(h, w, S), image_eval(image, S)
+            window, expect = CentreSquare().window(h, w, S, None), CentreSquare().image(image, S, None)
         got = _through_window(image, window)
         assert got.shape == (3, S, S)
         diff = np.abs(got.astype(int) - expect.numpy().astype(int))
@@ -275,11 +262,11 @@ def test_center_crop_is_timms_eval_transform(crop_pct):
     for h, w in [(40, 57), (57, 40), (36, 36), (100, 33), (20, 25), (35, 61)]:
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         label = np.arange(h * w, dtype=np.int32).reshape(h, w)
-        image_t, label_t = image_center_crop(Image.fromarray(pixels), S, crop_pct, "bicubic"), None
+        image_t, label_t = CenterCrop(crop_pct=crop_pct).image(Image.fromarray(pixels), S, None), None
         assert np.array_equal(image_t.permute(1, 2, 0).numpy(), np.asarray(crop(resize(Image.fromarray(pixels)))))
-        label_t = label_center_crop(label, S, crop_pct)
+        label_t = CenterCrop(crop_pct=crop_pct).label(label, S, None)
         assert np.array_equal(label_t, np.asarray(crop(label_resize(Image.fromarray(label, mode="I")))))
-        window = window_center_crop(h, w, S, crop_pct, "bicubic")
+        window = CenterCrop(crop_pct=crop_pct).window(h, w, S, None)
         through = _through_window(Image.fromarray(pixels), window)
         assert np.abs(through.astype(int) - image_t.numpy().astype(int)).mean() < 1.0
 

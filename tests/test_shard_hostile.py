@@ -456,7 +456,7 @@ def test_verify_of_an_empty_set_is_not_ok(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd", "sub/x.tar", ".."])
 def test_a_manifest_naming_files_outside_its_folder_is_refused(tmp_path, capsys, name):
     """verify, inspect and the loaders read only files of the split folder."""
-    from fastloc.data.config import LoaderConfig
+    from fastloc.data.config import SOLO, LoaderConfig
     from fastloc.data.shards import ShardError
     from fastloc.data.torch_loader import TorchLoader
 
@@ -470,7 +470,7 @@ def test_a_manifest_naming_files_outside_its_folder_is_refused(tmp_path, capsys,
         code, _, err = cli(capsys, command, split)
         assert code == 2 and "not a file of the split folder" in err, (command, err)
     with pytest.raises(ShardError, match="not a file of the split folder"):
-        TorchLoader(LoaderConfig(shards=split, batch_size=2, workers=0))
+        TorchLoader(LoaderConfig(shards=split, batch_size=2, workers=0), SOLO)
 
 
 # ------------------------------------------------------------------ symbolic link loops

@@ -31,8 +31,9 @@ from fastloc.align.prepare import learning_rate, prepare
 from fastloc.align.state import TrainState
 from fastloc.align.step import train_step
 from fastloc.cli import BadValue, check_writable
-from fastloc.data.config import CenterCropRecipe, LoaderConfig
+from fastloc.data.config import LoaderConfig
 from fastloc.data.loader import make_loader
+from fastloc.data.recipes import CenterCrop, Rkrc
 from fastloc.data.stream import EpochLoader
 from fastloc.files import write_atomically
 from fastloc.lock import Busy, folder_lock
@@ -87,22 +88,22 @@ def run_lock(run_dir: Path, runtime: Runtime) -> Iterator[None]:
 def loaders(cfg: AlignConfig, objective: Objective, runtime: Runtime) -> tuple[EpochLoader, EpochLoader]:
     """Train (MaskEmbed's rkrc, uint8) and validation (timm's eval transform) loaders of this rank."""
     image, data = objective.image, cfg.data
-    device = "gpu" if runtime.device.type == "cuda" else "cpu"
-    common = {"size": image.size, "normalize": False, "labels": False, "rank": runtime.rank, "device": device}
-    common |= {"world_size": runtime.world_size, "workers": data.workers, "threads": data.threads}
+    loader = "gpu" if runtime.device.type == "cuda" else "cpu"
+    common = {"size": image.size, "normalize": False, "labels": False, "loader": loader}
+    common |= {"workers": data.workers, "threads": data.threads}
     train = make_loader(
-        LoaderConfig(shards=data.train, batch_size=data.batch_size, recipe="train", seed=cfg.run.seed, **common)
+        LoaderConfig(shards=data.train, batch_size=data.batch_size, recipe=Rkrc(), seed=cfg.run.seed, **common), runtime
     )
     val = make_loader(
         LoaderConfig(
             shards=data.val,
             batch_size=data.val_batch_size or data.batch_size // data.accumulation,
-            recipe="center-crop",
-            center_crop=CenterCropRecipe(crop_pct=image.crop_pct, interpolation=image.interpolation),
+            recipe=CenterCrop(crop_pct=image.crop_pct, interpolation=image.interpolation),
             shuffle=False,
             drop_last=False,
             **common,
-        )
+        ),
+        runtime,
     )
     return train, val
 

@@ -27,7 +27,7 @@ from fastloc.align.presets import PRESETS
 from fastloc.align.step import train_step
 from fastloc.bench.common import MissingRow, at_least, check_paths, print_table, write_results
 from fastloc.cli import flowing_help, require
-from fastloc.data.config import LoaderConfig
+from fastloc.data.config import SOLO, LoaderConfig
 from fastloc.data.loader import make_loader
 from fastloc.data.transforms import normalize
 from fastloc.models.attention import SoftCapAttention
@@ -201,10 +201,11 @@ def _end_to_end(objective, prepared, align: AlignConfig, precision: str, cfg: Al
                 size=objective.image.size,
                 normalize=False,
                 labels=False,
-                device=loader_device,
+                loader=loader_device,
                 workers=align.data.workers,
                 threads=align.data.threads,
-            )
+            ),
+            SOLO,
         )
         batches, generator = iter(loader), torch.Generator(device).manual_seed(0)
 

@@ -25,9 +25,10 @@ from pathlib import Path
 from fastloc.bench.common import MissingRow, at_least, check_paths, cuda_missing_reason, print_table, write_results
 from fastloc.bench.shard import ShardBench, _build_jpeg_folder
 from fastloc.cli import flowing_help, require
-from fastloc.data.config import LoaderConfig
+from fastloc.data.config import SOLO, LoaderConfig
 from fastloc.data.dali_loader import DaliLoader
 from fastloc.data.dali_pipeline import build_pipeline
+from fastloc.data.recipes import CentreSquare, Rkrc
 from fastloc.data.torch_loader import TorchLoader
 from fastloc.shard.convert import convert
 from fastloc.shard.sources.imagenet import ImagenetConfig
@@ -92,10 +93,10 @@ class FeedOnly(DaliLoader):
 
 
 LOADERS = {
-    "host feed": lambda c: FeedOnly(c, device="cpu"),
-    "torch twin": TorchLoader,
-    "DALI cpu": lambda c: DaliLoader(c, device="cpu"),
-    "DALI gpu": lambda c: DaliLoader(c, device="gpu"),
+    "host feed": lambda c: FeedOnly(c, SOLO, device="cpu"),
+    "torch twin": lambda c: TorchLoader(c, SOLO),
+    "DALI cpu": lambda c: DaliLoader(c, SOLO, device="cpu"),
+    "DALI gpu": lambda c: DaliLoader(c, SOLO, device="gpu"),
 }
 
 
@@ -107,14 +108,14 @@ def run(cfg: LoaderBench, command: str) -> Path:
     with tempfile.TemporaryDirectory(dir=cfg.workdir) as scratch:
         sets = _make_sets(Path(scratch), cfg)
         for data, shards in sets.items():
-            for recipe in ("train", "eval"):
+            for recipe, made in {"train": Rkrc(), "eval": CentreSquare()}.items():
                 for workers in cfg.workers:
                     for name in names:
                         loader_cfg = LoaderConfig(
                             shards=shards,
                             batch_size=cfg.batch_size,
                             size=cfg.size,
-                            recipe=recipe,
+                            recipe=made,
                             workers=workers,
                             threads=max(1, workers),
                             shuffle=True,

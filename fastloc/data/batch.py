@@ -20,6 +20,10 @@ class Batch:
     keys: list[str] | None = None  # sample keys (the shards' __key__), in batch order
     valid: torch.Tensor | None = None  # [B] bool; None: all valid
     index: torch.Tensor | None = None  # [B] int64 on the host: the sample (its place in the split) in each slot
+    views: tuple[torch.Tensor, ...] | None = None  # a multi-view recipe's further views, each [B, 3, h, w]
+    boxes: torch.Tensor | None = (
+        None  # [B, V, 4] float32 on the host: each view's (top, left, bottom, right) in source pixels
+    )
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -28,6 +32,12 @@ class Batch:
         def move(t):
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
+        views = None if self.views is None else tuple(move(v) for v in self.views)
         return replace(
-            self, images=move(self.images), labels=move(self.labels), cls=move(self.cls), valid=move(self.valid)
+            self,
+            images=move(self.images),
+            labels=move(self.labels),
+            cls=move(self.cls),
+            valid=move(self.valid),
+            views=views,
         )

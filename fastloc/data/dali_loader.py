@@ -1,18 +1,11 @@
 """The DALI loader: the shared host stage feeds ``fn.external_source``; the pixels are made on the GPU.
 
-``device="gpu"`` decodes with nvJPEG (``decoders.image_slice(device="mixed")``) and resizes,
-pads, flips and normalizes on the GPU; ``device="cpu"`` is the same graph with CPU operators
-(DALI's CPU-only mode, how the tests run it). The host batches come from the workers of
-``stream.py`` in the epoch order of ``order.py``; DALI pulls them (``Feeder``, two ahead) and its
-images are paired with the host batch's keys, labels, classes and valid flags in order. So
-the loader yields what the torch twin yields, but for the images' resampling, and shares its
-state format: there is no pipeline state to save.
-
-**Samples that pass the host checks but do not decode.** Their batch's run fails. The loader
-then decodes each sample of that batch alone (a one-sample pipeline), adds the culprits to
-``bad``, rebuilds the pipeline and feeds the batches that were in flight again, rebuilt with
-those samples replaced by the order's rule (``SampleReader.batch(t, bad)``): the batch the
-twin yields when PIL cannot decode the same sample. Later epochs replace them without a failure.
+The host batches (``stream.py``, in the order of ``order.py``) bring each sample's JPEG and
+``Window``; the graph (``dali_pipeline.py``, GPU or CPU operators) makes the images, paired with
+the host batch's keys, labels and valid flags in order: the torch twin's batches but for the
+resampling, and its state format. A sample that passes the host checks but does not decode fails
+its batch's run: each sample of that batch is then decoded alone, the culprits replaced by the
+order's rule (``SampleReader.batch(t, bad)``, as the twin replaces them) and the pipeline rebuilt.
 """
 
 from __future__ import annotations
@@ -24,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from fastloc.data.config import LoaderConfig
+from fastloc.data.config import LoaderConfig, Placement
 from fastloc.data.dali_pipeline import INPUTS, PREFETCH, Spec, build_pipeline
 from fastloc.data.samples import HostBatch, HostFailure
 from fastloc.data.stream import EpochLoader, release
@@ -77,14 +70,18 @@ class DaliLoader(EpochLoader):
 
     pixels = False
 
-    def __init__(self, cfg: LoaderConfig, device: Literal["gpu", "cpu"] = "gpu"):
+    def __init__(self, cfg: LoaderConfig, placement: Placement, device: Literal["gpu", "cpu"] = "gpu"):
         if device not in ("gpu", "cpu"):
             raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+        if not cfg.recipe.dali or cfg.recipe.views_per_sample != 1:
+            raise ValueError(f"the DALI graph makes one view per sample of a DALI recipe, not {cfg.recipe!r}")
         if device == "gpu" and not torch.cuda.is_available():
             raise RuntimeError("DaliLoader(device='gpu') needs CUDA; use device='cpu' for DALI's CPU-only mode")
         self.device = device
         self.device_id: int | None = torch.cuda.current_device() if device == "gpu" else None
-        super().__init__(cfg, torch.device("cpu") if device == "cpu" else torch.device("cuda", self.device_id))
+        super().__init__(
+            cfg, placement, torch.device("cpu") if device == "cpu" else torch.device("cuda", self.device_id)
+        )
         self.spec = Spec(device=device, normalize=cfg.normalize, mean=tuple(cfg.mean), std=tuple(cfg.std))
         self.threads = max(1, int(cfg.threads))
         self.bad: dict[int, str] = {}  # global index -> why DALI cannot decode it

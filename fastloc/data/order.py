@@ -1,20 +1,9 @@
 """The epoch order: which sample fills which batch slot on which rank. Both loaders follow it.
 
-It is plain numpy arithmetic on (number of samples, seed, epoch, shuffle, rank, world size, batch
-size, drop_last) and depends on nothing else (not on the loader, device, workers or threads), so
-the DALI loader and its torch twin yield the same samples in the same batches, and a position
-saved by one resumes in the other.
-
-- **Order.** ``default_rng([seed, epoch]).permutation(N)`` with ``shuffle``, else ``arange(N)``.
-- **Training** (``drop_last``): every rank gets ``n = N // world`` samples, rank ``r`` the
-  positions ``r, r + world, ...`` of the first ``n * world`` of the order, cut into
-  ``n // batch_size`` full batches; the rest of a rank's share is used only as replacements.
-- **Evaluation** (not ``drop_last``): the order is cycled up to ``world * batch_size *
-  ceil(N / (world * batch_size))`` slots and dealt the same way; the repeats are marked not
-  valid, so every sample counts exactly once across ranks and every batch is full.
-- **Replacements.** A sample that cannot be used (it does not decode, its label map does not
-  fit, ...) is replaced by the next usable sample of the same rank's share, cyclically, and its
-  slot is marked not valid. Every rank thus runs the same number of full batches.
+Plain numpy arithmetic on (number of samples, seed, epoch, shuffle, rank, world size, batch size,
+drop_last), nothing else: the DALI loader and its torch twin yield the same samples in the same
+batches, and a position saved by one resumes in the other. The rules (training and evaluation
+shares, replacements) are the README's "Loaders" section.
 """
 
 from __future__ import annotations

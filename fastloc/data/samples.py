@@ -1,13 +1,10 @@
 """The host side of both loaders: one batch of the epoch order, read, checked, drawn and labelled.
 
-``SampleReader.batch(t)`` builds global batch ``t`` (epoch ``t // L``, position ``t % L``) of
-this rank: for each slot it reads the sample the order names (positioned reads), checks it
-(JPEG header and pixel limit, label PNG type and size, class index), draws its random
-parameters from ``sample_rng(seed, epoch, g)`` and gathers its label map; a sample that fails
-is replaced by the order's rule (``order.candidates``) and its slot marked not valid. The torch
-twin also decodes and transforms the pixels here, with PIL (``pixels=True``); the DALI loader
-takes the JPEG bytes and each image's ``Window`` and does the pixels on the GPU. Either way the
-keys, labels, classes and valid flags come from this one function.
+``SampleReader.batch(t)`` builds global batch ``t`` of this rank: it reads each sample the order
+names, checks it, asks the recipe for its views (draws, windows, label maps) and replaces a sample
+that fails by the order's rule, its slot not valid. The torch twin also makes the pixels here
+(``pixels=True``); the DALI loader takes the JPEG bytes and the windows. Either way the keys,
+labels, classes and valid flags come from this one function.
 """
 
 from __future__ import annotations
@@ -23,32 +20,10 @@ from PIL import Image
 
 from fastloc.data.config import LoaderConfig
 from fastloc.data.order import EpochPlan, candidates
+from fastloc.data.recipes import INTERPOLATIONS, View
 from fastloc.data.shards import ShardError, ShardSet
-from fastloc.data.transforms import (
-    Window,
-    draw_rkrc,
-    draw_rrc,
-    image_center_crop,
-    image_eval,
-    image_rkrc,
-    image_rrc,
-    image_square,
-    label_center_crop,
-    label_eval,
-    label_rkrc,
-    label_rrc,
-    label_square,
-    normalize,
-    sample_rng,
-    window_center_crop,
-    window_eval,
-    window_rkrc,
-    window_rrc,
-    window_square,
-)
+from fastloc.data.transforms import Window, normalize, sample_rng
 from fastloc.shard.encode import decode_label, parse_jpeg_header
-
-INTERPOLATIONS = {"nearest": 0, "bilinear": 1, "bicubic": 2, "lanczos": 3}  # DALI's DALIInterpType values
 
 
 class SkippedSampleWarning(UserWarning):
@@ -69,10 +44,9 @@ class Prepared:
     g: int
     key: str
     jpg: bytes
-    window: Window  # the image geometry, for a tensor resize (DALI)
-    label: np.ndarray | None  # [S, S] uint8 / uint16, final
+    views: tuple[View, ...]  # the recipe's views: windows (DALI), label maps (the first's is the batch's), draws
     cls: int | None
-    image: torch.Tensor | None  # [3, S, S] uint8, final (pixels=True)
+    images: list[torch.Tensor] | None  # per view [3, s, s] uint8, final (pixels=True)
 
 
 @dataclass
@@ -86,7 +60,9 @@ class HostBatch:
     valid: np.ndarray  # [B] bool: False for a replacement or a repeat
     cls: np.ndarray | None  # [B] int64
     labels: torch.Tensor | None  # [B, S, S] int64 (wide_labels), else uint8 or int32
-    images: torch.Tensor | None  # [B, 3, S, S] uint8 or float32 (pixels=True)
+    images: torch.Tensor | None  # [B, 3, S, S] uint8 or float32: the first views (pixels=True)
+    views: list[torch.Tensor] | None  # the further views, each [B, 3, s, s] (pixels=True, several views)
+    boxes: np.ndarray | None  # [B, V, 4] float32: every view's box (several views), see ``View.box``
     jpg: torch.Tensor | None  # [total bytes] uint8: the JPEGs back to back (pixels=False)
     jpg_ends: np.ndarray | None  # [B] int64: where each JPEG ends in ``jpg``
     windows: dict[str, np.ndarray] | None  # DALI's per-sample geometry (pixels=False), see ``window_arrays``
@@ -138,17 +114,6 @@ class SampleReader:
         pixels: bool,
         wide_labels: bool = True,
     ):
-        if cfg.recipe not in ("train", "eval", "center-crop", "square"):
-            raise ValueError(f"unknown recipe {cfg.recipe!r}")
-        if not 0 < cfg.center_crop.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {cfg.center_crop.crop_pct}")
-        if cfg.recipe == "train" and cfg.train.kind not in ("rkrc", "rrc"):
-            raise ValueError(f"unknown train recipe kind {cfg.train.kind!r}")
-        unknown = [n for n in (*cfg.train.interpolations, cfg.center_crop.interpolation) if n not in INTERPOLATIONS]
-        if unknown or not cfg.train.interpolations:
-            raise ValueError(
-                f"unknown interpolations {unknown or cfg.train.interpolations}; choose from {sorted(INTERPOLATIONS)}"
-            )
         self.shards, self.cfg, self.plan, self.pixels, self.wide_labels = shards, cfg, plan, pixels, wide_labels
         self.exts = ("jpg",) + (("seg.png",) if labels else ()) + (("cls",) if cls else ())
         manifest = shards.manifest
@@ -162,44 +127,20 @@ class SampleReader:
         """Read and check sample ``g``, draw its parameters, gather its label (and, with
         ``pixels``, decode and transform its image)."""
         shard, key, data = self.shards.read(g, self.exts)  # ShardError (structural) propagates
-        problem = self._check(data)
-        if isinstance(problem, str):
-            return Skipped(shard, key, problem)
-        height, width, label, cls = problem
-        size, recipe = self.cfg.size, self.cfg.recipe
-        if recipe == "eval":
-            window, draw = window_eval(height, width, size), None
-            label = None if label is None else label_eval(label, size)
-        elif recipe == "square":
-            window, draw = window_square(height, width, size), None
-            label = None if label is None else label_square(label, size)
-        elif recipe == "center-crop":
-            crop = self.cfg.center_crop
-            window, draw = window_center_crop(height, width, size, crop.crop_pct, crop.interpolation), None
-            label = None if label is None else label_center_crop(label, size, crop.crop_pct)
-        elif self.cfg.train.kind == "rkrc":
-            draw = draw_rkrc(sample_rng(self.cfg.seed, epoch, g), self.cfg.train)
-            window = window_rkrc(height, width, size, draw)
-            label = None if label is None else label_rkrc(label, size, draw)
-        else:
-            draw = draw_rrc(sample_rng(self.cfg.seed, epoch, g), height, width, self.cfg.train)
-            window = window_rrc(size, draw)
-            label = None if label is None else label_rrc(label, size, draw)
-        image = None
+        checked = self._check(data)
+        if isinstance(checked, str):
+            return Skipped(shard, key, checked)
+        height, width, label, cls = checked
+        recipe, size = self.cfg.recipe, self.cfg.size
+        views = recipe.views(sample_rng(self.cfg.seed, epoch, g), height, width, size, label)
+        images = None
         if self.pixels:
             try:
                 pil = decode_image(data["jpg"])
             except Exception as exc:
                 return Skipped(shard, key, f"jpg does not decode: {exc}")
-            if recipe == "eval":
-                image = image_eval(pil, size)
-            elif recipe == "square":
-                image = image_square(pil, size)
-            elif recipe == "center-crop":
-                image = image_center_crop(pil, size, self.cfg.center_crop.crop_pct, self.cfg.center_crop.interpolation)
-            else:
-                image = image_rkrc(pil, size, draw) if self.cfg.train.kind == "rkrc" else image_rrc(pil, size, draw)
-        return Prepared(g, key, data["jpg"], window, label, cls, image)
+            images = [recipe.image(pil, size, view.draw) for view in views]
+        return Prepared(g, key, data["jpg"], views, cls, images)
 
     def _check(self, data: dict[str, bytes]) -> str | tuple[int, int, np.ndarray | None, int | None]:
         """(height, width, label [H, W] or None, cls or None), or why the sample cannot be used."""
@@ -261,20 +202,25 @@ class SampleReader:
             skipped += missed
         return self._collate(t, samples, valid, skipped)
 
+    def _pixels(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """One view of the batch: [B, 3, s, s] uint8, or float32 normalized."""
+        stacked = torch.stack(images)
+        return normalize(stacked, self.cfg.mean, self.cfg.std) if self.cfg.normalize else stacked
+
     def _collate(self, t: int, samples: list[Prepared], valid: list[bool], skipped: list[Skipped]) -> HostBatch:
-        labels = images = jpg = ends = windows = None
+        labels = images = views = boxes = jpg = ends = windows = None
         if self.label_dtype is not None:
-            stacked = np.stack([s.label for s in samples])  # [B, S, S]
+            stacked = np.stack([s.views[0].label for s in samples])  # [B, S, S]
             narrow = np.uint8 if stacked.dtype == np.uint8 else np.int32  # torch has no full uint16
             labels = torch.from_numpy(stacked.astype(np.int64 if self.wide_labels else narrow, copy=False))
         if self.pixels:
-            images = torch.stack([s.image for s in samples])  # [B, 3, S, S] uint8
-            if self.cfg.normalize:
-                images = normalize(images, self.cfg.mean, self.cfg.std)  # float32
+            images, *views = (self._pixels([s.images[v] for s in samples]) for v in range(len(samples[0].views)))
         else:
             jpg = torch.frombuffer(bytearray().join(s.jpg for s in samples), dtype=torch.uint8)  # one copy
             ends = np.cumsum([len(s.jpg) for s in samples], dtype=np.int64)
-            windows = window_arrays([s.window for s in samples])
+            windows = window_arrays([s.views[0].window for s in samples])
+        if len(samples[0].views) > 1:
+            boxes = np.array([[v.box for v in s.views] for s in samples], np.float32)
         cls = None if samples[0].cls is None else np.array([s.cls for s in samples], np.int64)
         return HostBatch(
             t=t,
@@ -284,6 +230,8 @@ class SampleReader:
             cls=cls,
             labels=labels,
             images=images,
+            views=views or None,
+            boxes=boxes,
             jpg=jpg,
             jpg_ends=ends,
             windows=windows,

@@ -1,21 +1,9 @@
 """What both loaders share around the host stage: the plan, the resumable state, the workers.
 
-``EpochLoader`` opens the shard set, builds the ``EpochPlan`` and keeps ``(epoch, position)``;
-``host_batches(t)`` runs ``SampleReader.batch`` for ``t, t + 1, ...`` in DataLoader worker
-processes that live across epochs (batches come back in order, so the output does not depend
-on the number of workers). ``__iter__`` hands out one epoch from the current position; a
-subclass says how its stream opens at batch ``t`` (``_open``) and makes each batch's images
-(``_next``).
-
-Typical use (a trainer)::
-
-    loader = make_loader(cfg)
-    loader.load_state_dict(ckpt["loader"])          # optional: resume mid-epoch
-    for epoch in range(loader.epoch, epochs):
-        loader.set_epoch(epoch)                     # keeps the position when it is the restored epoch
-        for batch in loader:
-            ...
-            ckpt["loader"] = loader.state_dict()    # after a restore, the next batch is the next one here
+``EpochLoader`` opens the shard set, builds this rank's ``EpochPlan`` and keeps ``(epoch,
+position)``; ``host_batches(t)`` runs ``SampleReader.batch`` for ``t, t + 1, ...`` in DataLoader
+workers that live across epochs (in order: the output does not depend on the number of workers).
+A subclass opens its stream at batch ``t`` (``_open``) and makes each batch's images (``_next``).
 """
 
 from __future__ import annotations
@@ -30,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fastloc.data.batch import Batch
-from fastloc.data.config import LoaderConfig
+from fastloc.data.config import LoaderConfig, Placement
 from fastloc.data.order import EpochPlan
 from fastloc.data.samples import HostBatch, HostBatches, HostFailure, SampleReader, Skipped, identity, warn_skipped
 from fastloc.data.shards import ShardSet, open_shards
@@ -62,7 +50,7 @@ class EpochLoader:
 
     pixels: bool  # the workers decode and transform the images too (the torch twin)
 
-    def __init__(self, cfg: LoaderConfig, device: torch.device):
+    def __init__(self, cfg: LoaderConfig, placement: Placement, device: torch.device):
         self.cfg, self.torch_device = cfg, device
         self.shards: ShardSet = open_shards(cfg.shards)  # ShardError now for missing or truncated shards
         manifest = self.shards.manifest
@@ -74,8 +62,8 @@ class EpochLoader:
                 batch_size=cfg.batch_size,
                 seed=cfg.seed,
                 shuffle=cfg.shuffle,
-                rank=cfg.rank,
-                world_size=cfg.world_size,
+                rank=placement.rank,
+                world_size=placement.world_size,
                 drop_last=cfg.drop_last,
             )
         except ValueError as exc:
@@ -194,6 +182,8 @@ class EpochLoader:
         labels = None if host.labels is None else host.labels.to(device, non_blocking=True).to(torch.int64)
         return Batch(
             images=images,
+            views=None if host.views is None else tuple(v.to(device, non_blocking=True) for v in host.views),
+            boxes=None if host.boxes is None else torch.from_numpy(host.boxes),
             labels=labels,
             cls=None if host.cls is None else torch.from_numpy(host.cls).to(device, non_blocking=True),
             keys=host.keys,

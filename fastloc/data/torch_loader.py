@@ -2,7 +2,7 @@
 
 It follows the same epoch order (``order.py``), replaces the same unusable samples and yields
 the same keys, labels, classes and valid flags as the DALI loader; its images are timm's and
-Patch-Seg's exact PIL pipelines (``transforms.py``), which DALI matches within a few grey levels.
+the recipes' exact PIL pipelines (``recipes.py``), which DALI matches within a few grey levels.
 It runs on any machine, so the whole data path runs in tests and without a GPU.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastloc.data.config import LoaderConfig
+from fastloc.data.config import LoaderConfig, Placement
 from fastloc.data.samples import HostBatch, HostFailure
 from fastloc.data.stream import EpochLoader, release
 
@@ -20,8 +20,8 @@ class TorchLoader(EpochLoader):
 
     pixels = True
 
-    def __init__(self, cfg: LoaderConfig):
-        super().__init__(cfg, torch.device("cpu"))
+    def __init__(self, cfg: LoaderConfig, placement: Placement):
+        super().__init__(cfg, placement, torch.device("cpu"))
         self._host = None  # the live worker stream
 
     def close(self) -> None:

@@ -20,8 +20,9 @@ from torch import nn
 
 from fastloc.align.config import OptimConfig
 from fastloc.align.prepare import learning_rate
-from fastloc.data.config import LoaderConfig, TrainRecipe
+from fastloc.data.config import SOLO, LoaderConfig
 from fastloc.data.loader import make_loader
+from fastloc.data.recipes import Rkrc
 from fastloc.data.shards import open_shards
 from fastloc.kernels.label_pool import label_pool
 from fastloc.models.registry import create_model, image_config
@@ -74,14 +75,14 @@ def pretrain(cfg: PretrainConfig, train: Path, out: Path, device: torch.device) 
             shards=train,
             batch_size=cfg.batch_size,
             size=image.size,
-            recipe="train",
-            train=TrainRecipe(scale=(0.5, 1.0)),  # mild zoom: objects stay whole enough to be named
+            recipe=Rkrc(scale=(0.5, 1.0)),  # mild zoom: objects stay whole enough to be named
             mean=image.mean,
             std=image.std,
             seed=cfg.seed,
-            device="gpu" if device.type == "cuda" else "cpu",
+            loader="gpu" if device.type == "cuda" else "cpu",
             workers=cfg.workers,
-        )
+        ),
+        SOLO,
     )
     params = [*model.parameters(), *classifier.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

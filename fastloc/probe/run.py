@@ -26,9 +26,10 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastloc.data.config import LoaderConfig
+from fastloc.data.config import SOLO, LoaderConfig
 from fastloc.data.loader import make_loader
 from fastloc.data.order import EpochPlan
+from fastloc.data.recipes import CentreSquare
 from fastloc.models.registry import ImageConfig, image_config
 from fastloc.probe import report
 from fastloc.probe.backbone import backbone_tag, describe, fingerprint, load_backbone
@@ -92,7 +93,7 @@ def eval_recipe(split, image: ImageConfig, batch: int) -> LoaderConfig:
         shards=split.root,
         batch_size=batch,
         size=image.size,
-        recipe="eval",
+        recipe=CentreSquare(),
         mean=image.mean,
         std=image.std,
         shuffle=False,
@@ -100,16 +101,14 @@ def eval_recipe(split, image: ImageConfig, batch: int) -> LoaderConfig:
     )
 
 
-def loader_config(cfg: ProbeConfig, split, image: ImageConfig, runtime: Runtime, train: bool, batch: int):
+def loader_config(cfg: ProbeConfig, split, image: ImageConfig, train: bool, batch: int):
     """The eval recipe for both splits; training shuffles and drops the rank's last partial batch."""
     return replace(
         eval_recipe(split, image, batch),
         shuffle=train,
         drop_last=train,
         seed=cfg.seed,
-        rank=runtime.rank,
-        world_size=runtime.world_size,
-        device=cfg.loader,
+        loader=cfg.loader,
         workers=cfg.workers,
     )
 
@@ -135,7 +134,7 @@ def cached_split(cfg, split, model, digest, image, runtime, encode) -> object:
     pool = lambda labels: pool_targets(labels, image.patch_size, key["num_classes"])  # noqa: E731
 
     def build():
-        loader = make_loader(loader_config(cfg, split, image, runtime, train=False, batch=cfg.eval_batch_size))
+        loader = make_loader(loader_config(cfg, split, image, train=False, batch=cfg.eval_batch_size), runtime)
         return build_from_loader(path, key, loader, encode, shapes, dtypes, pool, runtime.main)
 
     path = cache_path(cfg.cache_dir, key)
@@ -160,7 +159,7 @@ def make_sources(cfg, data: ProbeData, model, image, runtime, pool=pool_targets)
     out = []
     for split, train in ((data.train, True), (data.val, False)):
         batch = cfg.batch_size if train else cfg.eval_batch_size
-        loader = make_loader(loader_config(cfg, split, image, runtime, train, batch))
+        loader = make_loader(loader_config(cfg, split, image, train, batch), runtime)
         out.append(LiveSource(loader, encode, cfg.reduction, image.patch_size, classes, pool))
     return tuple(out)
 
@@ -378,8 +377,7 @@ def first_images(data_split, image: ImageConfig, count: int):
     """The first ``count`` samples of a split in the eval recipe (the torch twin, in this process)."""
     from fastloc.data.torch_loader import TorchLoader
 
-    cfg = replace(eval_recipe(data_split, image, count), device="cpu", workers=0)
-    loader = TorchLoader(cfg)
+    loader = TorchLoader(replace(eval_recipe(data_split, image, count), workers=0), SOLO)
     try:
         return next(iter(loader))
     finally:

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastloc.data.config import LoaderConfig, TrainRecipe
+from fastloc.data.config import SOLO, LoaderConfig
 from fastloc.data.loader import make_loader
+from fastloc.data.recipes import Recipe, Square
 from fastloc.data.shards import ShardSet, open_shards
 from fastloc.models.registry import ImageConfig, image_config
 from fastloc.probe.backbone import fingerprint, load_backbone
@@ -154,14 +155,12 @@ def loader_config(split, image: ImageConfig, batch: int, cfg: DenseConfig, **kw)
     """A split in the ``square`` recipe, in order, every sample once (the evaluation's loader):
     Patch-Seg's eval loader with the whole image resized; ``kw`` overrides (a training recipe, shuffling)."""
     base = eval_recipe(split, image, batch)
-    return replace(base, **{"recipe": "square", "seed": cfg.seed, "device": cfg.loader, "workers": cfg.workers, **kw})
+    return replace(base, **{"recipe": Square(), "seed": cfg.seed, "loader": cfg.loader, "workers": cfg.workers, **kw})
 
 
-def train_loader(split, image: ImageConfig, batch: int, cfg: DenseConfig, recipe: TrainRecipe, **kw):
+def train_loader(split, image: ImageConfig, batch: int, cfg: DenseConfig, recipe: Recipe, **kw):
     """Augmented, shuffled training batches (labels included): the live loader, epoch by epoch."""
-    return make_loader(
-        loader_config(split, image, batch, cfg, recipe="train", train=recipe, shuffle=True, drop_last=True, **kw)
-    )
+    return make_loader(loader_config(split, image, batch, cfg, recipe=recipe, shuffle=True, drop_last=True, **kw), SOLO)
 
 
 def label_storage(split) -> np.dtype:
@@ -186,7 +185,7 @@ def eval_split(cfg: DenseConfig, split, backbone: Backbone, device: torch.device
         return {"labels": labels.to(torch.uint8 if storage == np.uint8 else torch.int32)}
 
     def build() -> CachedSplit:
-        loader = make_loader(loader_config(split, image, cfg.eval_batch_size, cfg))
+        loader = make_loader(loader_config(split, image, cfg.eval_batch_size, cfg), SOLO)
         encode = patch_encoder(backbone, cfg.precision, device)
         return build_from_loader(path, key, loader, encode, shapes, dtypes, targets, main)
 

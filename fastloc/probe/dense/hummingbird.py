@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from fastloc.data.config import TrainRecipe
+from fastloc.data.config import SOLO
 from fastloc.data.loader import make_loader
+from fastloc.data.recipes import Rrc
 from fastloc.data.transforms import normalize
 from fastloc.probe.dense.config import HummingbirdConfig
 from fastloc.probe.dense.data import (
@@ -47,7 +48,7 @@ from fastloc.probe.run import timed
 from fastloc.progress import Progress
 
 # get_hbird_train_transforms: the shared crop (flip commented out there), then four RandomApply(ColorJitter)
-CROP = TrainRecipe(kind="rrc", scale=(0.5, 2.0), flip_p=0.0, interpolations=("bilinear",))
+CROP = Rrc(scale=(0.5, 2.0), flip_p=0.0, interpolations=("bilinear",))
 JITTER_P = 0.5  # each of brightness, contrast, saturation, hue, in this order
 JITTER = 0.1  # ColorJitter(x=0.1): factor U(0.9, 1.1) for the first three, hue shift U(-0.1, 0.1)
 JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -165,11 +166,11 @@ class Bank:
 def bank_loader(cfg: HummingbirdConfig, split, backbone: Backbone):
     """The training split in order, every sample once per epoch, uint8 images: RandomResizedCrop
     (cfg.augment) or the square resize."""
-    recipe = {"recipe": "train", "train": CROP} if cfg.augment else {}
+    recipe = {"recipe": CROP} if cfg.augment else {}
     config = loader_config(
         split, backbone.image, cfg.eval_batch_size, cfg, shuffle=False, drop_last=False, normalize=False, **recipe
     )
-    return make_loader(config)
+    return make_loader(config, SOLO)
 
 
 def kept_slots(index: np.ndarray, seen: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastloc.data.config import TrainRecipe
+from fastloc.data.recipes import Rrc
 from fastloc.probe.dense.config import LeopartVocConfig
 from fastloc.probe.dense.data import (
     VOID,
@@ -29,7 +29,7 @@ from fastloc.progress import Progress
 
 # linear_finetune.py (SGD, StepLR stepped per epoch) and configs/pascal/*.yml (drop_at 20 of 25)
 MOMENTUM, WEIGHT_DECAY, GAMMA, DROP_FRACTION = 0.9, 1e-4, 0.1, 0.8
-AUGMENTATION = TrainRecipe(kind="rrc", scale=(0.8, 1.0), flip_p=0.5, interpolations=("bilinear",))
+AUGMENTATION = Rrc(scale=(0.8, 1.0), flip_p=0.5, interpolations=("bilinear",))
 
 
 class Head(nn.Module):
