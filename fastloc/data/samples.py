@@ -38,7 +38,7 @@ class Skipped:
 
 
 @dataclass(frozen=True)
-class Prepared:
+class Usable:
     """One usable sample, ready for the pixel stage."""
 
     g: int
@@ -123,7 +123,7 @@ class SampleReader:
 
     # ------------------------------------------------------------ one sample
 
-    def prepare(self, epoch: int, g: int) -> Prepared | Skipped:
+    def prepare(self, epoch: int, g: int) -> Usable | Skipped:
         """Read and check sample ``g``, draw its parameters, gather its label (and, with
         ``pixels``, decode and transform its image)."""
         shard, key, data = self.shards.read(g, self.exts)  # ShardError (structural) propagates
@@ -140,7 +140,7 @@ class SampleReader:
             except Exception as exc:
                 return Skipped(shard, key, f"jpg does not decode: {exc}")
             images = [recipe.image(pil, size, view.draw) for view in views]
-        return Prepared(g, key, data["jpg"], views, cls, images)
+        return Usable(g, key, data["jpg"], views, cls, images)
 
     def _check(self, data: dict[str, bytes]) -> str | tuple[int, int, np.ndarray | None, int | None]:
         """(height, width, label [H, W] or None, cls or None), or why the sample cannot be used."""
@@ -173,7 +173,7 @@ class SampleReader:
 
     # ------------------------------------------------------------ one batch
 
-    def fill(self, epoch: int, position: int, bad: dict[int, str]) -> tuple[Prepared, bool, list[Skipped]]:
+    def fill(self, epoch: int, position: int, bad: dict[int, str]) -> tuple[Usable, bool, list[Skipped]]:
         """The sample of share position ``position``, or its replacement: (sample, valid, skipped)."""
         share, valid = self.plan.share(epoch)
         skipped = []
@@ -183,7 +183,7 @@ class SampleReader:
                 skipped.append(Skipped(*self.shards.name(g), bad[g]))
                 continue
             sample = self.prepare(epoch, g)
-            if isinstance(sample, Prepared):
+            if isinstance(sample, Usable):
                 return sample, bool(valid[position]) and pos == position, skipped
             skipped.append(sample)
         raise ShardError(
@@ -207,7 +207,7 @@ class SampleReader:
         stacked = torch.stack(images)
         return normalize(stacked, self.cfg.mean, self.cfg.std) if self.cfg.normalize else stacked
 
-    def _collate(self, t: int, samples: list[Prepared], valid: list[bool], skipped: list[Skipped]) -> HostBatch:
+    def _collate(self, t: int, samples: list[Usable], valid: list[bool], skipped: list[Skipped]) -> HostBatch:
         labels = images = views = boxes = jpg = ends = windows = None
         if self.label_dtype is not None:
             stacked = np.stack([s.views[0].label for s in samples])  # [B, S, S]
