@@ -9,29 +9,38 @@ import pytest
 import torch
 from PIL import Image
 
+from fastloc.data.config import SOLO, LoaderConfig
+from fastloc.data.loader import make_loader
 from fastloc.data.order import EpochPlan
-from fastloc.data.shards import ShardError, open_shards
-from fastloc.data.transforms import sample_rng
-from fastloc.probe.dense import mmseg
+from fastloc.data.shards import open_shards
+from fastloc.data.transforms import normalize, sample_rng
 from fastloc.probe.dense.config import Dinov3Ade20kConfig
 from fastloc.probe.dense.data import VOID, LabelSpace, open_dense_data
 from fastloc.probe.dense.mmseg import (
     CROP_CHECKS,
     RATIO_RANGE,
+    Mmseg,
     Photometric,
-    augment,
     choose_crop,
     convert,
     crop_ok,
     draw_photometric,
-    pad_pair,
     photometric,
-    resize_pair,
-    train_loader,
+    resize_label,
     train_size,
 )
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IDENTITY = LabelSpace(names=["c0", "c1", "c2", "c3"], ignore=None, zero_is_ignore=False)
+
+
+def augment(image: Image.Image, label: torch.Tensor, rng, short_side: int, crop: int):
+    """One sample through the recipe as the torch twin runs it: (image [3, crop, crop] float32
+    normalized and padded, label [crop, crop] int64 with VOID)."""
+    recipe = Mmseg(labels=IDENTITY, short_side=short_side)
+    (view,) = recipe.views(rng, image.height, image.width, crop, label.numpy())
+    images = recipe.finish(normalize(recipe.image(image, crop, view.draw)[None], MEAN, STD), [view])
+    return images[0], torch.from_numpy(view.label)
 
 
 def mmcv_rescale_size(w: int, h: int, ratio: float, img_scale=(2048, 512)) -> tuple[int, int]:
@@ -66,10 +75,8 @@ def test_train_size_has_no_long_side_cap():
 def test_labels_resize_by_torch_nearest_not_pil():
     """torchvision Resize(NEAREST) on a Mask tensor: index floor(i * in / out) (PIL: floor((i + 0.5) * in / out))."""
     label = torch.arange(5).repeat(2, 1)  # [2, 5]
-    image = Image.fromarray(np.zeros((2, 5, 3), np.uint8))
-    resized, out = resize_pair(image, label, (2, 3))
+    out = resize_label(label, (2, 3))
     assert out.tolist() == [[0, 1, 3], [0, 1, 3]] and out.dtype == torch.int64
-    assert (resized.height, resized.width) == (2, 3)
     pil = np.asarray(Image.fromarray(label.numpy().astype(np.uint8)).resize((3, 2), Image.Resampling.NEAREST))
     assert pil[0].tolist() == [0, 2, 4]
 
@@ -119,21 +126,13 @@ def test_crop_keeps_the_draw_after_ten_failures():
     assert choose_crop(rng, label, 50) == (0, CROP_CHECKS) and rng.calls == 2 * (CROP_CHECKS + 1)
 
 
-def test_pad_pair_fills_image_with_zero_and_label_with_void():
-    image, label = torch.ones(3, 20, 30), torch.full((20, 30), 4)
-    padded, target = pad_pair(image, label, 32)
-    assert padded.shape == (3, 32, 32) and target.shape == (32, 32)
-    assert (padded[:, 20:] == 0).all() and (padded[:, :, 30:] == 0).all() and (padded[:, :20, :30] == 1).all()
-    assert (target[20:] == VOID).all() and (target[:, 30:] == VOID).all() and (target[:20, :30] == 4).all()
-
-
 def test_augment_pads_a_small_image():
     """Resized below the crop: the crop is the whole image, padded at the bottom and right."""
     image, label = stripes(20, 30)
     for g in range(6):
         ratio = sample_rng(0, 0, g).uniform(*RATIO_RANGE)  # augment's first draw
         h, w = train_size(20, 30, 16, ratio)
-        x, y = augment(image, label, sample_rng(0, 0, g), 16, 64, MEAN, STD)
+        x, y = augment(image, label, sample_rng(0, 0, g), 16, 64)
         assert x.shape == (3, 64, 64) and y.shape == (64, 64) and x.dtype == torch.float32
         assert (y[:h, :w] != VOID).all() and (y[h:] == VOID).all() and (y[:, w:] == VOID).all()
         assert (x[:, h:] == 0).all() and (x[:, :, w:] == 0).all()
@@ -152,7 +151,7 @@ def test_augment_flips_image_and_label_together():
     image, label = stripes(64, 128)
     sides = set()
     for g in range(24):
-        x, y = augment(image, label, sample_rng(3, 0, g), 64, 64, MEAN, STD)
+        x, y = augment(image, label, sample_rng(3, 0, g), 64, 64)
         present = [c for c in range(4) if (y == c).any()]
         means = [float(x[0][y == c].mean()) for c in present]
         assert means == sorted(means), (g, present, means)
@@ -224,7 +223,9 @@ def first_batches(voc, seed: int, workers: int, epochs: int = 2) -> list[tuple[t
     cfg = Dinov3Ade20kConfig(data=voc, train_split="trainaug", crop_size=64, stride=43)
     data = open_dense_data(cfg)
     labels = LabelSpace.of(data, True)
-    loader = train_loader(data.train, labels, 4, seed, 48, 64, MEAN, STD, workers)
+    recipe = Mmseg(labels=labels, short_side=48)
+    cfg = LoaderConfig(shards=data.train.root, batch_size=4, size=64, recipe=recipe, seed=seed, workers=workers)
+    loader = make_loader(cfg, SOLO)
     out = []
     try:
         for _ in range(epochs):
@@ -249,22 +250,15 @@ def test_loader_is_seeded_whatever_the_workers(voc):
     assert not any(torch.equal(x, x2) for (x, _, _), (x2, _, _) in zip(one, other))
 
 
-def test_a_sample_that_does_not_read_is_replaced(voc, monkeypatch):
+def test_a_sample_that_does_not_read_is_replaced(voc):
     """The next sample of the epoch's share takes its slot, marked not valid."""
     cfg = Dinov3Ade20kConfig(data=voc, train_split="trainaug", crop_size=64, stride=43)
     data = open_dense_data(cfg)
-    loader = train_loader(data.train, LabelSpace.of(data, True), 4, 0, 48, 64, MEAN, STD, 0)
-    samples = loader.loader.dataset
-    share, _ = samples.plan.share(0)
-    broken, read = int(share[1]), mmseg.read_sample
-
-    def failing(shards, g):
-        if g == broken:
-            raise ShardError("does not decode")
-        return read(shards, g)
-
-    monkeypatch.setattr(mmseg, "read_sample", failing)
-    *_, valid, g = samples[(0, 1)]
-    assert not valid and g == int(share[2])
-    assert samples[(0, 0)][2:] == (True, int(share[0]))
+    recipe = Mmseg(labels=LabelSpace.of(data, True), short_side=48)
+    loader = make_loader(LoaderConfig(shards=data.train.root, batch_size=4, size=64, recipe=recipe, workers=0), SOLO)
+    share, _ = loader.plan.share(0)
+    sample, valid, skipped = loader.reader.fill(0, 1, {int(share[1]): "does not decode"})
+    assert not valid and sample.g == int(share[2]) and skipped[0].reason == "does not decode"
+    sample, valid, _ = loader.reader.fill(0, 0, {})
+    assert valid and sample.g == int(share[0])
     loader.close()

@@ -78,6 +78,10 @@ class Recipe:
         """[3, s, s] uint8: the torch twin's pixels of a view (PIL, the reference pipelines bit for bit)."""
         raise NotImplementedError
 
+    def finish(self, images: torch.Tensor, views: list[View]) -> torch.Tensor:
+        """The batch's first views after normalization [B, 3, S, S] (a recipe's padding)."""
+        return images
+
 
 def check_interpolations(names: tuple[str, ...]) -> None:
     unknown = [n for n in names if n not in INTERPOLATIONS]

@@ -215,6 +215,7 @@ class SampleReader:
             labels = torch.from_numpy(stacked.astype(np.int64 if self.wide_labels else narrow, copy=False))
         if self.pixels:
             images, *views = (self._pixels([s.images[v] for s in samples]) for v in range(len(samples[0].views)))
+            images = self.cfg.recipe.finish(images, [s.views[0] for s in samples])
         else:
             jpg = torch.frombuffer(bytearray().join(s.jpg for s in samples), dtype=torch.uint8)  # one copy
             ends = np.cumsum([len(s.jpg) for s in samples], dtype=np.int64)

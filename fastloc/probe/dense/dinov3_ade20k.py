@@ -15,7 +15,7 @@ from torch import nn
 
 from fastloc.probe.dense import mmseg
 from fastloc.probe.dense.config import Dinov3Ade20kConfig
-from fastloc.probe.dense.data import VOID, DenseRun, patch_encoder
+from fastloc.probe.dense.data import VOID, DenseRun, patch_encoder, train_loader
 from fastloc.probe.dense.linear import set_lr, to_grid, upsample
 from fastloc.probe.dense.metrics import SegCounts
 from fastloc.probe.dense.slide import score_split
@@ -65,19 +65,9 @@ def update_lr(update: int, total: int, warmup: int, max_lr: float) -> float:
 
 
 def training_loader(cfg: Dinov3Ade20kConfig, opened: DenseRun):
-    """The reference's pipeline (mmseg.py), its labels already mapped (VOID)."""
-    image = opened.backbone.image
-    return mmseg.train_loader(
-        opened.data.train,
-        opened.labels,
-        cfg.batch_size,
-        cfg.seed,
-        cfg.short_side,
-        cfg.crop_size,
-        image.mean,
-        image.std,
-        cfg.workers,
-    )
+    """The reference's pipeline (the mmseg recipe) at the crop's size, its labels mapped (VOID)."""
+    recipe = mmseg.Mmseg(labels=opened.labels, short_side=cfg.short_side)
+    return train_loader(opened.data.train, opened.backbone.image, cfg.batch_size, cfg, recipe, size=cfg.crop_size)
 
 
 def train(cfg: Dinov3Ade20kConfig, head: nn.Module, loader, opened: DenseRun) -> list[float]:

@@ -1,42 +1,25 @@
-"""dinov3-ade20k's training samples: the reference's mmseg-style pipeline, per sample, from the shards.
+"""dinov3-ade20k's training recipe: the reference's mmseg-style pipeline (dinov3
+eval/segmentation/transforms.py, make_segmentation_train_transforms) as a ``Recipe`` of the loaders.
 
-facebookresearch/dinov3 dinov3/eval/segmentation/transforms.py (``make_segmentation_train_transforms``
-as configs/config-ade20k-linear-training.yaml sets it: img_size 512, ratio range (0.5, 2.0), crop
-512, flip 0.5, reduce_zero_label): the short side resized to int(512 x U(0.5, 2)) (FixedSideResize:
-image PIL bilinear, label torch nearest), label 0 void (here LabelSpace: VOID is its 255), a crop
-with cat_max_ratio 0.75 (RandomCropWithLabel: 10 checks, then the 11th draw kept unchecked, as
-mmseg's loop), flip, PhotoMetricDistortion (brightness, contrast, saturation, hue; each p 0.5),
-normalize, padding to the crop (image 0, label void). All randomness comes from ``sample_rng(seed, epoch, g)`` and the
-epoch order from ``EpochPlan``: a seed gives one run, whatever the number of workers.
-
-dinov3's code departs from DINOv2's mmseg config (Resize img_scale (2048, 512), mmseg's
-PhotoMetricDistortion), and is followed here: no 2048 cap on the long side (equal wherever the long
-side stays under 4x the short one), labels resized by torch's nearest (floor(i x in / out)), not
-PIL's; saturation and hue by torchvision's adjust_saturation (a blend with the grey image) and
-adjust_hue with a factor U(-0.5, 0.5) of the whole hue circle, not OpenCV HSV with a hue delta of 18
-of 180. Differences from dinov3: the base short side is --short-side (the reference's train and
-eval img_size, both 512); the draws come from sample_rng, not np.random seeded per worker; a sample
-that does not decode is replaced by the next of the epoch's order (the reference stops).
+Its draws come from ``sample_rng`` and look at the label map (the cat_max_ratio crop), and its
+photometric distortion is torchvision's on the host: DALI cannot run it, so the loaders run it in
+the torch twin (``Recipe.dali`` False). What it takes from dinov3's code rather than DINOv2's mmseg
+config, and where it departs from both, is ``describe()`` and ``DIFFERENCES``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as Fv
 
-from fastloc.data.batch import Batch
-from fastloc.data.order import EpochPlan, candidates
-from fastloc.data.shards import ShardError, ShardSet
-from fastloc.data.transforms import normalize, sample_rng
+from fastloc.data.recipes import Recipe, View
 from fastloc.probe.dense.data import VOID, LabelSpace
-from fastloc.probe.dense.slide import read_sample, short_side_size
+from fastloc.probe.dense.slide import short_side_size
 
 RATIO_RANGE = (0.5, 2.0)  # config-ade20k-linear-training.yaml transforms.train.random_img_size_ratio_range
 CAT_MAX_RATIO = 0.75  # transforms.py RandomCropWithLabel(cat_max_ratio=0.75)
@@ -80,15 +63,12 @@ def train_size(height: int, width: int, short_side: int, ratio: float) -> tuple[
     return short_side_size(height, width, int(short_side * ratio))
 
 
-def resize_pair(image: Image.Image, label: torch.Tensor, size: tuple[int, int]) -> tuple[Image.Image, torch.Tensor]:
-    """Image PIL bilinear (torchvision Resize on PIL), label [H, W] int64 by F.interpolate nearest
-    (torchvision Resize on the Mask tensor: float32, index floor(i x in / out)) to size (h, w)."""
-    h, w = size
-    if (h, w) == (image.height, image.width):
-        return image, label
-    image = image.resize((w, h), Image.Resampling.BILINEAR)
-    label = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
-    return image, label
+def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Label [H, W] int64 by F.interpolate nearest (torchvision Resize on the Mask tensor: float32,
+    index floor(i x in / out)) to size (h, w); the image goes by PIL bilinear (``Mmseg.image``)."""
+    if tuple(size) == tuple(label.shape):
+        return label
+    return F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
 
 
 def crop_ok(label: torch.Tensor, max_ratio: float = CAT_MAX_RATIO) -> bool:
@@ -112,13 +92,6 @@ def choose_crop(rng: np.random.Generator, label: torch.Tensor, crop: int) -> tup
             break
         offset = draw_offset(rng, h, w, crop)
     return offset
-
-
-def pad_pair(image: torch.Tensor, label: torch.Tensor, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """PadTensor at the bottom and right to crop x crop: the normalized image with 0, the label with VOID."""
-    h, w = label.shape
-    pad = (0, crop - w, 0, crop - h)
-    return F.pad(image, pad, value=0.0), F.pad(label, pad, value=VOID)
 
 
 # --------------------------------------------------------------------------- PhotoMetricDistortion
@@ -177,104 +150,56 @@ def photometric(pixels: np.ndarray, draw: Photometric) -> np.ndarray:
     return pixels
 
 
-# --------------------------------------------------------------------------- one sample
+# --------------------------------------------------------------------------- the recipe
 
 
-def augment(
-    image: Image.Image, label: torch.Tensor, rng: np.random.Generator, short_side: int, crop: int, mean, std
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(PIL RGB, label [H, W] int64 with VOID) -> (image [3, crop, crop] float32, label [crop, crop]
-    int64 with VOID): resize, crop, flip, photometric distortion, normalize, pad."""
-    ratio = rng.uniform(*RATIO_RANGE)  # np.random.random_sample() x (max - min) + min
-    image, label = resize_pair(image, label, train_size(image.height, image.width, short_side, ratio))
-    top, left = choose_crop(rng, label, crop)
-    pixels = np.asarray(image)[top : top + crop, left : left + crop]  # [h, w, 3] uint8
-    label = label[top : top + crop, left : left + crop]
-    if rng.random() < FLIP_P:  # MaybeApplyImageLabel(hflip): np.random.rand() < 0.5
-        pixels, label = pixels[:, ::-1], label.flip(-1)
-    pixels = photometric(np.ascontiguousarray(pixels), draw_photometric(rng))
-    chw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-    return pad_pair(normalize(chw[None], mean, std)[0], label.contiguous(), crop)
+@dataclass(frozen=True)
+class MmsegDraw:
+    """One sample's draws: the resized size (h, w), the crop's offset, the flip, the photometric."""
+
+    resized: tuple[int, int]
+    top: int
+    left: int
+    flip: bool
+    photometric: Photometric
 
 
-class TrainSamples(Dataset):
-    """A split's training samples: item (epoch, position in the plan's share) -> (image [3, crop,
-    crop] float32, label [crop, crop] int64 with VOID, valid, sample index). A sample that does not
-    read is replaced by the next one of the share (valid False)."""
+@dataclass(frozen=True, kw_only=True)
+class Mmseg(Recipe):
+    """Resize (short side int(short_side x U(0.5, 2))), cat_max_ratio crop of the loader's size,
+    flip, PhotoMetricDistortion, normalize, pad (image 0, label VOID). Labels come out mapped by
+    ``labels`` (reduce_zero_label: VOID); the draws are the reference's, in its order."""
 
-    def __init__(self, shards: ShardSet, plan: EpochPlan, labels: LabelSpace, short_side: int, crop: int, mean, std):
-        self.shards, self.plan, self.labels = shards, plan, labels
-        self.short_side, self.crop, self.mean, self.std = short_side, crop, tuple(mean), tuple(std)
+    dali = False  # torchvision's photometric distortion: the torch twin runs it
+    labels: LabelSpace
+    short_side: int
 
-    def __len__(self) -> int:
-        return self.shards.num_samples
+    def views(self, rng, h, w, size, label):
+        label = self.labels.map(torch.from_numpy(label.astype(np.int64)))  # reduce_zero_label, VOID
+        resized = train_size(h, w, self.short_side, rng.uniform(*RATIO_RANGE))  # ratio: random_sample() x span + min
+        label = resize_label(label, resized)
+        top, left = choose_crop(rng, label, size)
+        label = label[top : top + size, left : left + size]
+        flip = bool(rng.random() < FLIP_P)  # MaybeApplyImageLabel(hflip): np.random.rand() < 0.5
+        label = label.flip(-1) if flip else label
+        pad = (0, size - label.shape[1], 0, size - label.shape[0])
+        draw = MmsegDraw(resized, top, left, flip, draw_photometric(rng))
+        return (View(None, F.pad(label, pad, value=VOID).numpy(), draw),)
 
-    def sample(self, epoch: int, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, stored = read_sample(self.shards, g)
-        label = self.labels.map(torch.from_numpy(stored.astype(np.int64)))  # reduce_zero_label, VOID
-        rng = sample_rng(self.plan.seed, epoch, g)
-        return augment(image, label, rng, self.short_side, self.crop, self.mean, self.std)
+    def image(self, image, size, draw):
+        """[3, size, size] uint8: resized, cropped, flipped, distorted; the padding is ``finish``'s."""
+        h, w = draw.resized
+        if (h, w) != (image.height, image.width):
+            image = image.resize((w, h), Image.Resampling.BILINEAR)
+        pixels = np.asarray(image)[draw.top : draw.top + size, draw.left : draw.left + size]  # [h, w, 3] uint8
+        pixels = photometric(np.ascontiguousarray(pixels[:, ::-1] if draw.flip else pixels), draw.photometric)
+        chw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        return F.pad(chw, (0, size - chw.shape[2], 0, size - chw.shape[1]))
 
-    def __getitem__(self, item: tuple[int, int]):
-        epoch, position = item
-        share, _ = self.plan.share(epoch)
-        for k in candidates(len(share), position):
-            try:
-                return (*self.sample(epoch, int(share[k])), k == position, int(share[k]))
-            except ShardError as exc:
-                error = exc
-        raise ShardError(f"{self.shards.root}: no sample of epoch {epoch} reads ({error})")
-
-
-class EpochBatches:
-    """The batch sampler: batch b of the current epoch is [(epoch, p) for p in the plan's positions(b)]."""
-
-    def __init__(self, plan: EpochPlan):
-        self.plan, self.epoch = plan, 0
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for b in range(len(self.plan)):
-            yield [(self.epoch, p) for p in self.plan.positions(b)]
-
-
-def collate(samples) -> Batch:
-    images, labels, valid, index = zip(*samples)
-    return Batch(
-        images=torch.stack(images),  # [B, 3, crop, crop]
-        labels=torch.stack(labels),  # [B, crop, crop]
-        valid=torch.tensor(valid),
-        index=torch.tensor(index, dtype=torch.int64),
-    )
-
-
-class TrainLoader:
-    """Epochs of full, shuffled batches (EpochPlan's order, drop_last); each iteration is the next epoch."""
-
-    def __init__(self, samples: TrainSamples, workers: int):
-        self.batches = EpochBatches(samples.plan)
-        self.loader = DataLoader(
-            samples, batch_sampler=self.batches, num_workers=workers, collate_fn=collate, persistent_workers=workers > 0
-        )
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[Batch]:
-        self.batches.epoch = self.epoch  # read by the sampler in this process, as the workers are fed
-        yield from self.loader
-        self.epoch += 1
-
-    def close(self) -> None:
-        self.loader = None  # drops the workers
-
-
-def train_loader(
-    shards: ShardSet, labels: LabelSpace, batch: int, seed: int, short_side: int, crop: int, mean, std, workers: int
-) -> TrainLoader:
-    """dinov3-ade20k's training batches: Batch(images [B, 3, crop, crop], labels [B, crop, crop] with VOID)."""
-    plan = EpochPlan(num_samples=shards.num_samples, batch_size=batch, seed=seed, shuffle=True, drop_last=True)
-    return TrainLoader(TrainSamples(shards, plan, labels, short_side, crop, mean, std), workers)
+    def finish(self, images, views):
+        """PadTensor: the padding is 0 after normalization."""
+        for image, view in zip(images, views):
+            h, w = (min(n - o, image.shape[-1]) for n, o in zip(view.draw.resized, (view.draw.top, view.draw.left)))
+            image[:, h:] = 0
+            image[:, :, w:] = 0
+        return images
