@@ -21,9 +21,8 @@ class Batch:
     valid: torch.Tensor | None = None  # [B] bool; None: all valid
     index: torch.Tensor | None = None  # [B] int64 on the host: the sample (its place in the split) in each slot
     views: tuple[torch.Tensor, ...] | None = None  # a multi-view recipe's further views, each [B, 3, h, w]
-    boxes: torch.Tensor | None = (
-        None  # [B, V, 4] float32 on the host: each view's (top, left, bottom, right) in source pixels
-    )
+    # [B, V, 4] float32 on the host: each view's (top, left, bottom, right) in source pixels
+    boxes: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
