@@ -1,6 +1,6 @@
 """Hummingbird in-context retrieval (fastloc.probe.dense.hummingbird): the bank's label
 distributions and sampling against hand-made maps and a transcription of the reference's loops,
-the seeded colour jitter, the matching, and the CLI end to end on the tiny VOC."""
+the seeded colour jitter (the bank recipe's), the matching, and the CLI end to end on the tiny VOC."""
 
 import json
 from dataclasses import replace
@@ -11,15 +11,15 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from fastloc.data.transforms import sample_rng
 from fastloc.probe.dense.config import HummingbirdConfig
 from fastloc.probe.dense.data import VOID, LabelSpace, dense_backbone, eval_split, open_dense_data
 from fastloc.probe.dense.hummingbird import (
+    CROP,
     EMPTY_SCORE,
     Bank,
     build_bank,
     colour_jitter,
-    draw_jitter,
-    epoch_generator,
     kept_slots,
     matched_counts,
     patch_distributions,
@@ -138,10 +138,17 @@ def images(n: int = 6, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
+def draw_jitter(seed: int, epoch: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(applied [count, 4], factors [count, 4]) of the bank recipe's draws for samples 0..count-1
+    of a 40 x 50 image, as the loaders draw them (``sample_rng``)."""
+    draws = [CROP.draw(sample_rng(seed, epoch, i), 40, 50) for i in range(count)]
+    return torch.tensor([d.applied for d in draws]), torch.tensor([d.factors for d in draws], dtype=torch.float64)
+
+
 def test_jitter_draws_are_seeded_and_within_colorjitters_ranges():
-    a, b = draw_jitter(epoch_generator(0, 0), 4000), draw_jitter(epoch_generator(0, 0), 4000)
+    a, b = draw_jitter(0, 0, 4000), draw_jitter(0, 0, 4000)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    other = draw_jitter(epoch_generator(0, 1), 4000)
+    other = draw_jitter(0, 1, 4000)
     assert not torch.equal(a[1], other[1])
     applied, factors = a
     assert ((factors[:, :3] >= 0.9) & (factors[:, :3] <= 1.1)).all()
@@ -152,7 +159,7 @@ def test_jitter_draws_are_seeded_and_within_colorjitters_ranges():
 def test_jitter_is_the_identity_when_nothing_is_drawn():
     x = images()
     off = torch.zeros(len(x), 4, dtype=torch.bool)
-    factors = draw_jitter(epoch_generator(3, 0), len(x))[1]
+    factors = draw_jitter(3, 0, len(x))[1]
     assert torch.equal(colour_jitter(x, off, factors), x)
     neutral = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * len(x), dtype=torch.float64)
     assert torch.equal(colour_jitter(x, torch.ones(len(x), 4, dtype=torch.bool), neutral), x)
@@ -165,8 +172,8 @@ def test_jitter_applies_the_drawn_ops_in_order():
     out = colour_jitter(x, applied, factors)
     assert torch.equal(out[0], TF.adjust_saturation(TF.adjust_brightness(x[0], 1.08), 0.91))
     assert torch.equal(out[1], TF.adjust_hue(TF.adjust_contrast(x[1], 1.07), -0.06))
-    same = colour_jitter(x, *draw_jitter(epoch_generator(5, 0), 2))
-    assert torch.equal(same, colour_jitter(x, *draw_jitter(epoch_generator(5, 0), 2)))
+    same = colour_jitter(x, *draw_jitter(5, 0, 2))
+    assert torch.equal(same, colour_jitter(x, *draw_jitter(5, 0, 2)))
     assert not torch.equal(same, x)
 
 
@@ -268,3 +275,28 @@ def test_a_seed_gives_one_bank_and_train_images_takes_the_first(voc, tmp_path):
     assert torch.allclose(banks[0].labels.sum(1), torch.ones(banks[0].size))  # void counted as background
     other = build_bank(replace(cfg, seed=1), data.train, backbone, labels, device, main=False)
     assert not torch.equal(other.features, banks[0].features)
+
+
+def test_the_banks_recipe_jitters_the_crop_it_draws(voc):
+    """The bank's loader yields RandomResizedCrop's pixels (the same recipe without jitter gives the
+    same labels) jittered by the draws that follow the crop's in each sample's ``sample_rng``."""
+    from PIL import Image
+
+    from fastloc.data.config import SOLO, LoaderConfig
+    from fastloc.data.loader import make_loader
+    from fastloc.data.recipes import Rrc
+
+    fields = {f: getattr(CROP, f) for f in ("scale", "ratio", "flip_p", "interpolations")}
+    cfg = LoaderConfig(shards=voc / "train", batch_size=4, size=32, normalize=False, loader="cpu", workers=0)
+    batches = []
+    for recipe in (CROP, Rrc(**fields)):
+        loader = make_loader(replace(cfg, recipe=recipe, seed=3), SOLO)
+        batches.append(next(iter(loader)))
+        loader.close()
+    jittered, plain = batches
+    assert torch.equal(jittered.labels, plain.labels) and not torch.equal(jittered.images, plain.images)
+    sizes = [Image.open(voc.parent.parent / "VOC2012" / "JPEGImages" / f"{key}.jpg").size for key in plain.keys]
+    draws = [CROP.draw(sample_rng(3, 0, int(g)), h, w) for g, (w, h) in zip(plain.index, sizes)]
+    applied = torch.tensor([d.applied for d in draws])
+    expected = colour_jitter(plain.images, applied, torch.tensor([d.factors for d in draws], dtype=torch.float64))
+    assert torch.equal(jittered.images, expected)

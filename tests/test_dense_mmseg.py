@@ -39,7 +39,7 @@ def augment(image: Image.Image, label: torch.Tensor, rng, short_side: int, crop:
     normalized and padded, label [crop, crop] int64 with VOID)."""
     recipe = Mmseg(labels=IDENTITY, short_side=short_side)
     (view,) = recipe.views(rng, image.height, image.width, crop, label.numpy())
-    images = recipe.finish(normalize(recipe.image(image, crop, view.draw)[None], MEAN, STD), [view])
+    images = recipe.finish(normalize(recipe.image(image, crop, view.draw)[None], MEAN, STD), [view.draw])
     return images[0], torch.from_numpy(view.label)
 
 

@@ -78,8 +78,10 @@ class Recipe:
         """[3, s, s] uint8: the torch twin's pixels of a view (PIL, the reference pipelines bit for bit)."""
         raise NotImplementedError
 
-    def finish(self, images: torch.Tensor, views: list[View]) -> torch.Tensor:
-        """The batch's first views after normalization [B, 3, S, S] (a recipe's padding)."""
+    def finish(self, images: torch.Tensor, draws: list[Any]) -> torch.Tensor:
+        """The batch's first views as both loaders deliver them ([B, 3, S, S], on the loader's
+        device, normalized or uint8) and their draws -> the same: a step neither PIL nor the DALI
+        graph makes (mmseg's padding, Hummingbird's colour jitter). No host sync."""
         return images
 
 

@@ -63,6 +63,7 @@ class HostBatch:
     images: torch.Tensor | None  # [B, 3, S, S] uint8 or float32: the first views (pixels=True)
     views: list[torch.Tensor] | None  # the further views, each [B, 3, s, s] (pixels=True, several views)
     boxes: np.ndarray | None  # [B, V, 4] float32: every view's box (several views), see ``View.box``
+    draws: list  # [B] the first views' draws, for ``Recipe.finish``
     jpg: torch.Tensor | None  # [total bytes] uint8: the JPEGs back to back (pixels=False)
     jpg_ends: np.ndarray | None  # [B] int64: where each JPEG ends in ``jpg``
     windows: dict[str, np.ndarray] | None  # DALI's per-sample geometry (pixels=False), see ``window_arrays``
@@ -215,7 +216,6 @@ class SampleReader:
             labels = torch.from_numpy(stacked.astype(np.int64 if self.wide_labels else narrow, copy=False))
         if self.pixels:
             images, *views = (self._pixels([s.images[v] for s in samples]) for v in range(len(samples[0].views)))
-            images = self.cfg.recipe.finish(images, [s.views[0] for s in samples])
         else:
             jpg = torch.frombuffer(bytearray().join(s.jpg for s in samples), dtype=torch.uint8)  # one copy
             ends = np.cumsum([len(s.jpg) for s in samples], dtype=np.int64)
@@ -233,6 +233,7 @@ class SampleReader:
             images=images,
             views=views or None,
             boxes=boxes,
+            draws=[s.views[0].draw for s in samples],
             jpg=jpg,
             jpg_ends=ends,
             windows=windows,

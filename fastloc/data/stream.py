@@ -181,7 +181,7 @@ class EpochLoader:
         device = self.torch_device
         labels = None if host.labels is None else host.labels.to(device, non_blocking=True).to(torch.int64)
         return Batch(
-            images=images,
+            images=self.cfg.recipe.finish(images, host.draws),
             views=None if host.views is None else tuple(v.to(device, non_blocking=True) for v in host.views),
             boxes=None if host.boxes is None else torch.from_numpy(host.boxes),
             labels=labels,

@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from fastloc.data.config import SOLO
 from fastloc.data.loader import make_loader
-from fastloc.data.recipes import Rrc
+from fastloc.data.recipes import Rrc, RrcDraw
 from fastloc.data.transforms import normalize
 from fastloc.probe.dense.config import HummingbirdConfig
 from fastloc.probe.dense.data import (
@@ -47,8 +47,6 @@ from fastloc.probe.dense.report import counted, write_result
 from fastloc.probe.run import timed
 from fastloc.progress import Progress
 
-# get_hbird_train_transforms: the shared crop (flip commented out there), then four RandomApply(ColorJitter)
-CROP = Rrc(scale=(0.5, 2.0), flip_p=0.0, interpolations=("bilinear",))
 JITTER_P = 0.5  # each of brightness, contrast, saturation, hue, in this order
 JITTER = 0.1  # ColorJitter(x=0.1): factor U(0.9, 1.1) for the first three, hue shift U(-0.1, 0.1)
 JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -57,8 +55,9 @@ UPSAMPLE_IMAGES = 8  # images upsampled at once: [8, C, S, S] float temporaries
 
 DIFFERENCES = {
     "search": "exact cosine, chunked (the reference: approximate ScaNN, or faiss)",
-    "jitter": "on the device on the uint8 crop, after RandomResizedCrop (the reference: on the PIL image before "
-    "the crop, so contrast's grey mean is the whole image's there)",
+    "jitter": "on the loader's device on the uint8 crop, after RandomResizedCrop, drawn per sample from the "
+    "loader's sample_rng (the reference: on the PIL image before the crop, so contrast's grey mean is the whole "
+    "image's there)",
     "crop": "fastloc's rrc recipe: PIL bilinear image, PIL-nearest labels (the reference: torchvision on tensors)",
     "bank": "only the rows filled, memory_size // (images x epochs) per image (the reference keeps the unfilled "
     "rest of memory_size as zero rows)",
@@ -118,25 +117,58 @@ def samples_per_image(memory_size: int, images: int, epochs: int, tokens: int) -
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The bank's random numbers of one augmentation epoch (jitter, sampling): a CPU generator, so
-    a seed gives one bank on any device."""
+    """The bank's patch sampling of one augmentation epoch: a CPU generator, so a seed gives one
+    bank on any device."""
     state = np.random.SeedSequence([seed, epoch]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(state))
 
 
-def draw_jitter(generator: torch.Generator, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(applied [count, 4] bool, factors [count, 4] float64) on the host, as four
-    RandomApply([ColorJitter(x=0.1)], p=0.5) draw them: brightness, contrast, saturation factors
-    U(0.9, 1.1), hue shift U(-0.1, 0.1)."""
-    u = torch.rand(count, 8, generator=generator, dtype=torch.float64)
-    applied = u[:, :4] < JITTER_P
-    low = torch.tensor([1 - JITTER, 1 - JITTER, 1 - JITTER, -JITTER], dtype=torch.float64)
-    return applied, low + 2 * JITTER * u[:, 4:]
+@dataclass(frozen=True)
+class JitteredDraw:
+    crop: RrcDraw
+    applied: tuple[bool, ...]  # brightness, contrast, saturation, hue: RandomApply's p each
+    factors: tuple[float, ...]  # the first three's factors, the hue shift
+
+
+@dataclass(frozen=True, kw_only=True)
+class JitteredCrop(Rrc):
+    """get_hbird_train_transforms: RandomResizedCrop (flip commented out there), then four
+    RandomApply([ColorJitter(x=0.1)], p=0.5), the jitter made on the loader's device (``finish``)."""
+
+    jitter: float = JITTER
+    jitter_p: float = JITTER_P
+
+    def draw(self, rng, h, w) -> JitteredDraw:
+        """The crop's draws, then eight uniforms: four gates and the brightness, contrast and
+        saturation factors U(1 - x, 1 + x) and the hue shift U(-x, x)."""
+        crop = super().draw(rng, h, w)
+        u = rng.random(8)
+        low = np.array([1 - self.jitter] * 3 + [-self.jitter])
+        return JitteredDraw(
+            crop, tuple((u[:4] < self.jitter_p).tolist()), tuple((low + 2 * self.jitter * u[4:]).tolist())
+        )
+
+    def window(self, h, w, size, draw):
+        return super().window(h, w, size, draw.crop)
+
+    def label(self, label, size, draw):
+        return super().label(label, size, draw.crop)
+
+    def image(self, image, size, draw):
+        return super().image(image, size, draw.crop)
+
+    def finish(self, images, draws):
+        applied = torch.tensor([d.applied for d in draws], dtype=torch.bool)
+        return colour_jitter(images, applied, torch.tensor([d.factors for d in draws], dtype=torch.float64))
+
+
+CROP = JitteredCrop(scale=(0.5, 2.0), flip_p=0.0, interpolations=("bilinear",))
 
 
 def colour_jitter(images: torch.Tensor, applied: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] uint8 (any device) -> jittered uint8: per image, the applied ops in order, each
-    quantized to uint8 as the reference's PIL ops are. The draws are host tensors: no sync."""
+    """[B, 3, H, W] uint8 (any device) -> jittered uint8: per image, the applied ops ([B, 4] bool) in
+    order with their factors ([B, 4] float64), each quantized to uint8 as the reference's PIL ops
+    are. The draws are host tensors: no sync."""
     out = images.clone()
     for i, (ops, values) in enumerate(zip(applied.tolist(), factors.tolist())):
         image = images[i]
@@ -165,7 +197,7 @@ class Bank:
 
 def bank_loader(cfg: HummingbirdConfig, split, backbone: Backbone):
     """The training split in order, every sample once per epoch, uint8 images: RandomResizedCrop
-    (cfg.augment) or the square resize."""
+    and colour jitter (cfg.augment, ``CROP``) or the square resize."""
     recipe = {"recipe": CROP} if cfg.augment else {}
     config = loader_config(
         split, backbone.image, cfg.eval_batch_size, cfg, shuffle=False, drop_last=False, normalize=False, **recipe
@@ -215,8 +247,6 @@ def build_bank(
                     pick = torch.from_numpy(keep).to(pixels.device)
                     pixels, stored = pixels.index_select(0, pick), stored.index_select(0, pick)
                 pixels = pixels.to(device, non_blocking=True)  # [b, 3, S, S] uint8
-                if cfg.augment:
-                    pixels = colour_jitter(pixels, *draw_jitter(generator, len(keep)))
                 tokens = encode(normalize(pixels, image.mean, image.std))  # [b, N, D]
                 dist = patch_distributions(
                     labels.map(stored.to(device)), image.patch_size, labels.num_classes, cfg.bank_void

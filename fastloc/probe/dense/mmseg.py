@@ -196,10 +196,10 @@ class Mmseg(Recipe):
         chw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         return F.pad(chw, (0, size - chw.shape[2], 0, size - chw.shape[1]))
 
-    def finish(self, images, views):
+    def finish(self, images, draws):
         """PadTensor: the padding is 0 after normalization."""
-        for image, view in zip(images, views):
-            h, w = (min(n - o, image.shape[-1]) for n, o in zip(view.draw.resized, (view.draw.top, view.draw.left)))
+        for image, draw in zip(images, draws):
+            h, w = (min(n - o, image.shape[-1]) for n, o in zip(draw.resized, (draw.top, draw.left)))
             image[:, h:] = 0
             image[:, :, w:] = 0
         return images
