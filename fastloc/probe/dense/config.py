@@ -312,10 +312,11 @@ def linear_config(args: list[str]) -> type[DenseConfig]:
     config = LINEAR.get(protocol)
     if config is None:
         return PROTOCOLS["linear"]
+    own = options(config)
+    foreign = {flag: name for name, other in LINEAR.items() for flag in options(other) - own}
     for flag in (arg.partition("=")[0] for arg in args):
-        for name, other in LINEAR.items():
-            if flag in options(other) - options(config):
-                raise BadValue(f"{flag} belongs to --protocol {name}, not {protocol}")
+        if flag in foreign:
+            raise BadValue(f"{flag} belongs to --protocol {foreign[flag]}, not {protocol}")
     return config
 
 
