@@ -68,3 +68,22 @@ def _image(shards, g: int) -> Image.Image:
 def _size(shards, g: int) -> tuple[int, int]:
     image = _image(shards, g)
     return image.height, image.width
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostOnly(Rrc):
+    """A recipe whose pixels DALI cannot make (as mmseg's photometric distortion)."""
+
+    dali = False
+
+
+def test_a_host_only_recipe_takes_the_torch_twin_and_the_dali_graph_refuses_it(synthetic):
+    from fastloc.data.loader import make_loader
+    from fastloc.data.torch_loader import TorchLoader
+
+    cfg = LoaderConfig(shards=synthetic, batch_size=8, size=S, recipe=HostOnly(), loader="gpu", workers=0)
+    loader = make_loader(cfg, SOLO)  # asked for DALI on the GPU: the twin runs the recipe instead
+    assert isinstance(loader, TorchLoader) and next(iter(loader)).images.shape == (8, 3, S, S)
+    loader.close()
+    with pytest.raises(ValueError, match="one view per sample of a DALI recipe"):
+        LOADERS["dali-cpu"](cfg, SOLO)
