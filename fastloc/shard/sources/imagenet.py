@@ -10,7 +10,10 @@ One tar per class (the ImageNet-21k winter21 release, unpacked once)::
 
 Tar members are listed once in ``items()`` and then read directly at their data offset, so no tar
 is unpacked. The class index is the position in ``--class-list`` when given, else in the sorted
-wnids found on disk.
+wnids found on disk. ``--class-list imagenet100`` names a list shipped with fastloc (imagenet100.txt
+beside this module: CMC's ImageNet-100, the set Leopart trains on) and selects: classes it does not
+name are skipped and reported, so one command turns ImageNet-1k into ImageNet-100 shards. A user's
+list selects the same way only with ``--only-listed``; without it every class on disk must be listed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import os
 import tarfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -30,6 +34,9 @@ from fastloc.shard.sources.files import check_unique_keys, file_size, read_bytes
 # Images the writer can decode (and re-encode when they are not JPEG).
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CLS_ENCODING = "ASCII decimal class index into classes"
+# --class-list names -> files shipped in this package (pyproject.toml's package-data). A built-in
+# list names a subset of the classes on disk and selects it; the output folder takes its name.
+BUILTIN_CLASS_LISTS = {"imagenet100": "imagenet100.txt"}
 
 
 @flowing_help
@@ -47,15 +54,46 @@ class ImagenetConfig(ConvertConfig):
 
     class_list: Path | None = None
     """Text file fixing the class order: one wnid per line, optionally followed by whitespace and
-    a human-readable name; the class index is the entry's position (0-based, blank lines
-    ignored). Every class found on disk must be listed; listed classes may have no images.
-    Default: the sorted wnids found on disk."""
+    a human-readable name; the class index is the entry's position (0-based, blank lines and lines
+    starting with # ignored). Every class found on disk must be listed (unless --only-listed);
+    listed classes may have no images. Or a built-in list, used when no file of that name exists:
+    imagenet100 (CMC's ImageNet-100, as Leopart trains on it), which selects its 100 classes from
+    an ImageNet-1k folder, skips the others, and names the output folder imagenet100 (unless
+    --name). Default: the sorted wnids found on disk."""
+
+    only_listed: bool = False
+    """Convert only the classes --class-list names; classes found on disk that it does not name are
+    skipped and reported (the final report, the manifest's source.skipped_classes), not an error.
+    Built-in lists always select this way."""
 
     layout: Literal["auto", "folders", "tars"] = "auto"
     """folders: SRC/<wnid>/*.JPEG; tars: SRC/<wnid>.tar; auto: whichever of the two SRC holds."""
 
     def source(self) -> ImagenetSource:
-        return ImagenetSource(src=self.src, split=self.split, class_list=self.class_list, layout=self.layout)
+        return ImagenetSource(
+            src=self.src,
+            split=self.split,
+            class_list=self.class_list,
+            layout=self.layout,
+            only_listed=self.only_listed,
+        )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.only_listed and self.class_list is None:
+            raise ConversionError("--only-listed needs --class-list (the classes to convert)")
+
+
+def resolve_class_list(class_list: Path | str) -> tuple[Path, str | None]:
+    """The file a --class-list value names and, for a built-in list, its name (else None).
+
+    A file of that name wins over a built-in list, so a user's own imagenet100 file is read as
+    theirs (with the user's-list rule)."""
+    path = Path(class_list)
+    name = str(class_list)
+    if path.exists() or name not in BUILTIN_CLASS_LISTS:
+        return path, None
+    return Path(str(resources.files(__package__).joinpath(BUILTIN_CLASS_LISTS[name]))), name
 
 
 def read_class_list(path: Path) -> tuple[list[str], list[str | None]]:
@@ -71,7 +109,7 @@ def read_class_list(path: Path) -> tuple[list[str], list[str | None]]:
     first_line: dict[str, int] = {}
     for line_no, line in enumerate(text.splitlines(), start=1):
         fields = line.strip().split(maxsplit=1)
-        if not fields:
+        if not fields or fields[0].startswith("#"):  # blank or a comment (no wnid starts with #)
             continue
         wnid = fields[0]
         if wnid in first_line:
@@ -105,8 +143,9 @@ class ImagenetSource:
         self,
         src: Path,
         split: str = "train",
-        class_list: Path | None = None,
+        class_list: Path | str | None = None,
         layout: Literal["auto", "folders", "tars"] = "auto",
+        only_listed: bool = False,
     ):
         self.src = Path(src)
         if not self.src.is_dir():
@@ -114,29 +153,33 @@ class ImagenetSource:
         if layout not in ("auto", "folders", "tars"):
             raise ConversionError(f"unknown ImageNet layout {layout!r}")
         self.split = split
-        self.class_list = None if class_list is None else Path(class_list)
+        self.class_list, self.builtin = (None, None) if class_list is None else resolve_class_list(class_list)
+        self.only_listed = only_listed or self.builtin is not None  # a built-in list always selects
+        if self.only_listed and self.class_list is None:
+            raise ConversionError("only_listed needs a class list (the classes to convert)")
         self.layout = detect_layout(self.src) if layout == "auto" else layout
         self._classes: tuple[list[str], list[str | None]] | None = None
         self._items: list[Item] | None = None
         self._incomplete_tars: dict[str, str] = {}  # tar -> why its listing stopped early
         self._unlisted: dict[str, str] = {}  # bad links and unreadable folders -> why
+        self._selection: dict[str, object] = {}  # with only_listed: the list, the classes skipped and missing
 
     # ---- the Source protocol ----
 
     def info(self) -> SourceInfo:
         wnids, names = self._class_table()
         self.items()  # lists every tar once, so that tars whose listing stopped early are recorded
-        extra = {"layout": self.layout, "cls": CLS_ENCODING, "wnids": wnids, "names": names}
+        extra = {"layout": self.layout, "cls": CLS_ENCODING, "wnids": wnids, "names": names, **self._selection}
         inputs = [self.src] + ([self.class_list] if self.class_list is not None else [])
         return SourceInfo(
-            dataset="imagenet",
+            dataset=self.builtin or "imagenet",
             split=self.split,
             source=os.path.abspath(self.src),
             classes=list(wnids),
             has_cls=True,
             label_encoding={},
             extra=extra,
-            unreachable=sorted({**self._incomplete_tars, **self._unlisted}.items()),
+            unreachable=sorted({**self._incomplete_tars, **self._unlisted, **self._skipped_note()}.items()),
             inputs=tuple(os.path.abspath(p) for p in inputs),
         )
 
@@ -178,15 +221,42 @@ class ImagenetSource:
                 names: list[str | None] = [None] * len(wnids)
             else:
                 wnids, names = read_class_list(self.class_list)
-                missing = sorted(set(found) - set(wnids))
-                if missing:
-                    shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+                unlisted = sorted(set(found) - set(wnids))
+                if self.only_listed:
+                    self._select(found, wnids, unlisted)
+                elif unlisted:
                     raise ConversionError(
-                        f"{len(missing)} classes found in {self.src} are not in the class list "
-                        f"{self.class_list}: {shown}"
+                        f"{len(unlisted)} classes found in {self.src} are not in the class list "
+                        f"{self.class_list}: {_shown(unlisted)} (--only-listed converts only the listed ones)"
                     )
             self._classes = (wnids, names)
         return self._classes
+
+    def _select(self, found: list[str], wnids: list[str], unlisted: list[str]) -> None:
+        """Record what an only_listed conversion skips and misses; no listed class on disk is an error."""
+        if len(unlisted) == len(found):
+            raise ConversionError(
+                f"none of the {len(found)} classes found in {self.src} is in the class list "
+                f"{self.builtin or self.class_list}: {_shown(unlisted)}"
+            )
+        on_disk = set(found)
+        self._selection = {
+            "class_list": self.builtin or os.path.abspath(self.class_list),
+            "skipped_classes": unlisted,  # on disk, not listed: not converted
+            "missing_classes": [w for w in wnids if w not in on_disk],  # listed, nothing on disk
+        }
+
+    def _skipped_note(self) -> dict[str, str]:
+        """One report line for the classes an only_listed conversion skips (the converter prints
+        ``unreachable`` entries in its summary; the full list is in the manifest's source)."""
+        skipped = self._selection.get("skipped_classes")
+        if not skipped:
+            return {}
+        why = (
+            f"{len(skipped)} classes not in the class list {self._selection['class_list']} skipped "
+            f"(not converted; all in the manifest's source.skipped_classes): {_shown(skipped)}"
+        )
+        return {str(self.src): why}
 
     # ---- listing ----
 
@@ -253,6 +323,11 @@ def _class_dirs(src: Path) -> list[str]:
 
 def _class_tars(src: Path) -> list[str]:
     return [e.name[: -len(".tar")] for e in _root_entries(src) if e.kind == "file" and e.name.endswith(".tar")]
+
+
+def _shown(wnids: list[str], count: int = 5) -> str:
+    """The first ``count`` wnids, then ', ...' when there are more."""
+    return ", ".join(wnids[:count]) + (", ..." if len(wnids) > count else "")
 
 
 def _is_image_name(name: str) -> bool:
