@@ -23,6 +23,9 @@ class Batch:
     views: tuple[torch.Tensor, ...] | None = None  # a multi-view recipe's further views, each [B, 3, h, w]
     # [B, V, 4] float32 on the host: each view's (top, left, bottom, right) in source pixels
     boxes: torch.Tensor | None = None
+    # [B, ...] float32 on the loader's device: the recipe's per-sample draws as numbers
+    # (``Recipe.params``), for a consumer that cuts views on the device (multi-crop)
+    params: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -39,4 +42,5 @@ class Batch:
             cls=move(self.cls),
             valid=move(self.valid),
             views=views,
+            params=move(self.params),
         )

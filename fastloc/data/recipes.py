@@ -84,6 +84,11 @@ class Recipe:
         graph makes (mmseg's padding, Hummingbird's colour jitter). No host sync."""
         return images
 
+    def params(self, draws: list[Any]) -> np.ndarray | None:
+        """The batch's first views' draws as numbers, [B, ...] float32 (``Batch.params``), for a
+        consumer that cuts views on the device (multi-crop); None: the recipe has none."""
+        return None
+
 
 def check_interpolations(names: tuple[str, ...]) -> None:
     unknown = [n for n in names if n not in INTERPOLATIONS]
@@ -171,6 +176,30 @@ class Rkrc(Recipe):
         return image_tensor(pixels[cp.top : cp.top + size, cp.left : cp.left + size], draw.flip)
 
 
+def rrc_box(
+    rng: np.random.Generator, h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """``RandomResizedCrop.get_params`` (10 tries, then the centre fallback) on a numpy generator:
+    per try two uniforms (area fraction, log aspect) and, on success, two integers (top, left).
+    (top, left, height, width) in source pixels."""
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        area_u, ratio_u = rng.random(2).tolist()
+        target = h * w * (scale[0] + (scale[1] - scale[0]) * area_u)
+        aspect = math.exp(log_lo + (log_hi - log_lo) * ratio_u)
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    in_ratio = w / h  # centre crop at the nearest allowed aspect ratio
+    if in_ratio < min(ratio):
+        cw, ch = w, round(w / min(ratio))
+    elif in_ratio > max(ratio):
+        cw, ch = round(h * max(ratio)), h
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
 @dataclass(frozen=True, kw_only=True)
 class Rrc(Recipe):
     """torchvision's RandomResizedCrop and a flip, random."""
@@ -191,28 +220,8 @@ class Rrc(Recipe):
         check_interpolations(self.interpolations)
 
     def draw(self, rng, h, w) -> RrcDraw:
-        """``RandomResizedCrop.get_params`` (10 tries, then the centre fallback): per try two uniforms
-        (area fraction, log aspect) and, on success, two integers (top, left); then two uniforms
-        (interpolation, flip)."""
-        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        box = None
-        for _ in range(10):
-            area_u, ratio_u = rng.random(2).tolist()
-            target = h * w * (self.scale[0] + (self.scale[1] - self.scale[0]) * area_u)
-            aspect = math.exp(log_lo + (log_hi - log_lo) * ratio_u)
-            cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-            if 0 < cw <= w and 0 < ch <= h:
-                box = (int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw)
-                break
-        if box is None:  # centre crop at the nearest allowed aspect ratio
-            in_ratio = w / h
-            if in_ratio < min(self.ratio):
-                cw, ch = w, round(w / min(self.ratio))
-            elif in_ratio > max(self.ratio):
-                cw, ch = round(h * max(self.ratio)), h
-            else:
-                cw, ch = w, h
-            box = ((h - ch) // 2, (w - cw) // 2, ch, cw)
+        """``rrc_box`` (RandomResizedCrop.get_params), then two uniforms (interpolation, flip)."""
+        box = rrc_box(rng, h, w, self.scale, self.ratio)
         pick_u, flip_u = rng.random(2).tolist()
         return RrcDraw(*box, _pick(self.interpolations, pick_u), flip_u < self.flip_p)
 

@@ -180,6 +180,7 @@ class EpochLoader:
         self._note(host.skipped)
         device = self.torch_device
         labels = None if host.labels is None else host.labels.to(device, non_blocking=True).to(torch.int64)
+        params = self.cfg.recipe.params(host.draws)  # [B, ...] float32 numpy or None
         return Batch(
             images=self.cfg.recipe.finish(images, host.draws),
             views=None if host.views is None else tuple(v.to(device, non_blocking=True) for v in host.views),
@@ -189,6 +190,7 @@ class EpochLoader:
             keys=host.keys,
             valid=torch.from_numpy(host.valid).to(device, non_blocking=True),
             index=torch.from_numpy(host.g),
+            params=None if params is None else torch.from_numpy(params).to(device, non_blocking=True),
         )
 
     def _note(self, skipped: list[Skipped]) -> None:
