@@ -4,6 +4,7 @@
     python -m fastloc.probe overcluster DATA [...]                         Leopart's overclustering mIoU
     python -m fastloc.probe linear DATA --protocol leopart-voc|dinov3-ade20k   linear-probe mIoU
     python -m fastloc.probe hummingbird DATA [...]                         in-context retrieval mIoU
+    python -m fastloc.probe knn DATA [...]                                 DINO's weighted k-NN top-1/top-5 (cls)
     python -m fastloc.probe compare A.json B.json [--out PNG]             before/after of two runs
 
 DATA is a shard set with train and validation splits (python -m fastloc.shard converts COCO,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import tyro
 
@@ -286,11 +286,68 @@ class HummingbirdConfig(SquareConfig):
         require(not (self.zero_is_ignore and self.bank_void == "background"), "--zero-is-ignore", True, rule)
 
 
+@flowing_help
+@dataclass(frozen=True, kw_only=True)
+class KnnConfig(DenseConfig):
+    """DINO's weighted k-NN classifier (eval_knn.py): the training split's image features are the
+    memory bank, each evaluation image votes with its k nearest by cosine, weighted exp(cos / T);
+    top-1 and top-5 accuracy over the split's image-level classes (the manifest's cls)."""
+
+    PROTOCOL = "knn"
+
+    data: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="DATA")]
+    """The shard set (python -m fastloc.shard converts one): a training split (the memory bank) and a validation
+    split (the queries) whose samples carry an image-level class (cls), as ImageNet's and the synthetic set's."""
+
+    train_split: str = ""
+    """The memory bank's folder under data (default: train or training)."""
+
+    eval_batch_size: int = 128
+    """Feature-extraction batch per rank (DINO: 128 per GPU)."""
+
+    precision: Literal["bf16", "fp32"] = "fp32"
+    """fp32 throughout (DINO's); bf16 runs the backbone under bf16 autocast and caches bf16 features."""
+
+    image_size: int = 0
+    """The backbone's input side (0: its own); the eval transform is the backbone's timm one at this side:
+    Resize(floor(side / crop_pct)), CenterCrop(side), as DINO's Resize 256 + CenterCrop 224 for ViT-S/16."""
+
+    k: int = 20
+    """Neighbours that vote (DINO: 20, its best of 10, 20, 100, 200)."""
+
+    temperature: float = 0.07
+    """Each neighbour votes exp(cosine / temperature) (DINO: 0.07)."""
+
+    token: Literal["cls", "pooled"] = "cls"
+    """The image feature: cls (the class token after the final norm, DINO's) or pooled (timm's pre-logits:
+    the backbone's own pooling, e.g. the mean of the patch tokens of a backbone without a class token)."""
+
+    query_chunk: int = 500
+    """Evaluation images compared with the whole bank at once (DINO: the split / 100, 500 on ImageNet);
+    memory: query_chunk x bank similarities. Chunks go to ranks in turn; the figures never depend on the ranks."""
+
+    @property
+    def zero_is_ignore(self) -> bool:
+        return False  # image-level classes: no void
+
+    def train_splits(self) -> tuple[str, ...]:
+        """The memory bank: DINO's train split."""
+        return ("train", "training")
+
+    def validate(self) -> None:
+        super().validate()
+        at_least("--image-size", self.image_size, 0, "0: the backbone's own")
+        at_least("--k", self.k, 1)
+        positive(self.temperature, "--temperature")
+        at_least("--query-chunk", self.query_chunk, 1)
+
+
 LINEAR: dict[str, type[DenseConfig]] = {"leopart-voc": LeopartVocConfig, "dinov3-ade20k": Dinov3Ade20kConfig}
 PROTOCOLS: dict[str, type[DenseConfig]] = {  # linear: its --protocol's default
     "overcluster": OverclusterConfig,
     "linear": LeopartVocConfig,
     "hummingbird": HummingbirdConfig,
+    "knn": KnnConfig,
 }
 
 
