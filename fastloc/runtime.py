@@ -74,3 +74,12 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def full_precision(device: torch.device):
+    """Autocast off on ``device``, for the steps the references run in fp32 inside a bf16 step
+    (Sinkhorn, sorting, the Gram matrix); nothing on a device without autocast (meta, where the
+    FLOPs are counted)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -69,7 +69,7 @@ class EmaDistill(Objective):
         return (pred - target).square().flatten(1).mean(1)
 
     @torch.no_grad()
-    def after_step(self) -> None:
+    def before_update(self, step: int, total: int) -> None:
         torch._foreach_lerp_(list(self.teacher.parameters()), list(self.trainable.parameters()), 1 - self.cfg.momentum)
 
     def encoder(self) -> nn.Module:

@@ -131,7 +131,7 @@ def test_gpu_compiled_bf16_step_tracks_the_eager_step():
     from fastloc.align.config import SystemConfig
     from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
     from fastloc.align.prepare import prepare
-    from fastloc.align.step import train_step
+    from fastloc.align.step import Update, train_step
     from fastloc.runtime import Runtime
 
     runtime = Runtime(torch.device("cuda"), 0, 1, 0)
@@ -145,7 +145,9 @@ def test_gpu_compiled_bf16_step_tracks_the_eager_step():
         out = []
         for _ in range(5):
             masks = objective.sample(16, generator)
-            out.append(float(train_step(objective, prepared, images, masks, 1e-3, 2, 1.0, "bf16")["loss"]))
+            out.append(
+                float(train_step(objective, prepared, images, masks, Update(0, 1, 1e-3, 0.01), 2, 1.0, "bf16")["loss"])
+            )
         losses[compiled] = out
     assert all(math.isfinite(v) for v in losses[True]) and losses[True][-1] < losses[True][0]
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)

@@ -67,9 +67,16 @@ def plain(value: Any) -> Any:
 
 
 def from_plain(cls: type, data: dict[str, Any]) -> Any:
-    """The dataclass ``cls`` from ``plain``'s form of it (a TypeError for fields it does not have)."""
+    """The dataclass ``cls`` from ``plain``'s form of it (a TypeError for fields it does not have);
+    JSON's lists become the configs' tuples again."""
     hints = typing.get_type_hints(cls)
-    return cls(**{k: from_plain(hints[k], v) if dataclasses.is_dataclass(hints.get(k)) else v for k, v in data.items()})
+    return cls(
+        **{k: from_plain(hints[k], v) if dataclasses.is_dataclass(hints.get(k)) else _tuple(v) for k, v in data.items()}
+    )
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(_tuple(v) for v in value) if isinstance(value, list) else value
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

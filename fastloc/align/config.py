@@ -11,14 +11,16 @@ from typing import Literal, Union
 
 import tyro
 
+from fastloc.align.leopart import Leopart, LeopartConfig
 from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
+from fastloc.align.neco import Neco, NecoConfig
 from fastloc.align.objective import Objective
 from fastloc.cli import check_name, flowing_help, require
 
 # The objectives, by config type: a preset's method config names its objective. One defined
 # elsewhere registers itself here (OBJECTIVES[ItsConfig] = Its) before its run is built. --method
 # parses the union of their configs; tyro takes the preset's type, with no subcommand.
-OBJECTIVES: dict[type, type[Objective]] = {MaskEmbedConfig: MaskEmbed}
+OBJECTIVES: dict[type, type[Objective]] = {MaskEmbedConfig: MaskEmbed, LeopartConfig: Leopart, NecoConfig: Neco}
 Method = Union[tuple(OBJECTIVES)]  # noqa: UP007 (X | Y is not built from a tuple)
 
 
@@ -97,6 +99,12 @@ class OptimConfig:
     weight_decay: float = 0.01
     """Decoupled weight decay."""
 
+    weight_decay_end: float | None = None
+    """None: constant weight decay; else a per-update cosine from weight_decay to this (Leopart, NeCo)."""
+
+    head_lr: float = 0.0
+    """Peak learning rate of the objective's new parts (Leopart's head and prototypes); 0: lr."""
+
     no_decay_norms_and_biases: bool = False
     """Exempt 1-d parameters (norms, biases, LayerScale) and positional embeddings from weight decay;
     the reference decays every parameter."""
@@ -112,6 +120,9 @@ class OptimConfig:
         require(all(0 <= b < 1 for b in self.betas), "--optim.betas", self.betas, "must each be in [0, 1)")
         require(self.eps > 0, "--optim.eps", self.eps, "must be above 0")
         require(self.weight_decay >= 0, "--optim.weight-decay", self.weight_decay, "must be 0 or more")
+        end = self.weight_decay_end
+        require(end is None or end >= 0, "--optim.weight-decay-end", end, "must be 0 or more (or None: constant)")
+        require(self.head_lr >= 0, "--optim.head-lr", self.head_lr, "must be 0 (lr) or more")
         require(self.clip_grad_norm >= 0, "--optim.clip-grad-norm", self.clip_grad_norm, "must be 0 (off) or more")
 
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastloc.runtime import full_precision
+
 
 def gram_loss(student: Tensor, anchor: Tensor, remove_negative: bool = False) -> Tensor:
     """Per-image mean over the P x P entries of (X̂_s X̂_sᵀ - X̂_a X̂_aᵀ)², X̂ = L2-normalised fp32 tokens.
@@ -26,7 +28,7 @@ def gram_loss(student: Tensor, anchor: Tensor, remove_negative: bool = False) ->
             f"gram_loss: student and anchor must be [B, P, D] of one shape, "
             f"got {tuple(student.shape)} and {tuple(anchor.shape)}"
         )
-    with torch.autocast(device_type=student.device.type, enabled=False):
+    with full_precision(student.device):
         grams = []
         for tokens in (student, anchor):
             unit = F.normalize(tokens.float(), dim=-1)  # gram_loss.py 50-55, 65-66

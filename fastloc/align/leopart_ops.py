@@ -19,6 +19,8 @@ from torch import Tensor
 from torchvision.ops import roi_align
 from torchvision.transforms.functional import gaussian_blur
 
+from fastloc.runtime import full_precision
+
 LOSS_MASKS = ("fg", "bg", "all")
 
 # ---------------------------------------------------------------- crop-pair boxes
@@ -144,7 +146,7 @@ def foreground_mask(attention: Tensor, grid: int, threshold: float = 0.6, sigma:
         raise ValueError(f"foreground_mask: threshold must be in (0, 1] and sigma > 0, got {threshold} and {sigma}")
     maps = attention.detach().float().reshape(-1, 1, grid, grid)
     # fp32 as the reference: autocast would run the blur's convolution in bf16 and move the threshold
-    with torch.autocast(maps.device.type, enabled=False):
+    with full_precision(maps.device):
         blurred = gaussian_blur(maps, [7, 7], [sigma, sigma]).flatten(1)  # [B, P]
         values, order = torch.sort(blurred)
         values = values / values.sum(dim=-1, keepdim=True)

@@ -23,17 +23,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_map
 
 from fastloc.align.checkpoint import Checkpointer, RunBusy, all_finite, config_fingerprint, plain
 from fastloc.align.config import OBJECTIVES, AlignConfig
 from fastloc.align.objective import Objective
-from fastloc.align.prepare import learning_rate, prepare
+from fastloc.align.prepare import learning_rate, prepare, weight_decay
 from fastloc.align.state import TrainState
-from fastloc.align.step import train_step
+from fastloc.align.step import Update, train_step
 from fastloc.cli import BadValue, check_writable
+from fastloc.data.batch import Batch
 from fastloc.data.config import LoaderConfig
 from fastloc.data.loader import make_loader
-from fastloc.data.recipes import CenterCrop, Rkrc
 from fastloc.data.stream import EpochLoader
 from fastloc.files import write_atomically
 from fastloc.lock import Busy, folder_lock
@@ -86,19 +87,28 @@ def run_lock(run_dir: Path, runtime: Runtime) -> Iterator[None]:
 
 
 def loaders(cfg: AlignConfig, objective: Objective, runtime: Runtime) -> tuple[EpochLoader, EpochLoader]:
-    """Train (MaskEmbed's rkrc, uint8) and validation (timm's eval transform) loaders of this rank."""
-    image, data = objective.image, cfg.data
+    """This rank's training and validation loaders, with the objective's recipes and sizes
+    (MaskEmbed: rkrc and timm's eval transform; uint8)."""
+    data, (train_in, val_in) = cfg.data, objective.inputs()
     loader = "gpu" if runtime.device.type == "cuda" else "cpu"
-    common = {"size": image.size, "normalize": False, "labels": False, "loader": loader}
-    common |= {"workers": data.workers, "threads": data.threads}
+    common = {"normalize": False, "labels": False, "loader": loader, "workers": data.workers, "threads": data.threads}
     train = make_loader(
-        LoaderConfig(shards=data.train, batch_size=data.batch_size, recipe=Rkrc(), seed=cfg.run.seed, **common), runtime
+        LoaderConfig(
+            shards=data.train,
+            batch_size=data.batch_size,
+            size=train_in.size,
+            recipe=train_in.recipe,
+            seed=cfg.run.seed,
+            **common,
+        ),
+        runtime,
     )
     val = make_loader(
         LoaderConfig(
             shards=data.val,
             batch_size=data.val_batch_size or data.batch_size // data.accumulation,
-            recipe=CenterCrop(crop_pct=image.crop_pct, interpolation=image.interpolation),
+            size=val_in.size,
+            recipe=val_in.recipe,
             shuffle=False,
             drop_last=False,
             **common,
@@ -163,15 +173,16 @@ class Loop:
         cfg, runtime, state = self.cfg, self.runtime, self.state
         state.loader.set_epoch(epoch)
         for batch in state.loader:
-            images = batch.images.to(self.device, non_blocking=True)
-            sample = global_sample(self.objective, len(batch), state.masks, runtime)
+            batch = batch.to(self.device)
+            sample = global_sample(self.objective, batch, state.masks, runtime)
             lr = learning_rate(cfg.optim, state.step, self.total)
+            update = Update(state.step, self.total, lr, weight_decay(cfg.optim, state.step, self.total))
             metrics = train_step(
                 self.objective,
                 state.prepared,
-                images,
+                batch.images,
                 sample,
-                lr,
+                update,
                 cfg.data.accumulation,
                 cfg.optim.clip_grad_norm,
                 cfg.system.precision,
@@ -288,11 +299,13 @@ class _Window:
         return out
 
 
-def global_sample(objective: Objective, batch: int, generator: torch.Generator, runtime: Runtime) -> torch.Tensor:
-    """This rank's rows of the random inputs of the whole global batch: every rank draws them all
-    from the same generator and keeps rows rank, rank + world, ... (the order deals samples to
-    ranks that way), so a sample's masks do not depend on how many ranks share the batch."""
-    return objective.sample(batch * runtime.world_size, generator)[runtime.rank :: runtime.world_size]
+def global_sample(objective: Objective, batch: Batch, generator: torch.Generator, runtime: Runtime) -> Any:
+    """The step's sample of this rank's ``batch``: every rank draws the random inputs of the whole
+    global batch from the same generator and keeps rows rank, rank + world, ... (the order deals
+    samples to ranks that way), so a sample's draws do not depend on how many ranks share the
+    batch; the objective joins them to what the batch carries (``step_sample``)."""
+    drawn = objective.sample(len(batch) * runtime.world_size, generator)
+    return objective.step_sample(batch, tree_map(lambda t: t[runtime.rank :: runtime.world_size], drawn))
 
 
 def validation_batches(objective: Objective, loader: EpochLoader, runtime: Runtime, limit: int):
@@ -303,10 +316,8 @@ def validation_batches(objective: Objective, loader: EpochLoader, runtime: Runti
     for i, batch in enumerate(loader):
         if limit and i >= limit:
             break
-        yield (
-            batch.to(runtime.device),
-            global_sample(objective, len(batch), torch.Generator(runtime.device).manual_seed(i), runtime),
-        )
+        batch = batch.to(runtime.device)
+        yield batch, global_sample(objective, batch, torch.Generator(runtime.device).manual_seed(i), runtime)
 
 
 def _seed(seed: int) -> int:

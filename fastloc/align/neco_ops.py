@@ -22,11 +22,12 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from fastloc.align.sorting import soft_sort_permutation
+from fastloc.runtime import full_precision
 
 
-def _fp32(device: torch.device) -> torch.autocast:
+def _fp32(device: torch.device):
     """Autocast off: the similarities are taken in fp32 as the reference's (no precision set)."""
-    return torch.autocast(device_type=device.type, enabled=False)
+    return full_precision(device)
 
 
 def rank_matrices(

@@ -1,8 +1,10 @@
 """What the trainer needs from a post-training objective (``Objective``), and its config's base.
 
-The loop builds the objective registered for ``cfg.method``'s type (``config.OBJECTIVES``), wraps
-``trainable`` in DDP and optimizes it, compiles the ``frozen()`` modules, draws each step's random
-inputs with ``sample`` (eager), calls ``losses`` in the compiled step and ``after_step`` after it,
+The loop builds the objective registered for ``cfg.method``'s type (``config.OBJECTIVES``), reads
+its ``inputs()`` (each split's recipe and image size), wraps ``trainable`` in DDP and optimizes it
+(its parameter groups by ``is_head`` and ``decays``), compiles the ``frozen()`` modules, draws each
+step's random inputs with ``sample`` (eager) and joins them to the batch's (``step_sample``), calls
+``losses`` in the compiled step and ``before_update`` between the backward and the optimizer's step,
 and checkpoints the objective's whole ``state_dict()`` (``rebuilt`` leaves out a frozen module the
 config rebuilds). An objective knows nothing of optimizers, precision, compile or ranks.
 """
@@ -11,13 +13,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastloc.cli import flowing_help
 from fastloc.data.batch import Batch
+from fastloc.data.recipes import CenterCrop, Recipe, Rkrc
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a loader delivers to an objective: the recipe and the images' side."""
+
+    recipe: Recipe
+    size: int
 
 
 @flowing_help
@@ -52,17 +65,42 @@ class Objective(nn.Module):
             module.eval()
         return self
 
-    def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """The random inputs of one step for ``batch`` images, on ``generator.device``."""
+    def inputs(self) -> tuple[Inputs, Inputs]:
+        """The training and validation loaders' recipes and sizes. Default (MaskEmbed's): timm's
+        rkrc and eval transform at the backbone's size."""
+        image = self.image
+        val = CenterCrop(crop_pct=image.crop_pct, interpolation=image.interpolation)
+        return Inputs(Rkrc(), image.size), Inputs(val, image.size)
+
+    def sample(self, batch: int, generator: torch.Generator) -> Any:
+        """The random inputs of one step for ``batch`` images, on ``generator.device``: a tensor
+        [batch, ...] or a tuple of them (each sliced by image for micro-batches and ranks)."""
         raise NotImplementedError
 
-    def losses(self, images: torch.Tensor, sample: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+    def step_sample(self, batch: Batch, sample: Any) -> Any:
+        """What ``losses`` receives as its sample: this rank's rows of ``sample``, joined with what
+        the batch carries (a recipe's draws: ``batch.params``). Default: ``sample``."""
+        return sample
+
+    def losses(self, images: torch.Tensor, sample: Any, model: nn.Module | None = None) -> torch.Tensor:
         """Per-image losses [B] of uint8 images [B, 3, S, S]; their mean is the training loss.
         ``model`` is ``trainable`` as the loop runs it (DDP-wrapped, compiled)."""
         raise NotImplementedError
 
-    def after_step(self) -> None:
-        """After each optimizer step (an EMA teacher's update, a queue's push); no host sync."""
+    def before_update(self, step: int, total: int) -> None:
+        """Once per update, after the backward and before the optimizer's step (update ``step`` of
+        ``total``): where the references update an EMA teacher, from the weights that made this
+        update's loss. No host sync."""
+
+    def is_head(self, name: str) -> bool:
+        """Whether trainable parameter ``name`` is a new part (Leopart's head and prototypes), which
+        trains at ``--optim.head-lr``. Default: none."""
+        return False
+
+    def decays(self, name: str, param: nn.Parameter) -> bool:
+        """Whether weight decay applies to ``name`` under ``--optim.no-decay-norms-and-biases``.
+        Default: not 1-d parameters (norms, biases, LayerScale) nor positional embeddings."""
+        return not (param.ndim <= 1 or name.endswith("pos_embed"))
 
     def calibrate(self, batches: Iterable[tuple[Batch, torch.Tensor]]) -> dict[str, float]:
         """Once, before the first step of a new run (not on resume): fit what the objective derives
@@ -78,15 +116,21 @@ class Objective(nn.Module):
         """What the exported encoder's metadata records of the trained objective (MaskEmbed: sigma)."""
         return {}
 
+    def example(self, batch: int) -> tuple[torch.Tensor, Any]:
+        """Images and the sample of a step of ``batch`` images (zeros, CPU): what the FLOP count
+        and the benchmarks feed ``losses``. Default: the training size and ``sample``."""
+        size = self.inputs()[0].size
+        return torch.zeros(batch, 3, size, size, dtype=torch.uint8), self.sample(batch, torch.Generator())
+
     def flops_per_image(self) -> float:
         """FLOPs of one training image (forward and backward, every view), counted by torch on a
         copy of the objective on the meta device (no memory, no time, no compiled code in the way)."""
-        sample = self.sample(1, torch.Generator()).to("meta")
+        images, sample = self.example(1)
+        sample = tree_map(lambda t: t.to("meta"), sample)
         with torch.device("meta"):
             copy = type(self)(replace(self.cfg, weights="random"))
-            images = torch.zeros(1, 3, self.image.size, self.image.size, dtype=torch.uint8)
             with FlopCounterMode(display=False) as counter:
-                copy.losses(images, sample).mean().backward()
+                copy.losses(images.to("meta"), sample).mean().backward()
         return float(counter.get_total_flops())
 
 

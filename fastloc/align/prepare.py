@@ -13,7 +13,6 @@ Model code knows nothing of this: precision is the loop's autocast, parallelism 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastloc.align.config import OptimConfig, SystemConfig
 from fastloc.align.objective import Objective
+from fastloc.align.schedule import cosine
 from fastloc.runtime import Runtime
 
 
@@ -44,17 +44,29 @@ def prepare(objective: Objective, optim: OptimConfig, system: SystemConfig, runt
             module.compile()
         model = torch.compile(model)
     params = [p for p in objective.trainable.parameters() if p.requires_grad]
-    return Prepared(model, adamw(objective.trainable, optim), params)  # 4
+    return Prepared(model, adamw(objective, optim), params)  # 4
 
 
-def adamw(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    if cfg.no_decay_norms_and_biases:
-        exempt = [p for n, p in named if p.ndim <= 1 or n.endswith("pos_embed")]
-        decay = [p for n, p in named if not (p.ndim <= 1 or n.endswith("pos_embed"))]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": exempt, "weight_decay": 0.0}]
-    else:
-        groups = [{"params": [p for _, p in named], "weight_decay": cfg.weight_decay}]
+def adamw(objective: Objective, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters in up to four groups, in the references' order: the
+    backbone's decayed and exempt parameters, then the head's (``Objective.is_head``), the exempt
+    ones only under ``no_decay_norms_and_biases`` (``Objective.decays``). A group carries its
+    ``lr_scale`` (head_lr / lr for the head) and whether the weight-decay schedule sets it."""
+    named = [(n, p) for n, p in objective.trainable.named_parameters() if p.requires_grad]
+    head_scale = (cfg.head_lr or cfg.lr) / cfg.lr
+    groups = []
+    for head in (False, True):
+        for decayed in (True, False):
+            params = [
+                p
+                for n, p in named
+                if objective.is_head(n) == head
+                and (objective.decays(n, p) or not cfg.no_decay_norms_and_biases) == decayed
+            ]
+            if params:
+                scale = head_scale if head else 1.0
+                wd = cfg.weight_decay if decayed else 0.0
+                groups.append({"params": params, "weight_decay": wd, "lr_scale": scale, "decayed": decayed})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
@@ -64,4 +76,12 @@ def learning_rate(cfg: OptimConfig, update: int, total: int) -> float:
     low = cfg.lr * cfg.min_lr_ratio
     if update < cfg.warmup_updates:
         return low + (cfg.lr - low) * update / cfg.warmup_updates
-    return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * min(update, total) / max(total, 1)))
+    return cosine(cfg.lr, low, update, total)
+
+
+def weight_decay(cfg: OptimConfig, update: int, total: int) -> float:
+    """The decayed groups' weight decay: constant, or a per-update cosine from weight_decay to
+    weight_decay_end (the references' ``cosine_scheduler``, indexed by the update)."""
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    return cosine(cfg.weight_decay, cfg.weight_decay_end, update, total)

@@ -14,7 +14,10 @@ from pathlib import Path
 import tyro
 
 from fastloc.align.config import AlignConfig, DataConfig, OptimConfig, RunConfig, SystemConfig
+from fastloc.align.leopart import LeopartConfig
 from fastloc.align.maskembed import MaskEmbedConfig
+from fastloc.align.neco import NecoConfig
+from fastloc.data.multicrop import MultiCrop
 
 
 def recipe(backbone: str, batch: int, accumulation: int, lr: float) -> AlignConfig:
@@ -65,11 +68,68 @@ TINY = AlignConfig(
     run=RunConfig(log_every=5, checkpoint_every=20),
 )
 
+# Leopart and NeCo as their references train (OTHER-METHODS.md section 1, NECO-AND-GRAM.md A2):
+# AdamW with the backbone's and the head's learning rates, both cosine to 0 per update, weight
+# decay cosine 0.04 -> 0.5 on weights only, no clipping, fp32.
+DENSE_OPTIM = OptimConfig(
+    lr=1e-5,
+    head_lr=1e-4,
+    min_lr_ratio=0.0,
+    betas=(0.9, 0.999),
+    weight_decay=0.04,
+    weight_decay_end=0.5,
+    no_decay_norms_and_biases=True,
+    clip_grad_norm=0.0,
+)
+
+
+def dense(method, data: str, batch: int, epochs: int, lr: float) -> AlignConfig:
+    """A Leopart or NeCo run on ``data``'s shards (OUT/data/{train,val}), ``batch`` per GPU."""
+    return AlignConfig(
+        method=method,
+        data=DataConfig(train=Path(f"shards/{data}/train"), val=Path(f"shards/{data}/val"), batch_size=batch),
+        optim=replace(DENSE_OPTIM, epochs=epochs, lr=lr),
+        system=SystemConfig(precision="fp32"),
+    )
+
+
+DENSE = {
+    "leopart-vits16-in100": (
+        "Leopart's reference run: DINO ViT-S/16, ImageNet-100 shards, 2 GPUs x 32, 50 epochs, fg mask",
+        dense(LeopartConfig(backbone="dino-vit-s"), "imagenet100", 32, 50, 1e-5),
+    ),
+    "leopart-clip-vit-b": (
+        "Leopart on CLIP ViT-B/16: COCO shards, 2 GPUs x 32, 50 epochs, loss mask all (its class token "
+        "attends to the background)",
+        dense(LeopartConfig(backbone="clip-vit-b", loss_mask="all"), "coco", 32, 50, 1e-5),
+    ),
+    "neco-dinov2-vitb14": (
+        "NeCo's published run: DINOv2 ViT-B/14, COCO train2017 shards, 518 + 98 px crops, 1 GPU x 16, 25 epochs",
+        dense(NecoConfig(backbone="dinov2-vit-b14", crops=MultiCrop(sizes=(518, 98))), "coco", 16, 25, 5e-6),
+    ),
+}
+
 PRESETS: dict[str, tuple[str, AlignConfig]] = {
     name: (f"the reference's {name}: IN-21k, 5 epochs, {b}x{a} per GPU, lr {lr:g}", recipe(name, b, a, lr))
     for name, (b, a, lr) in _RECIPES.items()
 }
 PRESETS["tiny"] = ("a small random ViT on the synthetic shards; CPU, fp32, 1 epoch", TINY)
+PRESETS |= DENSE
+
+# Leopart and NeCo on the tiny ViT and the synthetic shards: 32 + 16 px crops (4 x 4 and 2 x 2 patches)
+# cut from one 64 px image, a narrow head, pairs compared on 3 x 3 cells (NeCo sorts 9 references,
+# not 49: the CPU's cost), a queue that fills in 3 updates of 16.
+_TINY_DENSE = {"backbone": "tiny", "weights": "random", "crops": MultiCrop(sizes=(32, 16)), "roi_kernel": 3}
+_TINY_DENSE |= {"head_hidden": 64, "head_dim": 32, "queue_length": 480}
+_TINY_OPTIM = replace(DENSE_OPTIM, epochs=1, lr=1e-4, head_lr=1e-3)
+PRESETS["leopart-tiny"] = (
+    "Leopart on the tiny random ViT and the synthetic shards; CPU, fp32, 1 epoch",
+    replace(TINY, method=LeopartConfig(**_TINY_DENSE, prototypes=16), optim=_TINY_OPTIM),
+)
+PRESETS["neco-tiny"] = (
+    "NeCo on the tiny random ViT and the synthetic shards; CPU, fp32, 1 epoch",
+    replace(TINY, method=NecoConfig(**_TINY_DENSE), optim=_TINY_OPTIM),
+)
 
 
 def parse_train(args: Sequence[str], prog: str) -> tuple[AlignConfig, str]:

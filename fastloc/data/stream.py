@@ -170,6 +170,9 @@ class EpochLoader:
             num_workers=workers,
             collate_fn=identity,
             prefetch_factor=PREFETCH if workers else None,
+            # the workers' seeds from a generator of their own: opening a stream never draws from
+            # the global RNG, so a step that does (drop path) continues exactly after a resume
+            generator=torch.Generator().manual_seed(t),
         )
         stream = iter(loader)
         _LIVE.add(stream)

@@ -69,6 +69,9 @@ BACKBONES: dict[str, Backbone] = {
     "dinov2-vit-l": Backbone("vit_large_patch14_reg4_dinov2.lvd142m", {"img_size": 224}),
     # the dense evaluations' reference backbone: Leopart starts from DINO ViT-S/16 (OTHER-METHODS.md section 1)
     "dino-vit-s": Backbone("vit_small_patch16_224.dino"),
+    "dino-vit-b8": Backbone("vit_base_patch8_224.dino"),
+    # NeCo's published start point (NECO-AND-GRAM.md A2): DINOv2 ViT-B/14 without registers, 518 px
+    "dinov2-vit-b14": Backbone("vit_base_patch14_dinov2.lvd142m"),
     # a small ViT for CPU runs and tests, random weights only: 64 px, 8 px patches, width 96, 4 blocks
     "tiny": Backbone(
         "vit_tiny_patch16_224", {"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}
