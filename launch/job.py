@@ -84,6 +84,11 @@ def _dense(args: tuple[str, ...]) -> JobPlan:
 
     cfg = parse(args[0], list(args[1:]), prog=f"python -m fastloc.launch probe {args[0]}")
     cfg.validate()
+    if args[0] == "knn":  # image-level classes, no label maps; the image size names the run directory
+        from fastloc.probe.dense.knn import planned
+
+        cfg, dataset = planned(cfg)
+        return JobPlan("probe", args, cfg, "", run_dir(cfg, dataset))
     return JobPlan("probe", args, cfg, "", run_dir(cfg, open_dense_data(cfg).dataset))  # the splits are checked here
 
 

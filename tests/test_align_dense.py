@@ -174,3 +174,40 @@ def test_neco_and_leopart_presets_resolve():
         assert isinstance(cfg.method, LeopartConfig | NecoConfig)
     assert PRESETS["neco-dinov2-vitb14"][1].method.crops.sizes == (518, 98)
     assert isinstance(Neco, type)
+
+
+# ---------------------------------------------------------------- Gram anchoring
+
+
+@pytest.mark.parametrize("kind", ["maskembed", "leopart"])
+def test_the_gram_term_anchors_the_student_to_the_start_model(kind):
+    """--method.gram-weight w adds w x the per-image Gram loss of the student's patch tokens against
+    the frozen start model's on the same pixels: 0 at the start, positive once the student moves,
+    with gradients into the student; off by default and then no anchor is built."""
+    from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
+
+    torch.manual_seed(0)
+    if kind == "maskembed":
+        make = lambda w: MaskEmbed(MaskEmbedConfig(backbone="tiny", weights="random", gram_weight=w))  # noqa: E731
+    else:
+        make = lambda w: Leopart(LeopartConfig(**TINY, prototypes=8, loss_mask="all", gram_weight=w))  # noqa: E731
+    assert make(0.0).anchor is None
+    torch.manual_seed(1)
+    plain = make(0.0)
+    torch.manual_seed(1)
+    anchored = make(2.0)
+    images, sample = anchored.example(2)
+    images = torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    if kind == "leopart":
+        sample = (sample[0], torch.rand(sample[1].shape, generator=torch.Generator().manual_seed(3)))
+    anchored.load_state_dict(plain.state_dict())
+    anchored.eval(), plain.eval()  # no drop path: the two calls see the same student
+    torch.testing.assert_close(anchored.losses(images, sample), plain.losses(images, sample))  # student = anchor
+    encoder = anchored.encoder()
+    with torch.no_grad():
+        encoder.blocks[-1].mlp.fc2.weight.add_(0.05 * torch.randn_like(encoder.blocks[-1].mlp.fc2.weight))
+        plain.encoder().load_state_dict(encoder.state_dict())
+    gap = anchored.losses(images, sample) - plain.losses(images, sample)
+    assert (gap > 0).all()
+    gap.sum().backward()
+    assert encoder.blocks[-1].mlp.fc2.weight.grad.abs().sum() > 0

@@ -281,6 +281,18 @@ def test_a_dense_jobs_run_directory_is_the_one_its_protocol_writes(voc, tmp_path
     assert resolved["run_dir"] == str(written) and written.name == "linear-dinov3-ade20k-voc-tiny-size64-skip0"
 
 
+def test_a_knn_jobs_run_directory_carries_the_backbones_own_size(shards, tmp_path, capsys):
+    """k-NN reads image-level classes (no label maps) and feeds the backbone its own size: the
+    launcher checks the splits and k as the protocol does and names the run directory the same."""
+    argv = ["probe", "knn", str(shards), "--backbone", "tiny", "--weights", "random", "--k", "5"]
+    argv += ["--out", str(tmp_path / "runs")]
+    assert main([*argv, "--launch.dry-run", *CPU]) == 0
+    resolved = json.loads("{" + capsys.readouterr().out.split("\n{", 1)[1])
+    assert resolved["run_dir"] == str(tmp_path / "runs" / "knn-synthetic-tiny-size64-skip0")
+    assert main([*argv[:-4], "--k", "500", *argv[-2:], "--launch.dry-run", *CPU]) == 2  # more than the bank
+    assert "--k" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- through a real SLURM
 
 

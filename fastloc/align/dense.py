@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastloc.align.gram import gram_loss
+from fastloc.align.gram import Anchor, gram_loss
 from fastloc.align.leopart_ops import foreground_mask, loss_mask, pair_boxes
 from fastloc.align.objective import Inputs, Objective, ObjectiveConfig, rebuilt
 from fastloc.align.schedule import cosine
@@ -198,10 +198,9 @@ class DenseObjective(Objective):
         self.cfg, self.image = cfg, image_config(student)
         twin = create_model(cfg.backbone, "random", **extra)
         twin.load_state_dict(student.state_dict())
-        anchor = copy.deepcopy(twin) if cfg.gram_weight else None
         self.trainable = Student(DenseNet(student, cfg, prototypes))
         self.teacher = Teacher(DenseNet(twin, cfg, prototypes), cfg.loss_mask != "all").requires_grad_(False)
-        self.anchor = None if anchor is None else rebuilt(anchor.requires_grad_(False))
+        self.anchor = rebuilt(Anchor(copy.deepcopy(twin)).requires_grad_(False)) if cfg.gram_weight else None
         self.groups = (cfg.crops.counts[0], sum(cfg.crops.counts[1:]))
         queue = cfg.queue_length // _world()
         self.register_buffer("queue", torch.zeros(self.groups[0], queue, cfg.head_dim))
@@ -288,7 +287,7 @@ class DenseObjective(Objective):
     def gram(self, globals_: torch.Tensor, tokens: torch.Tensor, batch: int) -> torch.Tensor:
         """Per-image Gram anchoring of the student's global-crop tokens [G * B, P, D], averaged over the crops."""
         with torch.no_grad():
-            anchor = self.anchor.forward_features(globals_)[:, self.image.prefix_tokens :]
+            anchor = self.anchor(globals_)[:, self.image.prefix_tokens :]
         return gram_loss(tokens, anchor).view(-1, batch).mean(dim=0)
 
     @torch.no_grad()

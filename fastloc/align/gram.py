@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastloc.runtime import full_precision
 
@@ -35,3 +35,16 @@ def gram_loss(student: Tensor, anchor: Tensor, remove_negative: bool = False) ->
             gram = torch.bmm(unit, unit.transpose(1, 2))  # [B, P, P]
             grams.append(gram.clamp_min(0) if remove_negative else gram)  # 75-77: negatives set to 0
         return (grams[0] - grams[1]).square().mean((1, 2))
+
+
+class Anchor(nn.Module):
+    """The frozen start model the Gram term anchors to (NECO-AND-GRAM.md B5): its output tokens
+    after the final norm, [B, 3, S, S] -> [B, T, D]. The objective builds it from the start
+    weights, frozen (``rebuilt``: the config rebuilds it, no checkpoint holds it)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model.forward_features(images)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fastloc.align.gram import Anchor, gram_loss
 from fastloc.align.masks import MaskConfig, sample_masks
 from fastloc.align.objective import Objective, ObjectiveConfig, rebuilt
 from fastloc.cli import flowing_help, require
@@ -56,7 +57,12 @@ class MaskEmbedConfig(ObjectiveConfig):
     after the final norm), predicted from the decoder's first token: the reference's prefix_only
     ablation (its -cls config), which needs skip_blocks 0 and a class-token backbone."""
 
+    gram_weight: float = 0.0
+    """Weight of DINOv3's Gram anchoring of the student's patch tokens (after its final norm) to
+    the frozen start model's on the same image (0: off)."""
+
     def validate(self) -> None:
+        require(self.gram_weight >= 0, "--method.gram-weight", self.gram_weight, "must be 0 (off) or more")
         require(self.skip_blocks >= 0, "--method.skip-blocks", self.skip_blocks, "must be 0 or more")
         require(self.decoder_depth >= 1, "--method.decoder-depth", self.decoder_depth, "must be at least 1")
         cap = self.soft_cap
@@ -80,14 +86,18 @@ class TargetNet(nn.Module):
 
 class Trainable(nn.Module):
     """Student and decoder: the part DDP wraps. (full images [B, 3, S, S], masks [B, M, N]) ->
-    predictions [B * M, T, D_teacher]."""
+    predictions [B * M, T, D_teacher], and with ``tokens`` also the student's output tokens
+    [B, T, D] (after its final norm; the Gram anchor's input)."""
 
     def __init__(self, student: Student, decoder: Decoder):
         super().__init__()
         self.student, self.decoder = student, decoder
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.student(images), masks)
+    def forward(self, images: torch.Tensor, masks: torch.Tensor, tokens: bool = False):
+        if not tokens:
+            return self.decoder(self.student(images), masks)
+        out = self.student.encoder.forward_features(images)
+        return self.decoder(self.student.project(out), masks), out
 
 
 def per_image_loss(kind: str, pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -129,6 +139,7 @@ class MaskEmbed(Objective):
         model = create_model(cfg.backbone, cfg.weights)
         self.cfg, self.image = cfg, image_config(model)
         student_model = copy.deepcopy(model)  # the student starts from the teacher's weights
+        self.anchor = rebuilt(Anchor(copy.deepcopy(model)).requires_grad_(False)) if cfg.gram_weight else None
         self.target_net = TargetNet(model, cfg.skip_blocks, cfg.target == "pooled")
         dim = self.teacher.num_features
         cap = cfg.soft_cap if entry.soft_cap else None
@@ -179,10 +190,18 @@ class MaskEmbed(Objective):
     def losses(self, images: torch.Tensor, masks: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         views, full = self.views(images, masks)
         target = self.targets(views)
-        pred = (self.trainable if model is None else model)(full, masks)
+        gram = self.anchor is not None
+        out = (self.trainable if model is None else model)(full, masks, tokens=gram)
+        pred, tokens = out if gram else (out, None)
         if self.cfg.target == "pooled":
             pred = pred[:, :1]  # the decoder's class token predicts the pooled output
-        return per_image_loss(self.cfg.loss, pred, target, self._keep(masks))
+        losses = per_image_loss(self.cfg.loss, pred, target, self._keep(masks))
+        if gram:
+            prefix = self.image.prefix_tokens
+            with torch.no_grad():
+                anchor = self.anchor(full)
+            losses = losses + self.cfg.gram_weight * gram_loss(tokens[:, prefix:], anchor[:, prefix:])
+        return losses
 
     def _keep(self, masks: torch.Tensor) -> torch.Tensor:
         """[B, M, T]: the patch keep-masks after the prefix, padded with ``prefix_keep(loss)``."""

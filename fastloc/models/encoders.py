@@ -80,5 +80,8 @@ class Student(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.encoder.forward_features(images)  # [B, T, D], after the re-created norm
-        return self.head(self.encoder.fc_norm(tokens))  # [B, T, out_dim]
+        return self.project(self.encoder.forward_features(images))  # [B, T, D], after the re-created norm
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The encoder's output tokens [B, T, D] -> [B, T, out_dim]."""
+        return self.head(self.encoder.fc_norm(tokens))

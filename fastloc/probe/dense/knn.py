@@ -30,6 +30,7 @@ from fastloc.data.config import LoaderConfig
 from fastloc.data.loader import make_loader
 from fastloc.data.recipes import CenterCrop
 from fastloc.data.shards import ShardSet, open_shards
+from fastloc.models.exported import is_export
 from fastloc.models.registry import image_config
 from fastloc.probe.backbone import fingerprint, load_backbone
 from fastloc.probe.cache import (
@@ -213,6 +214,21 @@ def check_token(model: nn.Module, cfg: KnnConfig) -> None:
             f"--token pooled: {cfg.backbone} has no pooling left (--skip-blocks {cfg.skip_blocks} prunes timm's head "
             "with the blocks); use --token cls"
         )
+
+
+def planned(cfg: KnnConfig) -> tuple[KnnConfig, str]:
+    """What the SLURM launcher checks before submitting (launch/job.py): the splits and k as
+    ``open_knn`` checks them, and the config with its image size resolved, which names the run
+    directory; a registered backbone is built on the meta device (no weights read)."""
+    data = open_class_data(cfg)
+    if not cfg.image_size:
+        if is_export(cfg.backbone):
+            model = load_backbone(cfg.backbone, cfg.weights, cfg.skip_blocks)
+        else:
+            with torch.device("meta"):
+                model = load_backbone(cfg.backbone, "random", cfg.skip_blocks)
+        cfg = replace(cfg, image_size=image_config(model).size)
+    return cfg, data.dataset
 
 
 def knn_backbone(cfg: KnnConfig, device: torch.device) -> Backbone:
