@@ -22,7 +22,7 @@ from test_leopart_ops import crop_boxes, reference_calculate_bboxes, reference_s
 from test_neco_ops import reference_knn_loss, reference_sorter
 from torchvision.ops import roi_align
 
-from fastloc.align.dense import Teacher, cls_attention
+from fastloc.align.dense import Teacher, cls_attention, references_pos_embed
 from fastloc.align.leopart import Leopart, LeopartConfig
 from fastloc.align.leopart_ops import pair_boxes
 from fastloc.align.neco import Neco, NecoConfig
@@ -281,7 +281,7 @@ def neco(**overrides) -> Neco:
 
 
 def queue_indices(drawn: torch.Tensor, filled: int) -> torch.Tensor:
-    """fastloc's queue draw, index = floor(u * rows filled), from the uniforms after the P push
+    """fastloc's queue draw, index = floor(u * entries), from the uniforms after the P push
     priorities: [G, V - 1, B * k * k] (image-major, then the k x k cell), the reference's idces layout."""
     u = drawn[:, :, P:].reshape(B, G, G + L - 1, KERNEL * KERNEL).permute(1, 2, 0, 3)
     return (u * filled).long().clamp(max=filled - 1).flatten(2)
@@ -291,7 +291,7 @@ def queue_indices(drawn: torch.Tensor, filled: int) -> torch.Tensor:
 def test_neco_loss_with_queue_references_is_knn_loss_after_update_queue(masked):
     """Three steps on a 40-row queue, pushed before the loss as shared_step does (neco.py 361-366): the
     queue after each push is update_queue's, and the loss and student gradients are knn_loss's with
-    the queue branch fed fastloc's indices (drawn among the rows each crop's queue holds)."""
+    the queue branch fed fastloc's indices (drawn among entries_in_queue rows, counted as the reference)."""
     objective = neco(loss_mask="fg" if masked else "all")
     ref = reference_state()
     ref.is_queue_usable = True
@@ -306,8 +306,7 @@ def test_neco_loss_with_queue_references_is_knn_loss_after_update_queue(masked):
         attn_hard = None if masks is None else torch.cat(masks)
         reference_update_queue(ref, t_emb.reshape(-1, D), B, GRID, attn_hard)
         assert torch.equal(objective.queue, ref.queue), f"step {step}: the queue after the push"
-        filled = min(PUSH * (step + 1), QUEUE)  # rows each crop's queue holds after this push
-        draw = reference_queue_draw(ref, queue_indices(drawn, filled))
+        draw = reference_queue_draw(ref, queue_indices(drawn, ref.entries_in_queue))  # the reference's count
         gc_s, lc_s = flat_rows(s_maps[:G]), flat_rows(s_maps[G:])
         theirs = reference_knn_loss(
             t_emb.reshape(-1, D), gc_s, lc_s, bboxes, B, GRID, LGRID, [G, L], PATCH, sorter, sorter, draw, attn_hard,
@@ -319,28 +318,24 @@ def test_neco_loss_with_queue_references_is_knn_loss_after_update_queue(masked):
             assert want.abs().sum() > 0, f"step {step}, view {v}: no gradient to compare"
             scale = want.abs().max().item()
             torch.testing.assert_close(mine, want, rtol=1e-3, atol=1e-4 * scale, msg=f"step {step}, view {v}")
-        if step == 0 and not masked:  # the comparison sees the draw: indices among 40 rows (half still zero) differ
-            wide = reference_queue_draw(ref, queue_indices(drawn, QUEUE))
+        if step == 0 and not masked:  # the comparison sees the draw: indices among the 20 filled rows differ
+            wide = reference_queue_draw(ref, queue_indices(drawn, PUSH))
             args = (t_emb.reshape(-1, D), gc_s, lc_s, bboxes, B, GRID, LGRID, [G, L], PATCH, sorter, sorter, wide)
             assert not torch.isclose(reference_knn_loss(*args, attn_hard, kernel=KERNEL), theirs, rtol=1e-3)
 
 
-def test_DIFFERS_neco_counts_queue_entries_per_crop_where_the_reference_counts_both_crops():
-    """KNOWN DIFFERENCE, failing on purpose (reported to the lead, not fixed here): update_queue adds
-    num_vectors_to_store to entries_in_queue once per global crop (neco.py 505, inside the crop loop),
-    so after one push of 20 rows per crop the reference draws idces modulo 40 (rows 20-39 still zero)
-    while fastloc draws among the 20 rows each crop's queue holds (``Neco._queued``)."""
+def test_neco_counts_queue_entries_as_the_reference_once_per_crop():
+    """update_queue adds num_vectors_to_store to entries_in_queue once per global crop (neco.py 505,
+    inside the crop loop), so after one push of 20 rows per crop the reference draws modulo 40 (rows
+    20-39 still zero); fastloc draws among the same G x pushed rows (``Neco.dense_losses``)."""
     objective = neco()
     ref = reference_state()
     t_emb, _, s_maps, gc, other, _, _, drawn = step_inputs(20, objective, False, D)
     objective.dense_losses(t_emb, None, s_maps, gc, other, None, drawn, B)
     ref.randperm = priority_order(drawn, None)
     reference_update_queue(ref, t_emb.reshape(-1, D), B, GRID)
-    assert torch.equal(objective.queue, ref.queue)  # the rows agree ...
-    assert objective._queued == ref.entries_in_queue, (  # ... the count the draw uses does not
-        f"fastloc draws among {objective._queued} rows, the reference modulo entries_in_queue "
-        f"{ref.entries_in_queue} (of which {int((ref.queue[0].abs().sum(1) == 0).sum())} are still zero)"
-    )
+    assert torch.equal(objective.queue, ref.queue)  # the rows agree, and the count the draw uses
+    assert min(2 * objective._queued, objective.queue.shape[1]) == ref.entries_in_queue == 40
 
 
 # ---------------------------------------------------------------- the class-token attention (src/vit.py)
@@ -440,18 +435,18 @@ def vit_s16_like():
 
 
 def test_global_crops_at_the_models_size_get_the_references_tokens():
-    model = vit_s16_like()
+    model = references_pos_embed(vit_s16_like())
     views = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model._pos_embed(model.patch_embed(views)), reference_prepare_tokens(model, views))
 
 
-def test_DIFFERS_local_crops_resample_the_position_embedding_unlike_the_references():
-    """KNOWN DIFFERENCE, failing on purpose (reported to the lead, not fixed here): for a 96 px local
-    crop (6 x 6 patches) timm's dynamic_img_size resamples the 14 x 14 position embedding with
-    F.interpolate(size=(6, 6), bicubic, antialias=True) (timm resample_abs_pos_embed), the references
-    with scale_factor=(6.1 / 14), bicubic, no antialias (src/vit.py 183-203)."""
-    model = vit_s16_like()
+def test_local_crops_resample_the_position_embedding_as_the_references():
+    """For a 96 px local crop (6 x 6 patches) the references resample the 14 x 14 position embedding
+    with scale_factor=(6.1 / 14), bicubic, no antialias (src/vit.py 183-203); timm's dynamic_img_size
+    would take F.interpolate(size=(6, 6), bicubic, antialias=True): the dense objectives install the
+    references' (``references_pos_embed``)."""
+    model = references_pos_embed(vit_s16_like())
     views = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, theirs = model._pos_embed(model.patch_embed(views)), reference_prepare_tokens(model, views)

@@ -14,11 +14,13 @@ same crops.
 from __future__ import annotations
 
 import copy
+import types
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from fastloc.align.gram import Anchor, gram_loss
@@ -154,6 +156,34 @@ def cls_attention(attn: nn.Module, x: torch.Tensor, prefix: int) -> torch.Tensor
     return weights[:, :, 0, prefix:].mean(dim=1)
 
 
+def references_pos_embed(model: nn.Module) -> nn.Module:
+    """Make a timm ViT (``dynamic_img_size``) resample its position embedding for another grid as
+    the references do (DINO's ``interpolate_pos_encoding``: leopart src/vit.py:183-203, NeCo's
+    vit.py and vit_v2.py): bicubic by the scale factor (g + 0.1) / sqrt(N), without antialiasing.
+    timm's own resampling interpolates to the size with antialiasing, which changes a local crop's
+    embedding (14 x 14 -> 6 x 6 for ViT-S/16 at 96 px). Returns ``model``."""
+    model._pos_embed = types.MethodType(_references_pos_embed, model)
+    return model
+
+
+def _references_pos_embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``VisionTransformer._pos_embed`` (dynamic size: x [B, H, W, C]) with the references' resampling."""
+    B, H, W, C = x.shape
+    pos, (gh, gw) = self.pos_embed, self.patch_embed.grid_size
+    if (gh, gw) != (H, W):
+        prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        grid = pos[:, prefix:].float().reshape(1, gh, gw, C).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((H + 0.1) / gh, (W + 0.1) / gw), mode="bicubic")
+        pos = torch.cat([pos[:, :prefix], grid.permute(0, 2, 3, 1).reshape(1, H * W, C).to(pos.dtype)], dim=1)
+    x = x.reshape(B, H * W, C)
+    prefix_tokens = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+    if self.no_embed_class:
+        x = torch.cat([*prefix_tokens, x + pos], dim=1)
+    else:
+        x = torch.cat([*prefix_tokens, x], dim=1) + pos
+    return self.pos_drop(x)
+
+
 def _init_linear(module: nn.Module) -> None:
     """The references' head initialization: truncated normal (std 0.02) weights, zero biases."""
     if isinstance(module, nn.Linear):
@@ -193,10 +223,10 @@ class DenseObjective(Objective):
     def __init__(self, cfg: DenseConfig, prototypes: int = 0):
         super().__init__()
         extra = {"dynamic_img_size": True}
-        student = create_model(cfg.backbone, cfg.weights, drop_path_rate=cfg.drop_path, **extra)
+        student = references_pos_embed(create_model(cfg.backbone, cfg.weights, drop_path_rate=cfg.drop_path, **extra))
         check_backbone(cfg, student)
         self.cfg, self.image = cfg, image_config(student)
-        twin = create_model(cfg.backbone, "random", **extra)
+        twin = references_pos_embed(create_model(cfg.backbone, "random", **extra))
         twin.load_state_dict(student.state_dict())
         self.trainable = Student(DenseNet(student, cfg, prototypes))
         self.teacher = Teacher(DenseNet(twin, cfg, prototypes), cfg.loss_mask != "all").requires_grad_(False)

@@ -6,8 +6,8 @@ diffsort's relaxed bitonic sort (steepness 100), the loss a cross-entropy over r
 Leopart's crops, head, EMA teacher, masks and queue (``dense.py``) without its prototypes. The
 reference set comes from the queue (the DINOv2 configs' ``is_queue_usable``) or from the batch's
 aligned teacher cells, drawn with the step's sample so a seed reproduces it. Named departures:
-a queue reference is drawn with replacement among the filled rows (the reference: ``randperm`` of
-the whole queue modulo the filled count); batch references under a fg/bg loss mask are drawn from
+a queue reference is drawn with replacement among the reference's count of entries (the reference:
+``randperm`` of the whole queue modulo that count); batch references under a fg/bg loss mask are drawn from
 all the batch's aligned cells (the reference's masked draw slices the wrong cells, neco.py:463).
 """
 
@@ -68,8 +68,11 @@ class Neco(DenseObjective):
         k = cfg.roi_kernel
         t_maps = [emb.transpose(1, 2).reshape(batch, -1, grid, grid) for emb in t_emb.chunk(G)]
         u = drawn[:, :, P:].reshape(batch, G, V - 1, k * k).permute(1, 2, 0, 3)  # [G, V - 1, B, k * k]
-        if cfg.references == "queue" and self._queued:
-            index = (u * self._queued).long().clamp(max=self._queued - 1)
+        # the reference counts each push once per global crop (neco.py:505, inside the crop loop):
+        # while the queue fills, it draws among G x the rows pushed, the rows past them still zero
+        entries = min(G * self._queued, self.queue.shape[1])
+        if cfg.references == "queue" and entries:
+            index = (u * entries).long().clamp(max=entries - 1)
             rows = torch.stack([self.queue[g][index[g]] for g in range(G)])  # [G, V - 1, B, k * k, D]
             references = rows.unflatten(3, (k, k)).permute(0, 1, 2, 5, 3, 4)
         else:
