@@ -12,6 +12,7 @@ import textwrap
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import tyro
@@ -212,6 +213,8 @@ BAD_OPTIONS = [
     (["align", "--steps", "0"], "--steps"),
     (["align", "--warmup", "-1"], "--warmup"),
     (["align", "--workdir", "/dev/null"], "--workdir"),
+    (["align", "--host-workers", "0"], "--host-workers"),
+    (["align", "--host-workers", "-2"], "--host-workers"),
     (["align", "--out", UNWRITABLE], "--out"),
     (["probe", "--data", "/nowhere"], "--data"),
     (["probe", "--data", "{empty}"], "--data"),  # a folder that is no shard set
@@ -267,6 +270,7 @@ GOOD_EDGES = [
     ["kernels", "--classes", "256", "--pool-patch", "224", "--mask-patch", "224"],
     ["loader", "--workers", "0", "--images", "8", "--batch-size", "4"],  # 0: the main process
     ["align", "--batch-size", "0", "--warmup", "0"],  # 0: the preset's micro-batch
+    ["align", "--preset", "neco-tiny", "--host-workers", "-1"],  # -1: min(10, cores)
     ["probe", "--workers", "-1", "--images", "16", "--batch-size", "16"],  # -1: by device
     ["evals", "--workers", "-1", "--backbone", "tiny"],
 ]
@@ -344,6 +348,132 @@ def test_align_benchmark_compares_the_step_with_the_original_style(tmp_path, cap
     assert [r["step"] for r in record["rows"]] == ["fastloc (eager)", "original-style"]
     assert all(len(r["times_s"]) == 2 and r["images_per_s"] > 0 for r in record["rows"])
     assert record["missing"] == [{"row": "fastloc (compiled), fastloc end to end", "reason": "--no-compile"}]
+
+
+@pytest.mark.parametrize("name", ["leopart-tiny", "neco-tiny"])
+def test_align_benchmark_times_leopart_and_neco_against_the_original_style(name, tmp_path, capsys):
+    """On a CPU, a dense preset: eager, the original-style step and its host crops (the compiled row
+    named as missing with --no-compile; the compiled dense step is tested in test_align_dense)."""
+    out = tmp_path / "dense.json"
+    argv = ["align", "--preset", name, "--steps", "1", "--warmup", "0", "--no-compile", "--host-workers", "3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "GFLOP per image" in printed and "original-style: on shared cores, the times added" in printed
+    assert "eager / original-style:" in printed and "aim on one H100: >= 4x" in printed
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "align" and record["preset"] == name and f"--preset {name}" in record["command"]
+    assert record["objective"] == {"leopart-tiny": "Leopart", "neco-tiny": "Neco"}[name]
+    assert record["device"]["cores"] >= 1 and record["versions"]["torch"] and record["flops_per_image"] > 0
+    assert record["batch_size"] == 16 and record["base_size"] == 64 and record["view_sizes"] == [32, 32, 16, 16, 16, 16]
+    rows = {r["step"]: r for r in record["rows"]}
+    assert list(rows) == ["fastloc (eager)", "original-style step", "original-style host crops (3 workers)"]
+    for row in rows.values():
+        assert row["times_s"] and all(t > 0 for t in row["times_s"]) and row["images_per_s"] > 0
+    crops = rows["original-style host crops (3 workers)"]
+    assert len(crops["times_s"]) == 2 and crops["images_per_s"] == pytest.approx(3 * 16 / min(crops["times_s"]))
+    original = 1 / (1 / crops["images_per_s"] + 1 / rows["original-style step"]["images_per_s"])  # a CPU
+    assert f"= {original:,.1f} images/s" in record["summary"][0]
+    assert [m["row"] for m in record["missing"]] == ["fastloc (compiled)", "fastloc end to end"]
+
+
+def dense_case(name: str, batch: int = 4, **changes):
+    """A dense preset's objective (random weights, eval: no drop path), full queue, and a batch of
+    base images with their MultiCrop draws."""
+    from fastloc.align.config import OBJECTIVES
+    from fastloc.align.presets import PRESETS
+    from fastloc.bench.dense import fill_queue
+
+    method = dataclasses.replace(PRESETS[name][1].method, **changes)
+    torch.manual_seed(0)
+    objective = OBJECTIVES[type(method)](method).eval()
+    fill_queue(objective)
+    side = round(method.crops.sizes[0] * method.base_scale)
+    pictures = np.random.default_rng(0).integers(0, 256, (batch, side, side, 3), dtype=np.uint8)
+    draws = [method.crops.draw(np.random.default_rng([0, i]), side, side) for i in range(batch)]
+    images = torch.from_numpy(pictures).permute(0, 3, 1, 2).contiguous()
+    return objective, images, torch.from_numpy(method.crops.params(draws))
+
+
+def original_inputs(objective, images, params):
+    """The views fastloc cuts and the pair boxes it computes, as the original-style loss takes them."""
+    from fastloc.align.leopart_ops import pair_boxes
+    from fastloc.data.multicrop import view_boxes
+
+    views = objective.cfg.crops.cut(images, params, objective.image.mean, objective.image.std)
+    return views, *pair_boxes(view_boxes(params), objective.cfg.crops.view_sizes, objective.groups[0])
+
+
+def test_the_original_style_leopart_loss_is_fastlocs_on_the_same_views():
+    """Leopart's reference-form loss (fg mask labelled on the host, queue test and push, the loop
+    Sinkhorn, per-pair .item()) gives fastloc's loss: the baseline differs in form, not in math."""
+    from fastloc.bench.dense import OriginalState, original_leopart_loss
+
+    objective, images, params = dense_case("leopart-tiny")
+    assert objective.cfg.loss_mask == "fg" and objective._queued == objective.queue.shape[1]
+    sample = (params, objective.sample(4, torch.Generator().manual_seed(0)))
+    state = OriginalState(objective.queue.clone(), objective.queue.shape[1])
+    with torch.no_grad():
+        expected = objective.losses(images, sample).mean()
+        got = original_leopart_loss(objective, objective.trainable, state, *original_inputs(objective, images, params))
+    assert torch.allclose(got, expected, rtol=1e-5), (got, expected)
+    assert state.use_the_queue and not torch.equal(state.queue, objective.queue)  # the test passed, the push ran
+
+
+def test_the_original_style_neco_loss_is_fastlocs_with_the_same_references(monkeypatch):
+    """NeCo's reference-form loss (one pair at a time, batch references by randperm) gives fastloc's
+    loss when its randperm returns the permutations fastloc draws from the step's sample."""
+    from fastloc.bench.dense import OriginalState, original_neco_loss
+
+    objective, images, params = dense_case("neco-tiny", queue_length=0, references="batch")
+    sample = (params, objective.sample(4, torch.Generator().manual_seed(0)))
+    (G, L), k = objective.groups, objective.cfg.roi_kernel
+    P = (objective.cfg.crops.sizes[0] // objective.image.patch_size) ** 2
+    u = sample[1][:, :, P:].reshape(4, G, G + L - 1, k * k).permute(1, 2, 0, 3).flatten(2)  # neco.py's draw
+    orders = iter(u.argsort(dim=-1).flatten(0, 1))  # one per (global crop, other view), the loop's order
+    inputs = original_inputs(objective, images, params)
+    with torch.no_grad():
+        expected = objective.losses(images, sample).mean()
+        monkeypatch.setattr(torch, "randperm", lambda n, **kw: next(orders))
+        got = original_neco_loss(objective, objective.trainable, OriginalState(None, 0), *inputs)
+    assert next(orders, None) is None  # every pair drew once
+    assert torch.allclose(got, expected, rtol=1e-5), (got, expected)
+
+
+def test_the_host_crops_follow_the_draws_as_the_device_cut_does():
+    """The reference's PIL data path on a smooth picture gives fastloc's device views within the
+    named departures (resampling, uint8 rounding, PIL's blur); the boxes are pair_boxes'. Boxes
+    read transposed do not."""
+    from PIL import Image
+
+    from fastloc.bench.dense import host_boxes, host_views
+    from fastloc.data.multicrop import MultiCrop, MultiCropDraw, cut_views
+
+    recipe, side, mean, std = MultiCrop(sizes=(32, 16)), 64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    y, x = np.mgrid[0:side, 0:side] / side
+    picture = (np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], -1) * 255).round().astype(np.uint8)
+    base = torch.from_numpy(picture).permute(2, 0, 1)[None].contiguous()
+    worst, transposed = 0.0, 0.0
+    for seed in range(3):
+        draw = recipe.draw(np.random.default_rng(seed), side, side)
+        device = cut_views(base, torch.tensor(draw.params)[None], recipe.view_sizes, mean, std, sigma_max=2.0)
+        host = host_views(Image.fromarray(picture), draw, recipe, mean, std)
+        flipped = MultiCropDraw(tuple((left, top, w, h) for top, left, h, w in draw.boxes), draw.params)
+        wrong = host_views(Image.fromarray(picture), flipped, recipe, mean, std)
+        for v, view in enumerate(device):
+            worst = max(worst, (host[v] - view[0]).abs().mean().item())
+            transposed = max(transposed, (wrong[v] - view[0]).abs().mean().item())
+        gc, other = host_boxes(draw, recipe)
+        expected = pair_boxes_of(draw, recipe)
+        assert torch.allclose(gc, expected[0], atol=1e-4) and torch.allclose(other, expected[1], atol=1e-4)
+    assert worst < 0.05 < transposed, (worst, transposed)
+
+
+def pair_boxes_of(draw, recipe):
+    from fastloc.align.leopart_ops import pair_boxes
+
+    boxes = torch.tensor(draw.params[:, :4])[None]  # normalized (x1, y1, x2, y2)
+    gc, other = pair_boxes(boxes, recipe.view_sizes, recipe.counts[0])
+    return gc[0], other[0]
 
 
 def test_probe_benchmark_times_cold_cached_and_original_style_runs_with_equal_metrics(tmp_path, capsys, monkeypatch):

@@ -2,7 +2,8 @@
 check runs here in a Python where fastloc's other dependencies (pycocotools, webdataset,
 submitit, DALI) and fastloc's own install are hidden, as on the GPU machine, which has only
 torch, triton, timm, scipy and the .whl/ wheels: the staged tree must import, every gpu test
-module must be collected and every benchmark must answer --help."""
+module must be collected, every benchmark must answer --help and the planned Leopart and NeCo
+benchmarks' command lines must parse and validate."""
 
 from __future__ import annotations
 
@@ -56,3 +57,7 @@ def test_the_gpu_script_imports_collects_and_answers_help_where_only_torch_trito
     assert [line.split(":")[0] for line in summary] == ["== environment", "== collect", "== bench-help"]
     assert "kernels from /tmp/" in logs["environment.log"] and str(REPO) not in logs["environment.log"]
     assert " tests collected" in logs["collect.log"] and "error" not in logs["collect.log"].lower()
+    for name, preset, batch in (("leopart", "leopart-vits16-in100", 32), ("neco", "neco-dinov2-vitb14", 16)):
+        planned = f"bench-align-{name}: would run: python -m fastloc.bench align --preset {preset} --batch-size {batch}"
+        assert planned in logs["bench-help.log"] and planned in result.stdout, logs["bench-help.log"]
+    assert list(out.glob("*.json")) == []  # parsed, not run

@@ -1,4 +1,5 @@
-"""``python -m fastloc.bench align``: MaskEmbed's training update, fastloc's against the original's.
+"""``python -m fastloc.bench align``: MaskEmbed's training update, fastloc's against the original's
+(a Leopart or NeCo preset: ``dense.py``).
 
 Random weights; each row times full updates (forward, backward, AdamW) after warm-up: ``fastloc
 (compiled)`` (``prepare()``'s step, also split into teacher / student + decoder / optimizer with
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from fastloc.align.config import AlignConfig, OptimConfig, SystemConfig
+from fastloc.align.dense import DenseConfig
 from fastloc.align.maskembed import MaskEmbed, per_image_loss
 from fastloc.align.prepare import Prepared, prepare
 from fastloc.align.presets import PRESETS
@@ -42,7 +44,8 @@ class AlignBench:
     """MaskEmbed's training update: fastloc's compiled step against eager and an original-style step."""
 
     preset: str = "auto"
-    """An align preset (random weights); auto: clip-vit-b on a GPU, tiny on a CPU."""
+    """An align preset (random weights); auto: clip-vit-b on a GPU, tiny on a CPU. A Leopart or NeCo
+    preset times its update against the reference's (host crops, syncs)."""
 
     batch_size: int = 0
     """Images per update (0: the preset's micro-batch)."""
@@ -59,6 +62,10 @@ class AlignBench:
     workdir: Path | None = None
     """Scratch folder for the end-to-end row's shards (default: a temporary folder)."""
 
+    host_workers: int = -1
+    """Leopart and NeCo: the worker processes the original-style host crops are counted over
+    (-1: min(10, cores), as the reference's 10 per GPU)."""
+
     out: Path | None = None
     """JSON results path (default: runs/bench/align-DATE.json)."""
 
@@ -69,6 +76,8 @@ class AlignBench:
         at_least(self, 0, "batch_size", meaning="0: the preset's micro-batch")
         at_least(self, 1, "steps")
         at_least(self, 0, "warmup")
+        rule = "must be -1 (min(10, cores)) or at least 1"
+        require(self.host_workers == -1 or self.host_workers >= 1, "--host-workers", self.host_workers, rule)
         check_paths(self.out, self.workdir)
 
 
@@ -77,6 +86,10 @@ def run(cfg: AlignBench, command: str) -> Path:
     device = torch.device("cuda" if cuda else "cpu")
     name = cfg.preset if cfg.preset != "auto" else ("clip-vit-b" if cuda else "tiny")
     align = PRESETS[name][1]
+    if isinstance(align.method, DenseConfig):
+        from fastloc.bench import dense  # it imports this module's timing
+
+        return dense.run(cfg, command, name)
     batch = cfg.batch_size or align.data.batch_size // align.data.accumulation
     precision = "bf16" if cuda else align.system.precision
     method = replace(align.method, weights="random")
@@ -94,24 +107,26 @@ def run(cfg: AlignBench, command: str) -> Path:
     if cfg.compile:
         objective, prepared = build(True)
         images = images.expand(-1, -1, objective.image.size, objective.image.size).contiguous()
-        rows.append(_row("fastloc (compiled)", _fastloc(objective, prepared, images, precision, cfg), batch, device))
+        rows.append(
+            result_row("fastloc (compiled)", _fastloc(objective, prepared, images, precision, cfg), batch, device)
+        )
         split = _split(objective, prepared, images, precision, cfg.steps)
         flops = objective.flops_per_image()
         dali = cuda and importlib.util.find_spec("nvidia.dali") is not None
         label = "fastloc end to end" + ("" if dali or not cuda else " (torch twin: DALI is not installed)")
         times = _end_to_end(objective, prepared, align, precision, cfg, "gpu" if dali else "cpu")
-        rows.append(_row(label, times, batch, device))
+        rows.append(result_row(label, times, batch, device))
         del objective, prepared
     else:
         missing.append(MissingRow("fastloc (compiled), fastloc end to end", "--no-compile"))
     objective, prepared = build(False)
     if images.shape[-1] == 1:
         images = images.expand(-1, -1, objective.image.size, objective.image.size).contiguous()
-    rows.append(_row("fastloc (eager)", _fastloc(objective, prepared, images, precision, cfg), batch, device))
+    rows.append(result_row("fastloc (eager)", _fastloc(objective, prepared, images, precision, cfg), batch, device))
     for module in objective.modules():
         if isinstance(module, SoftCapAttention):
             module.fused = False  # the reference materializes the logits
-    rows.append(_row("original-style", _original(objective, prepared, images, precision, cfg), batch, device))
+    rows.append(result_row("original-style", _original(objective, prepared, images, precision, cfg), batch, device))
     flops = flops or objective.flops_per_image()
     peak = 989e12 if cuda else None
     for row in rows:
@@ -131,17 +146,19 @@ def run(cfg: AlignBench, command: str) -> Path:
 # ---------------------------------------------------------------- the contenders
 
 
-def _timed(update, cfg: AlignBench, device: torch.device) -> list[float]:
+def timed_updates(update, cfg: AlignBench, device: torch.device) -> list[float]:
+    """Seconds of each of ``cfg.steps`` calls of ``update`` after ``cfg.warmup`` untimed ones
+    (the device synchronized; its peak memory counted from the first timed call)."""
     for _ in range(cfg.warmup):
         update()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(cfg.steps):
         start = time.perf_counter()
         update()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -153,7 +170,7 @@ def _fastloc(objective, prepared, images, precision, cfg):
         masks = objective.sample(images.shape[0], generator)
         train_step(objective, prepared, images, masks, STEP, 1, 1.0, precision)
 
-    return _timed(update, cfg, images.device)
+    return timed_updates(update, cfg, images.device)
 
 
 def _original(objective, prepared, images, precision, cfg):
@@ -180,7 +197,7 @@ def _original(objective, prepared, images, precision, cfg):
         prepared.optimizer.step()
         prepared.optimizer.zero_grad(set_to_none=True)
 
-    return _timed(update, cfg, device)
+    return timed_updates(update, cfg, device)
 
 
 def _end_to_end(objective, prepared, align: AlignConfig, precision: str, cfg: AlignBench, loader_device: str):
@@ -215,7 +232,7 @@ def _end_to_end(objective, prepared, align: AlignConfig, precision: str, cfg: Al
             images = next(batches).images.to(device, non_blocking=True)
             train_step(objective, prepared, images, objective.sample(batch, generator), STEP, 1, 1.0, precision)
 
-        return _timed(update, cfg, device)
+        return timed_updates(update, cfg, device)
 
 
 def _split(objective, prepared, images, precision, steps: int) -> dict[str, float]:
@@ -228,29 +245,30 @@ def _split(objective, prepared, images, precision, steps: int) -> dict[str, floa
     }
     for _ in range(steps):
         masks = objective.sample(images.shape[0], generator)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         with autocast(device, precision):
             views, full = objective.views(images, masks)
             target = objective.targets(views)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         with autocast(device, precision):
             loss = per_image_loss("mse", prepared.model(full, masks), target, objective._keep(masks)).mean()
         loss.backward()
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(prepared.params, 1.0)
         prepared.optimizer.step()
         prepared.optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         t3 = time.perf_counter()
         for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
             parts[key].append(value)
     return {k: 1e3 * float(np.median(v)) for k, v in parts.items()}
 
 
-def _row(label: str, times: list[float], batch: int, device: torch.device) -> dict:
+def result_row(label: str, times: list[float], batch: int, device: torch.device) -> dict:
+    """A table row: images/s and ms of the fastest update, the peak memory since the last reset."""
     best = min(times)
     memory = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     return {
@@ -275,6 +293,6 @@ def _summary(rows: list[dict], cuda: bool, name: str, batch: int) -> list[str]:
     return lines
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
