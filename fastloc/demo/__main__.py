@@ -1,10 +1,11 @@
 """python -m fastloc.demo: fastloc's main job in miniature, on a fresh machine, no download, no GPU.
 
 It converts a synthetic set (textured regions and shaped objects), trains a small ViT from scratch
-on image-level labels only (what CLIP and SigLIP see: which classes, never where), probes it with
-Patch-Seg (the baseline), aligns it with MaskEmbed, probes the aligned encoder the same way, and
-prints the before/after table beside a floor (the random-init ViT) and a ceiling (a ViT trained
-on patch labels). Re-running reuses finished stages; --quick is the test suite's short version.
+on image-level labels only (the baseline: what CLIP and SigLIP see, which classes, never where),
+post-trains it with MaskEmbed, Leopart and NeCo (--objectives picks), and probes every encoder
+beside a floor (the random-init ViT) and a ceiling (a ViT trained on patch labels) with Patch-Seg,
+Leopart's overclustering, Hummingbird and DINO's k-NN: one table, a row per encoder. Re-running
+reuses finished stages; --quick is the test suite's short version.
 Option values and the folders are checked before any stage: a bad one is one "error:" line, exit 2.
 """
 
@@ -53,15 +54,22 @@ def run(cfg: DemoConfig) -> Path:
         "ceiling": (cfg.backbone, patch["weights"]),
         "baseline": (cfg.backbone, image["weights"]),
     }
-    aligned = stage("align", *stages.aligned(cfg, image["weights"], common))
-    backbones["aligned"] = (aligned["export"], "pretrained")
-    results = {}
-    for role in summary.ROLES:
+    roles = summary.roles(cfg.objectives)
+    for objective in (r for r in roles if r in cfg.objectives):
+        aligned = stage(stages.ALIGN_STAGES[objective], *stages.aligned(cfg, objective, image["weights"], common))
+        backbones[objective] = (aligned["export"], "pretrained")
+    results, rows = {}, {}
+    for role in roles:
         probe_cfg = stages.probe_config(cfg, role, *backbones[role])
         inputs = {**common, "role": role, "backbone": backbones[role], "probe": dataclasses.asdict(probe_cfg)}
         record = stage(f"probe-{role}", inputs, stages.probed(probe_cfg))
         results[role] = summary.load(Path(record["result"]))
-    rows = {role: summary.figures(results[role]) for role in summary.ROLES}
+        rows[role] = summary.figures(results[role])
+        for protocol in stages.DENSE_PROTOCOLS:
+            dense_cfg = stages.dense_config(cfg, protocol, role, *backbones[role])
+            inputs = {**common, "role": role, "backbone": backbones[role], protocol: dataclasses.asdict(dense_cfg)}
+            record = stage(f"{protocol}-{role}", inputs, stages.dense_probed(dense_cfg))
+            rows[role] |= summary.dense_figures(protocol, summary.load(Path(record["result"])))
     verdict = summary.gates(rows)
     print()
     print(summary.table(rows))
@@ -69,18 +77,16 @@ def run(cfg: DemoConfig) -> Path:
     for gate, passed, text in verdict:
         print(f"{gate}: {'yes' if passed else 'NO'} ({text})")
     if len(verdict) < 3:
-        print("the comparison of aligned and baseline is not meaningful until gates 1 and 2 pass")
-    from fastloc.probe.compare import compare
+        print("the comparison of the objectives with the baseline is not meaningful until gates 1 and 2 pass")
+    plots = [summary.contact_sheet(results, backbones, run_dir / "contact-sheet.png")]
+    if "maskembed" in results:
+        from fastloc.probe.compare import compare
 
-    _, plot = compare(
-        Path(results["baseline"]["run_dir"]),
-        Path(results["aligned"]["run_dir"]),
-        run_dir / "baseline-vs-aligned.png",
-        ("baseline", "aligned"),
-    )
-    sheet = summary.contact_sheet(results, backbones, run_dir / "contact-sheet.png")
+        labels = ("baseline", "maskembed")
+        _, plot = compare(*(Path(results[r]["run_dir"]) for r in labels), run_dir / "baseline-vs-maskembed.png", labels)
+        plots.insert(0, plot)
     path = summary.write_summary(run_dir / "summary.json", dataclasses.asdict(cfg), rows, verdict, timings)
-    print(f"\nsummary: {path}\nplots: {plot}, {sheet}\nprobe results: {run_dir / 'probes'}")
+    print(f"\nsummary: {path}\nplots: {', '.join(map(str, plots))}\nprobe results: {run_dir / 'probes'}")
     return run_dir
 
 

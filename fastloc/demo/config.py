@@ -1,4 +1,4 @@
-"""The demo's one config: sizes of every stage, and the quick variant the tests run.
+"""The demo's one config: sizes of every stage, which objectives run, and the quick variant the tests run.
 
 ``validate()`` refuses a value out of its range (a BadValue naming the option) before any stage
 runs: a stage that fails minutes in, on a value known wrong from the start, wastes the stages before.
@@ -14,12 +14,15 @@ from fastloc.cli import flowing_help, require
 from fastloc.probe.config import at_least, check_seed, field
 
 TRAIN_BATCH = 32  # pre-training and the probes train on full batches of this many images
+Objective = Literal["maskembed", "leopart", "neco"]
+OBJECTIVES: tuple[Objective, ...] = ("maskembed", "leopart", "neco")  # the order of the table's rows
 
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """Convert, pre-train on image-level labels, probe, align, probe again: the paper's effect in miniature."""
+    """Convert, pre-train on image-level labels, post-train with each objective, probe every encoder
+    with Patch-Seg and the dense protocols: fastloc's main job in miniature."""
 
     out: Path = Path("runs/demo")
     """Parent folder of the demo's run directories (one per seed; -quick for --quick)."""
@@ -42,8 +45,18 @@ class DemoConfig:
     pretrain_epochs: int = 24
     """Epochs of the image-level (baseline) and patch-level (ceiling) pre-training."""
 
+    objectives: tuple[Objective, ...] = OBJECTIVES
+    """The post-training objectives run on the baseline, each probed as a row of its own
+    (--objectives maskembed neco: two of them)."""
+
     align_epochs: int = 4
     """Epochs of MaskEmbed alignment of the baseline."""
+
+    leopart_epochs: int = 2
+    """Epochs of Leopart on the baseline (the leopart-tiny preset's settings otherwise)."""
+
+    neco_epochs: int = 2
+    """Epochs of NeCo on the baseline (the neco-tiny preset's settings otherwise)."""
 
     skip_blocks: int = 0
     """Blocks removed from the end of MaskEmbed's teacher. The reference removes 1 (of a ViT-B's
@@ -68,8 +81,11 @@ class DemoConfig:
         numbers first, before the backbone registry's import of torch and timm."""
         at_least("--train-images", self.train_images, TRAIN_BATCH, "one training batch")
         at_least("--val-images", self.val_images, 1)
-        for flag in ("--pretrain-epochs", "--align-epochs", "--probe-epochs"):
+        for flag in ("--pretrain-epochs", "--align-epochs", "--leopart-epochs", "--neco-epochs", "--probe-epochs"):
             at_least(flag, getattr(self, field(flag)), 1)
+        chosen = self.objectives
+        rule = f"must name one or more of {', '.join(OBJECTIVES)}, each once"
+        require(bool(chosen) and len(set(chosen)) == len(chosen), "--objectives", " ".join(chosen), rule)
         check_seed(self.seed)
         at_least("--workers", self.workers, 0, "0: in this process")
         at_least("--skip-blocks", self.skip_blocks, 0)
@@ -93,7 +109,15 @@ class DemoConfig:
         return self.shards / ("quick" if self.quick else "full")
 
 
-QUICK = {"train_images": 320, "val_images": 96, "pretrain_epochs": 3, "align_epochs": 1, "probe_epochs": 2}
+QUICK = {
+    "train_images": 320,
+    "val_images": 96,
+    "pretrain_epochs": 3,
+    "align_epochs": 1,
+    "leopart_epochs": 1,
+    "neco_epochs": 1,
+    "probe_epochs": 2,
+}
 
 
 def resolved(cfg: DemoConfig) -> DemoConfig:

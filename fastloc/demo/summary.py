@@ -1,10 +1,11 @@
-"""The demo's verdict: the gates, the before/after table, the plots and a JSON summary.
+"""The demo's verdict: the gates, the table (one row per role, a column per figure), the plots
+and a JSON summary.
 
 Gates, in order (each printed): (1) the ceiling (patch labels) beats the floor (a random-init
-ViT) clearly in macro AP, so the probe can see locality at all; (2) the baseline (image-level
-labels) beats the floor, so pre-training taught it something; only then (3) aligned against
-baseline. AP is threshold-free, so it is the judge; the original's best-epoch macro recall is
-printed beside it.
+ViT) clearly in Patch-Seg macro AP, so the probe can see locality at all; (2) the baseline
+(image-level labels) beats the floor, so pre-training taught it something; only then (3, 4, ...)
+each objective against the baseline. AP is threshold-free, so it is the judge; the original's
+best-epoch macro recall, the dense protocols' mIoU and the k-NN accuracy are printed beside it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from fastloc.demo.config import OBJECTIVES  # the roles post-trained from the baseline
 from fastloc.probe.report import write_json
 
-ROLES = ("floor", "baseline", "aligned", "ceiling")
+ROLES = ("floor", "baseline", "maskembed", "leopart", "neco", "ceiling")  # the table's rows, in order
 CLEAR_MARGIN = 0.05  # macro AP: the ceiling must beat the floor by this much for gate 1
+
+
+def roles(objectives: tuple[str, ...]) -> tuple[str, ...]:
+    """The roles a run with these objectives probes, in the table's order."""
+    return tuple(r for r in ROLES if r not in OBJECTIVES or r in objectives)
 
 
 def figures(result: dict) -> dict:
@@ -41,6 +48,12 @@ def figures(result: dict) -> dict:
     return row
 
 
+def dense_figures(protocol: str, result: dict) -> dict:
+    """Every headline figure of a dense protocol's result, keyed PROTOCOL_FIGURE (overcluster_miou_k38,
+    hummingbird_miou, knn_top1, ...)."""
+    return {f"{protocol}_{name}": value for name, value in result["selected"].items()}
+
+
 def gates(rows: dict[str, dict]) -> list[tuple[str, bool, str]]:
     floor, ceiling, baseline = (rows[k]["ap_last"] for k in ("floor", "ceiling", "baseline"))
     first = ceiling > floor + CLEAR_MARGIN
@@ -50,32 +63,39 @@ def gates(rows: dict[str, dict]) -> list[tuple[str, bool, str]]:
         ("2. baseline beats floor (macro AP)", second, f"{baseline:.4f} vs {floor:.4f}"),
     ]
     if first and second:
-        aligned = rows["aligned"]["ap_last"]
-        out.append(("3. aligned beats baseline (macro AP)", aligned > baseline, f"{aligned:.4f} vs {baseline:.4f}"))
+        for number, role in enumerate((r for r in OBJECTIVES if r in rows), start=3):
+            ap = rows[role]["ap_last"]
+            out.append((f"{number}. {role} beats baseline (macro AP)", ap > baseline, f"{ap:.4f} vs {baseline:.4f}"))
     return out
 
 
+def columns(rows: dict[str, dict]) -> list[tuple[str, str]]:
+    """(heading, key) of the table: Patch-Seg's AP (all, then each class group) and best-epoch recall,
+    then whichever dense figures the rows hold: overclustering mIoU per K, Hummingbird mIoU, k-NN top-1."""
+    keys = {k for row in rows.values() for k in row}
+    groups = sorted(k[3:] for k in keys if k.startswith("ap_") and k != "ap_last")
+    out = [("AP", "ap_last"), *((f"AP {g}", f"ap_{g}") for g in groups), ("rec. orig.", "recall_best_epoch")]
+    clusters = sorted((int(k.rsplit("_k", 1)[1]) for k in keys if k.startswith("overcluster_miou_k")), reverse=True)
+    out += [(f"oc K={k}", f"overcluster_miou_k{k}") for k in clusters]
+    dense = (("Hb mIoU", "hummingbird_miou"), ("k-NN top1", "knn_top1"))
+    return out + [(name, key) for name, key in dense if key in keys]
+
+
 def table(rows: dict[str, dict]) -> str:
-    columns = [
-        ("recall (orig.)", "recall_best_epoch"),
-        ("precision", "precision"),
-        ("F1", "f1"),
-        ("AP", "ap_last"),
-        ("recall (last)", "recall_last"),
-    ]
-    groups = sorted({k[3:] for row in rows.values() for k in row if k.startswith("ap_") and k != "ap_last"})
-    columns += [(f"AP {g}", f"ap_{g}") for g in groups]
-    head = f"{'':10}" + "".join(f"{name:>16}" for name, _ in columns)
+    """One line per role (ROLES' order): Patch-Seg AP and the original's best-epoch recall (rec. orig.),
+    overclustering (oc) and Hummingbird (Hb) mIoU, k-NN top-1; then the macro recall by object size of
+    the baseline and each objective."""
+    cols = columns(rows)
+    head = f"{'':10}" + "".join(f"{name:>11}" for name, _ in cols)
     lines = [head, "-" * len(head)]
-    for role in ROLES:
-        row = rows[role]
-        lines.append(f"{role:10}" + "".join(f"{_fmt(row.get(key)):>16}" for _, key in columns))
-    sizes_a, sizes_b = rows["baseline"]["recall_by_size"], rows["aligned"]["recall_by_size"]
-    if sizes_a and sizes_b:
-        lines += ["", "macro recall by object size (share of the image's patches), last epoch:"]
+    for role in (r for r in ROLES if r in rows):
+        lines.append(f"{role:10}" + "".join(f"{_fmt(rows[role].get(key)):>11}" for _, key in cols))
+    sized = [r for r in ("baseline", *OBJECTIVES) if (rows.get(r) or {}).get("recall_by_size")]
+    if len(sized) > 1:
+        lines += ["", "Patch-Seg macro recall by object size (share of the image's patches), last epoch:"]
         lines.append(f"{'':10}" + "".join(f"{f'{k / 10:.1f}-{(k + 1) / 10:.1f}':>9}" for k in range(10)))
-        for role, sizes in (("baseline", sizes_a), ("aligned", sizes_b)):
-            lines.append(f"{role:10}" + "".join(f"{_fmt(v, 3):>9}" for v in sizes))
+        for role in sized:
+            lines.append(f"{role:10}" + "".join(f"{_fmt(v, 3):>9}" for v in rows[role]["recall_by_size"]))
     return "\n".join(lines)
 
 
@@ -86,7 +106,8 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def contact_sheet(results: dict[str, dict], backbones: dict[str, tuple[str, str]], path: Path, count: int = 4) -> Path:
-    """The first validation images: truth and every probe's most confident class per patch."""
+    """The first validation images: truth and every Patch-Seg probe's most confident class per patch
+    (``results`` by role, in the table's order)."""
     from fastloc.data.shards import open_shards
     from fastloc.models.registry import image_config
     from fastloc.probe.backbone import load_backbone
@@ -98,7 +119,7 @@ def contact_sheet(results: dict[str, dict], backbones: dict[str, tuple[str, str]
     val = open_shards(Path(any_result["dataset"]["val"]))
     classes = int(any_result["dataset"]["num_classes"])
     maps, images, image = {}, None, None
-    for role in ROLES:
+    for role in results:
         name, weights = backbones[role]
         model = load_backbone(name, weights)
         image = image_config(model)
