@@ -321,3 +321,20 @@ mount -o remount,ro tmpfs '{mnt}' || exit 98
     assert errors[1] == f"error: --results {mnt}/results: cannot write there (Read-only file system)"
     assert not cache.exists() or not any(cache.iterdir())  # no feature was computed
     assert json.dumps(result.stdout).count("epoch") == 0
+
+
+def test_under_torchrun_only_rank_0_checks_the_folders_before_the_ranks_meet(workdir, monkeypatch):
+    """The early check removes the folders it made: a second rank checking at the same moment found
+    its folder gone (seen in CI); the others check in the run, after meeting rank 0."""
+    from fastloc.cli import BadValue
+    from fastloc.probe.__main__ import refuse_early
+    from fastloc.probe.dense.config import parse
+
+    cfg = parse("knn", [str(workdir / "no-data"), "--out", str(workdir / "a-file" / "out")])
+    monkeypatch.setenv("RANK", "1")
+    refuse_early(cfg)  # not checked here
+    assert folders_under(workdir) == []
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(BadValue, match="--out"):
+        refuse_early(cfg)
+    assert folders_under(workdir) == []

@@ -28,11 +28,17 @@ from fastloc.probe.dense.config import PROTOCOLS
 
 def refuse_early(cfg) -> None:
     """The option values and the output folders, checked before torch is imported (seconds of
-    start-up): a bad one is refused at once. The run checks them again, with the data."""
+    start-up): a bad one is refused at once. The run checks them again, with the data. Under
+    torchrun only rank 0 checks the folders here: the check removes the folders it made, and a
+    second rank checking at the same moment would find its folder gone (the run's own check comes
+    after the ranks have met, when rank 0's is over)."""
+    import os
+
     from fastloc.probe.report import check_folders
 
     cfg.validate()
-    check_folders(*cfg.folders())
+    if os.environ.get("RANK", "0") == "0":
+        check_folders(*cfg.folders())
 
 
 def dense(protocol: str, args: list[str]) -> int:
