@@ -21,8 +21,10 @@ def write_set(
     num_classes: int,
     per_shard: int = 6,
     split: str = "train",
+    txt: dict[str, bytes] | None = None,
 ) -> Path:
-    """A shard set of (key, pixels [H, W, 3] uint8, label [H, W], cls) in the fastloc format."""
+    """A shard set of (key, pixels [H, W, 3] uint8, label [H, W], cls) in the fastloc format; with
+    ``txt`` (key -> bytes), every sample also has a `txt` member."""
     root.mkdir(parents=True)
     shards = []
     for s, start in enumerate(range(0, len(samples), per_shard)):
@@ -37,6 +39,7 @@ def write_set(
                     ("jpg", encode_jpeg(Image.fromarray(pixels), 95, full_chroma=True)),
                     ("seg.png", encode_label(key, label, num_classes, (w, h))),
                     ("cls", str(cls).encode()),
+                    *([("txt", txt[key])] if txt is not None else []),
                 ],
             )
         nbytes, sha = writer.close()
@@ -52,12 +55,12 @@ def write_set(
             "num_samples": len(samples),
             "num_shards": len(shards),
             "shards": shards,
-            "keys": ["jpg", "seg.png", "cls"],
+            "keys": ["jpg", "seg.png", "cls", *(["txt"] if txt is not None else [])],
             "num_classes": num_classes,
             "classes": [None] * num_classes,
             "label": {"key": "seg.png", "dtype": str(label_dtype(num_classes)), "unlabeled": 0},
             "cls": {"key": "cls"},
-            "txt": None,
+            "txt": None if txt is None else {"key": "txt", "format": "UTF-8 text; captions separated by newlines"},
         },
     )
     return root

@@ -18,6 +18,8 @@ class Batch:
     labels: torch.Tensor | None = None  # [B, H, W] int64 class ids, geometry identical to images
     cls: torch.Tensor | None = None  # [B] int64 image-level class
     keys: list[str] | None = None  # sample keys (the shards' __key__), in batch order
+    # on the host: each sample's captions (the lines of its txt), in batch order (LoaderConfig.captions)
+    captions: tuple[tuple[str, ...], ...] | None = None
     valid: torch.Tensor | None = None  # [B] bool; None: all valid
     index: torch.Tensor | None = None  # [B] int64 on the host: the sample (its place in the split) in each slot
     views: tuple[torch.Tensor, ...] | None = None  # a multi-view recipe's further views, each [B, 3, h, w]

@@ -42,6 +42,10 @@ class LoaderConfig:
     labels: bool = True
     """Decode `seg.png` into Batch.labels when the shards have label maps."""
 
+    captions: bool = False
+    """Read each sample's captions (its `txt`, one a line) into Batch.captions; the shards must
+    have them (``python -m fastloc.shard coco --captions``)."""
+
     shuffle: bool = True
     """Shuffle samples; the order depends only on (seed, epoch)."""
 

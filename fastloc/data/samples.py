@@ -4,7 +4,7 @@
 names, checks it, asks the recipe for its views (draws, windows, label maps) and replaces a sample
 that fails by the order's rule, its slot not valid. The torch twin also makes the pixels here
 (``pixels=True``); the DALI loader takes the JPEG bytes and the windows. Either way the keys,
-labels, classes and valid flags come from this one function.
+labels, classes, captions and valid flags come from this one function.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Usable:
     jpg: bytes
     views: tuple[View, ...]  # the recipe's views: windows (DALI), label maps (the first's is the batch's), draws
     cls: int | None
+    captions: tuple[str, ...] | None  # the lines of ``txt`` (``captions=True``)
     images: list[torch.Tensor] | None  # per view [3, s, s] uint8, final (pixels=True)
 
 
@@ -59,6 +60,7 @@ class HostBatch:
     g: np.ndarray  # [B] int64: the sample used in each slot
     valid: np.ndarray  # [B] bool: False for a replacement or a repeat
     cls: np.ndarray | None  # [B] int64
+    captions: tuple[tuple[str, ...], ...] | None  # [B] each sample's captions
     labels: torch.Tensor | None  # [B, S, S] int64 (wide_labels), else uint8 or int32
     images: torch.Tensor | None  # [B, 3, S, S] uint8 or float32: the first views (pixels=True)
     views: list[torch.Tensor] | None  # the further views, each [B, 3, s, s] (pixels=True, several views)
@@ -114,9 +116,10 @@ class SampleReader:
         cls: bool,
         pixels: bool,
         wide_labels: bool = True,
+        txt: bool = False,
     ):
         self.shards, self.cfg, self.plan, self.pixels, self.wide_labels = shards, cfg, plan, pixels, wide_labels
-        self.exts = ("jpg",) + (("seg.png",) if labels else ()) + (("cls",) if cls else ())
+        self.exts = ("jpg",) + (("seg.png",) if labels else ()) + (("cls",) if cls else ()) + (("txt",) if txt else ())
         manifest = shards.manifest
         self.label_dtype = np.dtype(manifest["label"]["dtype"]) if labels else None
         self.num_classes = int(manifest["num_classes"])
@@ -131,7 +134,7 @@ class SampleReader:
         checked = self._check(data)
         if isinstance(checked, str):
             return Skipped(shard, key, checked)
-        height, width, label, cls = checked
+        height, width, label, cls, captions = checked
         recipe, size = self.cfg.recipe, self.cfg.size
         views = recipe.views(sample_rng(self.cfg.seed, epoch, g), height, width, size, label)
         images = None
@@ -141,10 +144,11 @@ class SampleReader:
             except Exception as exc:
                 return Skipped(shard, key, f"jpg does not decode: {exc}")
             images = [recipe.image(pil, size, view.draw) for view in views]
-        return Usable(g, key, data["jpg"], views, cls, images)
+        return Usable(g, key, data["jpg"], views, cls, captions, images)
 
-    def _check(self, data: dict[str, bytes]) -> str | tuple[int, int, np.ndarray | None, int | None]:
-        """(height, width, label [H, W] or None, cls or None), or why the sample cannot be used."""
+    def _check(self, data: dict[str, bytes]) -> str | tuple[int, int, np.ndarray | None, int | None, tuple | None]:
+        """(height, width, label [H, W] or None, cls or None, captions or None), or why the sample
+        cannot be used."""
         try:
             header = parse_jpeg_header(data["jpg"])
         except ValueError as exc:
@@ -154,7 +158,7 @@ class SampleReader:
             return f"jpg is {width}x{height} = {width * height:,} pixels, over the limit of {self.max_pixels:,}"
         if height == 0 or width == 0:
             return f"jpg has an empty frame ({width}x{height})"
-        label = cls = None
+        label = cls = captions = None
         if "seg.png" in data:
             try:
                 label = decode_label(data["seg.png"])  # [H, W] uint8 or uint16, lossless
@@ -170,7 +174,13 @@ class SampleReader:
             if not text.isdigit() or int(text) >= self.num_classes:
                 return f"cls {text!r} is not a class index"
             cls = int(text)
-        return height, width, label, cls
+        if "txt" in data:
+            try:
+                text = data["txt"].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f"txt is not UTF-8 text: {exc}"
+            captions = tuple(line.strip() for line in text.splitlines() if line.strip())  # one caption a line
+        return height, width, label, cls, captions
 
     # ------------------------------------------------------------ one batch
 
@@ -223,12 +233,14 @@ class SampleReader:
         if len(samples[0].views) > 1:
             boxes = np.array([[v.box for v in s.views] for s in samples], np.float32)
         cls = None if samples[0].cls is None else np.array([s.cls for s in samples], np.int64)
+        captions = None if samples[0].captions is None else tuple(s.captions for s in samples)
         return HostBatch(
             t=t,
             keys=[s.key for s in samples],
             g=np.array([s.g for s in samples], np.int64),
             valid=np.array(valid, bool),
             cls=cls,
+            captions=captions,
             labels=labels,
             images=images,
             views=views or None,

@@ -21,7 +21,7 @@ from fastloc.data.batch import Batch
 from fastloc.data.config import LoaderConfig, Placement
 from fastloc.data.order import EpochPlan
 from fastloc.data.samples import HostBatch, HostBatches, HostFailure, SampleReader, Skipped, identity, warn_skipped
-from fastloc.data.shards import ShardSet, open_shards
+from fastloc.data.shards import ShardError, ShardSet, open_shards
 
 PREFETCH = 2  # host batches each worker prepares ahead
 
@@ -56,6 +56,11 @@ class EpochLoader:
         manifest = self.shards.manifest
         self.has_labels = bool(cfg.labels and manifest.get("label") and "seg.png" in manifest["keys"])
         self.has_cls = bool(manifest.get("cls") and "cls" in manifest["keys"])
+        if cfg.captions and not (manifest.get("txt") and "txt" in manifest["keys"]):
+            raise ShardError(
+                f"{self.shards.root}: captions asked for, but its samples have no txt member "
+                f"(keys {', '.join(manifest['keys'])}): convert the set again with --captions"
+            )
         try:
             self.plan = EpochPlan(
                 num_samples=self.shards.num_samples,
@@ -70,7 +75,14 @@ class EpochLoader:
             raise ValueError(f"{self.shards.root}: {exc}") from None
         # label maps leave the workers as int64 for a CPU batch; for a GPU, narrow (widened there)
         self.reader = SampleReader(
-            self.shards, cfg, self.plan, self.has_labels, self.has_cls, self.pixels, wide_labels=device.type == "cpu"
+            self.shards,
+            cfg,
+            self.plan,
+            self.has_labels,
+            self.has_cls,
+            self.pixels,
+            wide_labels=device.type == "cpu",
+            txt=cfg.captions,
         )
         self.state = LoaderState()
         self._stream_t = -1  # global number of the live stream's next batch; -1: no stream
@@ -191,6 +203,7 @@ class EpochLoader:
             labels=labels,
             cls=None if host.cls is None else torch.from_numpy(host.cls).to(device, non_blocking=True),
             keys=host.keys,
+            captions=host.captions,
             valid=torch.from_numpy(host.valid).to(device, non_blocking=True),
             index=torch.from_numpy(host.g),
             params=None if params is None else torch.from_numpy(params).to(device, non_blocking=True),
