@@ -1,0 +1,199 @@
+"""Text towers from open_clip, paired with the timm vision towers of the backbone registry.
+
+A pairing names the open_clip (model, pretrained tag) whose image tower is the registry's timm
+model, so both towers embed into one space; QuickGELU goes with the timm id. Class embeddings are
+the zero-shot harness's (ZEROSHOT-SEG.md section 3): per query, every template filled, encoded,
+L2-normalised, averaged and normalised again; cached on disk by tower, tokenizer, names, templates.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from fastloc.models.registry import WeightsError
+
+# backbone (registry name) -> (open_clip model, pretrained tag), as open_clip.list_pretrained() spells them
+TEXT_TOWERS: dict[str, tuple[str, str]] = {
+    "clip-vit-b": ("ViT-B-16-quickgelu", "openai"),
+    "clip-vit-l": ("ViT-L-14-quickgelu", "openai"),
+    "clip-vit-l-336": ("ViT-L-14-336-quickgelu", "openai"),
+    "clip-vit-l-336px": ("ViT-L-14-336-quickgelu", "openai"),
+    "openclip-vit-b": ("ViT-B-16", "laion2b_s34b_b88k"),
+    "openclip-vit-l": ("ViT-L-14", "laion2b_s32b_b82k"),
+    "openclip-vit-h": ("ViT-H-14", "laion2b_s32b_b79k"),
+    # the registry's DFN B/16 and H/14 ids run GELU though open_clip tags the weights QuickGELU;
+    # the text tower follows the vision tower in use (open_clip warns of the mismatch on load)
+    "dfn-vit-b": ("ViT-B-16", "dfn2b"),
+    "dfn-vit-l": ("ViT-L-14-quickgelu", "dfn2b"),
+    "dfn-vit-h": ("ViT-H-14", "dfn5b"),
+    "dfn-vit-h-378px": ("ViT-H-14-378", "dfn5b"),
+    "siglip-vit-b": ("ViT-B-16-SigLIP", "webli"),
+    "siglip-vit-b-256px": ("ViT-B-16-SigLIP-256", "webli"),
+    "siglip-vit-b-384px": ("ViT-B-16-SigLIP-384", "webli"),
+    "siglip-vit-so400m": ("ViT-SO400M-14-SigLIP", "webli"),
+    "siglip-vit-so400m-384": ("ViT-SO400M-14-SigLIP-384", "webli"),
+    "siglip-vit-so400m-384px": ("ViT-SO400M-14-SigLIP-384", "webli"),
+    "eva02-vit-b": ("EVA02-B-16", "merged2b_s8b_b131k"),
+    "eva02-vit-l": ("EVA02-L-14", "merged2b_s4b_b131k"),
+}
+
+# the registry's "tiny" ViT (64 px, 8 px patches, width 96, 4 blocks) with a tiny random text tower:
+# embeddings of the tiny ViT's width, open_clip's default tokenizer with a short context
+TINY = "tiny"
+TINY_CONTEXT = 32
+TINY_CFG: dict[str, Any] = {
+    "embed_dim": 96,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 96, "layers": 4, "head_width": 32},
+    "text_cfg": {"context_length": TINY_CONTEXT, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+TEMPLATES = OPENAI_IMAGENET_TEMPLATES  # the 80 OpenAI ImageNet templates the harness uses
+Template = str | Callable[[str], str]  # "a photo of a {}." or open_clip's lambda c: f"a photo of a {c}."
+
+
+class NoTextTowerError(ValueError):
+    """The backbone has no paired text tower."""
+
+
+def text_backbones() -> list[str]:
+    """The backbones with a text tower."""
+    return [*TEXT_TOWERS, TINY]
+
+
+def load_text_tower(backbone: str, weights: str | Path = "pretrained") -> tuple[nn.Module, Callable]:
+    """The text tower paired with ``backbone`` (an open_clip model in eval mode, its image tower
+    dropped: use ``encode_text``) and its tokenizer. ``weights``: "pretrained" (open_clip's hub
+    download), "random", or a local file (an open_clip state dict, whole or text side only)."""
+    if backbone not in TEXT_TOWERS and backbone != TINY:
+        raise NoTextTowerError(
+            f"{backbone}: no text tower is paired with it; backbones with one: {', '.join(text_backbones())}"
+        )
+    if backbone == TINY:
+        name, tag, overrides = "ViT-B-16", None, TINY_CFG  # ViT-B-16 only as the base config, all of it overridden
+        if weights == "pretrained":
+            raise WeightsError("tiny: random weights only (--weights random or a file)")
+    else:
+        (name, tag), overrides = TEXT_TOWERS[backbone], {}
+    if weights not in ("pretrained", "random") and not Path(weights).is_file():
+        raise WeightsError(f"{backbone}: weights file {weights} does not exist (a file, 'pretrained' or 'random')")
+    # the tokenizer first: SigLIP's needs transformers and a hub download, so it may fail early
+    try:
+        tokenizer = open_clip.get_tokenizer(name, context_length=TINY_CONTEXT if backbone == TINY else None)
+    except (ImportError, OSError) as exc:
+        raise WeightsError(f"{backbone}: the tokenizer of open_clip {name} could not be made ({reason(exc)})") from None
+    if weights == "pretrained":
+        try:
+            model = open_clip.create_model(name, pretrained=tag)
+        except Exception as exc:
+            raise WeightsError(
+                f"{backbone}: pretrained weights of open_clip {name} ({tag}) could not be loaded ({reason(exc)}); "
+                "pass a weights file or 'random'"
+            ) from None
+    else:
+        model = open_clip.create_model(name, **copy.deepcopy(overrides))
+    model.visual = nn.Identity()  # the image side is the registry's timm model: keep the text side only
+    if weights not in ("pretrained", "random"):
+        load_text_weights(model, Path(weights), backbone)
+    return model.eval(), tokenizer
+
+
+def load_text_weights(model: nn.Module, path: Path, backbone: str) -> None:
+    """Load an open_clip state dict (safetensors or torch; image tower keys ignored) strictly."""
+    try:
+        state = open_clip.factory.load_state_dict(str(path))
+        state = {k: v for k, v in state.items() if not k.startswith("visual.")}
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: not text tower weights for {backbone} ({reason(exc)})") from None
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Digest of the module tree and of every tensor's bytes, as fastloc.probe.backbone's (which
+    cannot view an open_clip model's 0-dim logit_scale as bytes)."""
+    digest = hashlib.blake2b(repr(model).encode(), digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def reason(exc: BaseException) -> str:
+    """An exception as one short line."""
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def split_queries(class_names: Sequence[str]) -> tuple[list[str], list[int]]:
+    """The harness's class-name lines: synonyms split on ", ", each its own query (``naclip.py:178-189``)."""
+    queries, classes = [], []
+    for index, line in enumerate(class_names):
+        names = [name.replace("\n", "") for name in line.split(", ")]
+        queries += names
+        classes += [index] * len(names)
+    return queries, classes
+
+
+def fill(template: Template, query: str) -> str:
+    return template(query) if callable(template) else template.format(query)
+
+
+@torch.no_grad()
+def encode_queries(tower: nn.Module, tokenizer: Callable, queries: Sequence[str], templates: Sequence[Template]):
+    """[Q, D] float32: per query, all templates encoded, L2 per template, mean, L2 (``naclip.py:33-41``)."""
+    device = next(tower.parameters()).device
+    rows = []
+    for query in queries:
+        tokens = tokenizer([fill(t, query) for t in templates]).to(device)  # [T, L]
+        feature = tower.encode_text(tokens).float()  # [T, D]
+        feature = feature / feature.norm(dim=-1, keepdim=True)
+        feature = feature.mean(dim=0)
+        rows.append(feature / feature.norm())
+    return torch.stack(rows).cpu()
+
+
+def class_embeddings(
+    tower: nn.Module,
+    tokenizer: Callable,
+    class_names: Sequence[str],
+    templates: Sequence[Template] = TEMPLATES,
+    cache_dir: Path | None = Path("runs/text/cache"),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query embeddings [Q, D] (float32, L2-normalised, on the host) and each query's class [Q]
+    (int64: the line of ``class_names``). Read from ``cache_dir`` when there (None: no cache)."""
+    queries, classes = split_queries(class_names)
+    rendered = [fill(t, "{}") for t in templates]
+    key = {
+        "tower": fingerprint(tower),  # architecture and weights
+        "tokenizer": [type(tokenizer).__qualname__, getattr(tokenizer, "context_length", None)],
+        "names": list(class_names),
+        "templates": rendered,
+    }
+    text = json.dumps(key, sort_keys=True)
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"text-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}.safetensors"
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                if f.metadata().get("key") == text:
+                    return f.get_tensor("embeddings"), f.get_tensor("query_class")
+    embeddings = encode_queries(tower, tokenizer, queries, templates)
+    query_class = torch.tensor(classes, dtype=torch.int64)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file({"embeddings": embeddings, "query_class": query_class}, str(tmp), metadata={"key": text})
+        os.replace(tmp, path)
+    return embeddings, query_class
