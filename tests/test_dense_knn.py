@@ -21,9 +21,9 @@ from loader_data import PALETTE, member, write_set
 from PIL import Image
 
 from fastloc.data.shards import open_shards
-from fastloc.models.registry import BACKBONES, Backbone
+from fastloc.models.registry import BACKBONES, Backbone, fingerprint
 from fastloc.probe.__main__ import main
-from fastloc.probe.backbone import fingerprint, load_backbone
+from fastloc.probe.backbone import load_backbone
 from fastloc.probe.dense.config import KnnConfig
 from fastloc.probe.dense.knn import has_cls, image_encoder, knn_classify, rank_chunks
 from fastloc.probe.dense.report import SEPARATOR

@@ -162,3 +162,18 @@ def create_model(name: str, weights: str | Path = "pretrained", **kwargs: Any) -
     except Exception as exc:
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise WeightsError(f"{path}: not weights for {entry.timm_id} ({reason})") from None
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Digest of the module tree and of every tensor's bytes (blake2b, 32 hex digits): what the
+    feature and text-embedding caches are keyed by."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(repr(model).encode(), digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # a 0-dim tensor (CLIP's logit_scale) too
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from fastloc.models.registry import WeightsError
+from fastloc.models.registry import WeightsError, fingerprint
 
 # backbone (registry name) -> (open_clip model, pretrained tag), as open_clip.list_pretrained() spells them
 TEXT_TOWERS: dict[str, tuple[str, str]] = {
@@ -118,17 +118,6 @@ def load_text_weights(model: nn.Module, path: Path, backbone: str) -> None:
         model.load_state_dict(state, strict=True)
     except Exception as exc:
         raise WeightsError(f"{path}: not text tower weights for {backbone} ({reason(exc)})") from None
-
-
-def fingerprint(model: nn.Module) -> str:
-    """Digest of the module tree and of every tensor's bytes, as fastloc.probe.backbone's (which
-    cannot view an open_clip model's 0-dim logit_scale as bytes)."""
-    digest = hashlib.blake2b(repr(model).encode(), digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def reason(exc: BaseException) -> str:

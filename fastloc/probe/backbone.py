@@ -11,7 +11,6 @@ import hashlib
 import re
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from fastloc.models.exported import is_export, load_exported
@@ -33,16 +32,6 @@ def load_backbone(name: str, weights: str, skip_blocks: int = 0) -> nn.Module:
         # timm keeps blocks[: max index + 1] and, with prune_norm=False, the final norm (PATCHSEG.md section 4)
         model.prune_intermediate_layers(indices=[depth - skip_blocks - 1], prune_norm=False, prune_head=True)
     return model.eval()
-
-
-def fingerprint(model: nn.Module) -> str:
-    """Digest of the module tree and of every tensor's bytes (blake2b, 32 hex digits)."""
-    digest = hashlib.blake2b(repr(model).encode(), digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 def file_tag(path: str) -> str:

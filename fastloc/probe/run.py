@@ -30,9 +30,9 @@ from fastloc.data.config import SOLO, LoaderConfig
 from fastloc.data.loader import make_loader
 from fastloc.data.order import EpochPlan
 from fastloc.data.recipes import CentreSquare
-from fastloc.models.registry import ImageConfig, image_config
+from fastloc.models.registry import ImageConfig, fingerprint, image_config
 from fastloc.probe import report
-from fastloc.probe.backbone import backbone_tag, describe, fingerprint, load_backbone
+from fastloc.probe.backbone import backbone_tag, describe, load_backbone
 from fastloc.probe.cache import (
     build_from_loader,
     cache_key,

@@ -25,8 +25,8 @@ from fastloc.data.config import SOLO, LoaderConfig
 from fastloc.data.loader import make_loader
 from fastloc.data.recipes import Recipe, Square
 from fastloc.data.shards import ShardSet, open_shards
-from fastloc.models.registry import ImageConfig, image_config
-from fastloc.probe.backbone import fingerprint, load_backbone
+from fastloc.models.registry import ImageConfig, fingerprint, image_config
+from fastloc.probe.backbone import load_backbone
 from fastloc.probe.cache import (
     CachedSplit,
     build_from_loader,

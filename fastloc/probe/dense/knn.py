@@ -31,8 +31,8 @@ from fastloc.data.loader import make_loader
 from fastloc.data.recipes import CenterCrop
 from fastloc.data.shards import ShardSet, open_shards
 from fastloc.models.exported import is_export
-from fastloc.models.registry import image_config
-from fastloc.probe.backbone import fingerprint, load_backbone
+from fastloc.models.registry import fingerprint, image_config
+from fastloc.probe.backbone import load_backbone
 from fastloc.probe.cache import (
     CachedSplit,
     build_from_loader,
