@@ -170,9 +170,9 @@ def reference_tokens(visual, x, attn_strategy, arch):
 # --- the tests --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def towers():
-    """(open_clip visual, timm ViT) with the same random weights, in eval mode."""
+def small_towers():
+    """(open_clip visual, timm ViT with CLIP's projection as its head) with the same random weights, in
+    eval mode (also the segmentation tests' towers)."""
     torch.manual_seed(0)
     clip = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None, **SMALL).eval()
     with torch.no_grad():  # not init-like weights (norms at 1, biases at 0): a swapped key shows
@@ -189,6 +189,11 @@ def towers():
         )
     vit.load_state_dict(checkpoint_filter_fn(clip.state_dict(), vit), assign=True)
     return clip.visual, vit.eval()
+
+
+@pytest.fixture(scope="module")
+def towers():
+    return small_towers()
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import open_clip
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from test_zeroshot_decide import PAMR, QUERY_CLASS, naclip_postprocess
-from test_zeroshot_readout import DEPTH, EMBED, HEADS, SMALL, WIDTH, reference_tokens
-from timm.models.vision_transformer import checkpoint_filter_fn
+from test_zeroshot_readout import EMBED, reference_tokens, small_towers
 from torch import nn
 
 import fastloc.probe.zeroshot.segment as segment_module
@@ -128,22 +125,7 @@ class ReferenceNACLIP:
 @pytest.fixture(scope="module")
 def towers():
     """(open_clip visual, timm ViT with CLIP's projection as its head), the same random weights, eval mode."""
-    torch.manual_seed(0)
-    clip = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None, **SMALL).eval()
-    with torch.no_grad():
-        for p in clip.visual.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    with torch.device("meta"):
-        vit = timm.create_model(
-            "vit_base_patch16_clip_quickgelu_224",
-            pretrained=False,
-            embed_dim=WIDTH,
-            depth=DEPTH,
-            num_heads=HEADS,
-            num_classes=EMBED,
-        )
-    vit.load_state_dict(checkpoint_filter_fn(clip.state_dict(), vit), assign=True)
-    return clip.visual, vit.eval()
+    return small_towers()
 
 
 def query_embeddings(seed=4):
