@@ -109,6 +109,12 @@ def check_writable(flag: str, folder: Path) -> Path:
     return folder
 
 
+def exception_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, at most ``limit`` characters (its type's name if empty):
+    the reason inside a one-line error about a file or a download."""
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+
+
 def os_error_line(exc: OSError) -> str:
     """An OSError as one line that names the path: ``PATH: REASON`` (a full disk adds what to do)."""
     import errno

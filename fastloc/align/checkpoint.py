@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fastloc.cli import exception_line
 from fastloc.files import temporary_files, write_atomically
 
 STEP_FILE = re.compile(r"ckpt-(\d{8})\.pt")
@@ -112,7 +113,7 @@ def load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, tampered, not a torch file, unreadable
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        reason = exception_line(exc, 200)
         raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
     missing = [k for k in KEYS if not isinstance(state, dict) or k not in state]
     if missing:

@@ -15,6 +15,8 @@ from typing import Any
 import timm
 from torch import nn
 
+from fastloc.cli import exception_line
+
 
 class WeightsError(RuntimeError):
     """Pretrained weights could not be loaded; the message says which option to use instead."""
@@ -144,7 +146,7 @@ def create_model(name: str, weights: str | Path = "pretrained", **kwargs: Any) -
         try:
             return timm.create_model(entry.timm_id, pretrained=True, **args)
         except Exception as exc:
-            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            reason = exception_line(exc, 200)
             raise WeightsError(
                 f"{name}: pretrained weights of {entry.timm_id} could not be loaded ({reason}); "
                 "pass --weights FILE (a safetensors file or a timm checkpoint) or --weights random"
@@ -160,7 +162,7 @@ def create_model(name: str, weights: str | Path = "pretrained", **kwargs: Any) -
     try:
         return timm.create_model(entry.timm_id, pretrained=True, pretrained_cfg_overlay=overlay, **args)
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        reason = exception_line(exc)
         raise WeightsError(f"{path}: not weights for {entry.timm_id} ({reason})") from None
 
 

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from fastloc.cli import exception_line
 from fastloc.models.registry import WeightsError, fingerprint
 
 # backbone (registry name) -> (open_clip model, pretrained tag), as open_clip.list_pretrained() spells them
@@ -93,14 +94,16 @@ def load_text_tower(backbone: str, weights: str | Path = "pretrained") -> tuple[
     try:
         tokenizer = open_clip.get_tokenizer(name, context_length=TINY_CONTEXT if backbone == TINY else None)
     except (ImportError, OSError) as exc:
-        raise WeightsError(f"{backbone}: the tokenizer of open_clip {name} could not be made ({reason(exc)})") from None
+        raise WeightsError(
+            f"{backbone}: the tokenizer of open_clip {name} could not be made ({exception_line(exc)})"
+        ) from None
     if weights == "pretrained":
         try:
             model = open_clip.create_model(name, pretrained=tag)
         except Exception as exc:
             raise WeightsError(
-                f"{backbone}: pretrained weights of open_clip {name} ({tag}) could not be loaded ({reason(exc)}); "
-                "pass a weights file or 'random'"
+                f"{backbone}: pretrained weights of open_clip {name} ({tag}) could not be loaded "
+                f"({exception_line(exc)}); pass a weights file or 'random'"
             ) from None
     else:
         model = open_clip.create_model(name, **copy.deepcopy(overrides))
@@ -117,12 +120,7 @@ def load_text_weights(model: nn.Module, path: Path, backbone: str) -> None:
         state = {k: v for k, v in state.items() if not k.startswith("visual.")}
         model.load_state_dict(state, strict=True)
     except Exception as exc:
-        raise WeightsError(f"{path}: not text tower weights for {backbone} ({reason(exc)})") from None
-
-
-def reason(exc: BaseException) -> str:
-    """An exception as one short line."""
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise WeightsError(f"{path}: not text tower weights for {backbone} ({exception_line(exc)})") from None
 
 
 def split_queries(class_names: Sequence[str]) -> tuple[list[str], list[int]]:
