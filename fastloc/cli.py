@@ -168,3 +168,14 @@ def run_command(body: Callable[[], int], interrupted: str, failures: tuple[type[
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message
             return 2
         raise
+    finally:
+        _release_process_group()
+
+
+def _release_process_group() -> None:
+    """Destroy the process group a command joined (torchrun), before the interpreter exits: a gloo
+    group left alive at exit can abort its process ("terminate called without an active exception",
+    seen in a 2-rank k-NN run). torch is looked up, not imported: most commands never load it."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
