@@ -1,9 +1,9 @@
 """Resuming an alignment run: whatever moment a run is killed at, the same command continues it
 exactly, so its metrics equal the uninterrupted run's (conftest's ``align_run``: 2 epochs of 8
 updates, checkpoints every 3). Kills land mid-epoch (a real SIGKILL), at an epoch's end when the
-checkpoint interval divides the epoch, before the first checkpoint and during a checkpoint write;
-corrupt checkpoints fall back; a second writer of one run directory is refused; a non-finite
-state is never saved."""
+checkpoint interval divides the epoch, just after an epoch-end checkpoint, before the first
+checkpoint and during a checkpoint write; corrupt checkpoints fall back; a second writer of one
+run directory is refused; a non-finite state is never saved."""
 
 from __future__ import annotations
 
@@ -81,6 +81,16 @@ def test_a_kill_between_the_epochs_last_update_and_its_validation_trains_no_epoc
     epoch 1 only: 16 updates in all, the uninterrupted curve."""
     kill_on_call(monkeypatch, loop.Loop, "validate", 1, before=True)
     kill_then_resume(monkeypatch, args(align_shards, tmp_path, "--optim.epochs", 2, "--run.checkpoint-every", 4))
+    run = tmp_path / "tiny"
+    assert attempts(run)[-1]["resumed_from"].endswith("ckpt-00000008.pt")
+    assert curve(run) == curve(align_run)
+
+
+def test_a_kill_after_the_epoch_end_checkpoint_resumes_from_it(align_shards, align_run, tmp_path, monkeypatch):
+    """Checkpoints every 3 do not divide the epoch's 8 updates: the newest checkpoint when update 9
+    dies is epoch 0's end (update 8, validated). The rerun trains epoch 1 from its first update."""
+    kill_on_call(monkeypatch, loop, "train_step", 9, before=True)
+    kill_then_resume(monkeypatch, args(align_shards, tmp_path, "--optim.epochs", 2, "--run.checkpoint-every", 3))
     run = tmp_path / "tiny"
     assert attempts(run)[-1]["resumed_from"].endswith("ckpt-00000008.pt")
     assert curve(run) == curve(align_run)
