@@ -59,7 +59,17 @@ def run_help(argv, capsys, monkeypatch) -> str:
 
 
 def test_every_subcommand_config_is_covered():
-    assert set(SUBCOMMANDS) == {"synthetic", "coco", "ade20k", "imagenet", "voc", "verify", "inspect"}
+    assert set(SUBCOMMANDS) == {
+        "synthetic",
+        "coco",
+        "ade20k",
+        "imagenet",
+        "voc",
+        "context",
+        "cityscapes",
+        "verify",
+        "inspect",
+    }
 
 
 @pytest.mark.parametrize("name", list(SUBCOMMANDS))

@@ -1,7 +1,9 @@
 """Dataset sources: one module per dataset family, each with its subcommand config."""
 
 from fastloc.shard.sources.ade20k import Ade20kConfig
+from fastloc.shard.sources.cityscapes import CityscapesConfig
 from fastloc.shard.sources.coco import CocoConfig
+from fastloc.shard.sources.context import ContextConfig
 from fastloc.shard.sources.imagenet import ImagenetConfig
 from fastloc.shard.sources.synthetic import SyntheticConfig
 from fastloc.shard.sources.voc import VocConfig
@@ -13,4 +15,6 @@ CONVERTERS = {
     "ade20k": Ade20kConfig,
     "imagenet": ImagenetConfig,
     "voc": VocConfig,
+    "context": ContextConfig,
+    "cityscapes": CityscapesConfig,
 }

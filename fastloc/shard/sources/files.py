@@ -161,3 +161,32 @@ def check_unique_keys(items: list[Item], where=lambda item: item.ref) -> None:
         if item.key in first:
             raise ConversionError(f"duplicate sample key {item.key!r}: {where(first[item.key])} and {where(item)}")
         first[item.key] = item
+
+
+def _bad_values(path: str | os.PathLike, values: np.ndarray, allowed: str) -> SampleError:
+    shown = ", ".join(map(str, values[:8].tolist())) + (", ..." if values.size > 8 else "")
+    return SampleError(str(path), f"label values {shown} are not {allowed}")
+
+
+def check_label_values(
+    label: np.ndarray, num_classes: int, ignore: int | None, path: str | os.PathLike, allowed: str
+) -> None:
+    """A SampleError naming the label file when a value is neither a class id (0..num_classes-1)
+    nor ``ignore``; ``allowed`` says what is, e.g. "VOC classes (0-20, or 255 = void)"."""
+    outside = label >= num_classes
+    if ignore is not None:
+        outside &= label != ignore
+    bad = np.unique(label[outside])
+    if bad.size:
+        raise _bad_values(path, bad, allowed)
+
+
+def map_label_values(label: np.ndarray, table: np.ndarray, path: str | os.PathLike, allowed: str) -> np.ndarray:
+    """[H, W] uint8 ``table[label]`` of an 8-bit label map; ``table`` holds 256 entries, -1 for the
+    values the source does not define (a SampleError naming the label file, ``allowed`` says which
+    are defined)."""
+    mapped = table[label]
+    bad = np.unique(label[mapped < 0])
+    if bad.size:
+        raise _bad_values(path, bad, allowed)
+    return mapped.astype(np.uint8)

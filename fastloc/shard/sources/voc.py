@@ -15,9 +15,15 @@ import numpy as np
 from fastloc.cli import flowing_help
 from fastloc.shard.config import ConvertConfig
 from fastloc.shard.encode import MAX_PIXELS_DEFAULT
-from fastloc.shard.errors import ConversionError, SampleError
+from fastloc.shard.errors import ConversionError
 from fastloc.shard.sources.base import Item, Sample, SourceInfo, sanitize_key
-from fastloc.shard.sources.files import check_unique_keys, file_size, read_bytes, read_label_png
+from fastloc.shard.sources.files import (
+    check_label_values,
+    check_unique_keys,
+    file_size,
+    read_bytes,
+    read_label_png,
+)
 
 # index = label value
 VOC_CLASSES = [
@@ -156,30 +162,38 @@ class VocSource:
 
     def items(self) -> list[Item]:
         if self._items is None:
-            items = []
-            for image_id in read_id_list(self.list_path):
-                image = str(self.image_dir / f"{image_id}.jpg")
-                label = str(self.label_dir / f"{image_id}.png")
-                # a listed image or label that is missing stays in the plan: load() reports it
-                items.append(
-                    Item(key=sanitize_key(image_id), size=file_size(image) + file_size(label), ref=(image, label))
-                )
-            check_unique_keys(items, lambda item: item.ref[0])
-            self._items = items
+            self._items = listed_items(read_id_list(self.list_path), self.image_dir, self.label_dir)
         return self._items
 
     def load(self, item: Item) -> Sample:
-        image, label_path = item.ref
-        jpg = read_bytes(image, what="image")
-        # np.asarray of a palette ("P") image gives its palette indices: the VOC class ids
-        label = read_label_png(label_path, ("P", "L"), "8-bit palette or grayscale", self.max_pixels)
-        bad = np.unique(label[(label >= len(VOC_CLASSES)) & (label != VOID)])
-        if bad.size:
-            shown = ", ".join(map(str, bad[:8].tolist())) + (", ..." if bad.size > 8 else "")
-            raise SampleError(label_path, f"label values {shown} are not VOC classes (0-20, or 255 = void)")
-        return Sample(
-            key=item.key, source=image, jpg=jpg, label=label.astype(np.uint8, copy=False), label_source=label_path
-        )
+        return load_listed(item, len(VOC_CLASSES), "VOC classes (0-20, or 255 = void)", self.max_pixels)
+
+
+# ---- listed samples: VOC's and Pascal Context's (a VOC 2010 layout) ----
+
+
+def listed_items(image_ids: list[str], image_dir: Path, label_dir: Path) -> list[Item]:
+    """One item per listed id, in list order: ``image_dir/<id>.jpg`` with ``label_dir/<id>.png``."""
+    items = []
+    for image_id in image_ids:
+        image = str(image_dir / f"{image_id}.jpg")
+        label = str(label_dir / f"{image_id}.png")
+        # a listed image or label that is missing stays in the plan: load() reports it
+        items.append(Item(key=sanitize_key(image_id), size=file_size(image) + file_size(label), ref=(image, label)))
+    check_unique_keys(items, lambda item: item.ref[0])
+    return items
+
+
+def load_listed(item: Item, num_classes: int, allowed: str, max_pixels: int | None) -> Sample:
+    """The JPEG and the 8-bit label PNG of a listed item; values must be classes or VOID (255)."""
+    image, label_path = item.ref
+    jpg = read_bytes(image, what="image")
+    # np.asarray of a palette ("P") image gives its palette indices: the class ids
+    label = read_label_png(label_path, ("P", "L"), "8-bit palette or grayscale", max_pixels)
+    check_label_values(label, num_classes, VOID, label_path, allowed)
+    return Sample(
+        key=item.key, source=image, jpg=jpg, label=label.astype(np.uint8, copy=False), label_source=label_path
+    )
 
 
 # ---- layout helpers (each names what is missing and where) ----
