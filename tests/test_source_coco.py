@@ -15,7 +15,13 @@ import pytest
 from PIL import Image
 
 from fastloc.shard.errors import ConversionError, SampleError
-from fastloc.shard.sources.coco import COCO_STUFF_CLASSES, CocoConfig, CocoSource
+from fastloc.shard.sources.coco import (
+    COCO_OBJECT_CLASSES,
+    COCO_STUFF_CLASSES,
+    UNUSED_THING_IDS,
+    CocoConfig,
+    CocoSource,
+)
 
 # pycocotools' Cython masks lack numpy 2's __array__(copy=...): harmless, noisy
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -519,3 +525,136 @@ def test_cli_config(tmp_path, capsys):
     text = " ".join(capsys.readouterr().out.split())
     for phrase in ["COCO 2017 root", "first that exists", "stuff_{split}2017.json", "one per line"]:
         assert phrase in text
+
+
+# ---------------------------------------------------------------------- COCO-Object
+
+
+def groupvit_coco_object(mask: np.ndarray) -> np.ndarray:
+    """GroupViT's mapping, transcribed from convert_dataset/convert_coco_object.py (NVlabs/GroupViT
+    at 13b7861): `clsID_to_trID` (lines 23-196) lists the stuffthingmaps values 0..181 that COCO uses,
+    numbered 0..170 in order, and 255: 255; the loop at lines 198-202 adds 1 and sets keys > 90 to 0;
+    convert_to_trainID (lines 205-209) writes `mask_copy[mask == clsID] = trID` for each key."""
+    keys = [*range(11), *range(12, 25), 26, 27, *range(30, 44), *range(45, 65), 66, 69, *range(71, 82)]
+    keys += [*range(83, 90), *range(91, 182)]
+    cls_id_to_tr_id = {k: i for i, k in enumerate(keys)} | {255: 255}
+    assert len(cls_id_to_tr_id) == 172
+    assert (cls_id_to_tr_id[12], cls_id_to_tr_id[66], cls_id_to_tr_id[89], cls_id_to_tr_id[181]) == (11, 60, 79, 170)
+    for k, v in cls_id_to_tr_id.items():
+        cls_id_to_tr_id[k] = v + 1
+        if k > 90:
+            cls_id_to_tr_id[k] = 0
+    mask_copy = mask.copy()
+    for cls_id, tr_id in cls_id_to_tr_id.items():
+        mask_copy[mask == cls_id] = tr_id
+    return mask_copy
+
+
+# the stuffthingmaps values COCO uses: things (COCO id - 1, 80 of 0..89), stuff 91..181, unlabeled 255
+USED_VALUES = [i - 1 for i in range(1, 92) if i not in UNUSED_THING_IDS] + list(range(91, 182)) + [255]
+
+
+def make_object_layout(root: Path, prepared: bool = False) -> dict[str, np.ndarray]:
+    """COCO root with tiny val2017 JPEGs and stuffthingmaps holding every used value; with
+    ``prepared``, the last image has only a <stem>_instanceTrainIds.png (the harness's file)."""
+    maps = {}
+    for n in range(3):
+        stem = f"{n + 1:012d}"
+        h, w = 12 + n, 16 + n
+        rng = np.random.default_rng(n)
+        values = rng.choice(USED_VALUES, (h, w)).astype(np.uint8)
+        values.ravel()[: len(USED_VALUES)] = USED_VALUES
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        (root / "val2017").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / "val2017" / f"{stem}.jpg", quality=90)
+        if prepared and n == 2:
+            save_png(root / "stuffthingmaps/val2017" / f"{stem}_instanceTrainIds.png", groupvit_coco_object(values))
+        else:
+            save_png(root / "stuffthingmaps/val2017" / f"{stem}.png", values)
+        maps[stem] = values
+    return maps
+
+
+def test_coco_object_classes():
+    assert len(COCO_OBJECT_CLASSES) == 81 and COCO_OBJECT_CLASSES[0] == "background"
+    assert COCO_OBJECT_CLASSES[1:4] == ("person", "bicycle", "car") and COCO_OBJECT_CLASSES[-1] == "toothbrush"
+    assert COCO_OBJECT_CLASSES[1:] == tuple(
+        n for i, n in enumerate(COCO_STUFF_CLASSES) if 1 <= i <= 91 and i not in UNUSED_THING_IDS
+    )
+
+
+def test_coco_object_matches_groupvit(tmp_path):
+    root = tmp_path / "coco"
+    maps = make_object_layout(root)
+    src = CocoConfig(root=root, split="val", labels="object").source()
+    info = src.info()
+    assert info.dataset == "coco-object" and info.classes == list(COCO_OBJECT_CLASSES)
+    assert info.label_encoding["space"] == "coco-object-81" and "ignore" not in info.label_encoding
+    for item in src.items():
+        sample = src.load(item)
+        expected = groupvit_coco_object(maps[item.key])
+        np.testing.assert_array_equal(sample.label, expected)
+        assert set(np.unique(sample.label)) == set(range(81))  # every class, no ignore value
+        assert sample.label_source == str(root / "stuffthingmaps/val2017" / f"{item.key}.png")
+
+
+def test_coco_object_convert_verify_inspect(tmp_path, capsys, monkeypatch):
+    from test_source_voc import cli, png_values, read_back
+
+    from fastloc.shard.manifest import read_manifest
+
+    root, out = tmp_path / "coco", tmp_path / "out"
+    maps = make_object_layout(root, prepared=True)
+    stems = sorted(maps)
+    bad = root / "stuffthingmaps/val2017" / f"{stems[1]}.png"
+    save_png(bad, np.full_like(maps[stems[1]], 11))  # COCO id 12 (street sign) is not used: no class
+    args = ["coco", "--root", root, "--split", "val", "--labels", "object", "--out", out]
+    code, stdout, stderr = cli(capsys, *args, "--no-progress", "--processes", 1, "--no-fsync")
+    assert code == 0, stderr
+    split_dir = out / "coco-object" / "val"
+    manifest = read_manifest(split_dir)
+    assert manifest["classes"] == list(COCO_OBJECT_CLASSES) and manifest["label"]["dtype"] == "uint8"
+    skipped = {e["path"]: e["reason"] for e in manifest["report"]["skipped_samples"]}
+    assert skipped == {
+        str(bad): "label values 11 are not COCO-Stuff ids of the stuffthingmaps "
+        + ("(0..181 but the 11 unused thing ids, and 255)")
+    }
+    samples = read_back(split_dir)
+    assert sorted(samples) == [stems[0], stems[2]]  # the last from its _instanceTrainIds.png
+    for key, sample in samples.items():
+        np.testing.assert_array_equal(png_values(sample["seg.png"]), groupvit_coco_object(maps[key]))
+
+    code, stdout, stderr = cli(capsys, "verify", split_dir, "--processes", 1)
+    assert code == 0 and "OK" in stdout, stderr
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = cli(capsys, "inspect", split_dir, "--samples", 2)
+    assert code == 0 and "dataset coco-object" in stdout and (tmp_path / "coco-object-val-samples.png").is_file()
+
+
+def test_coco_object_bad_inputs(tmp_path):
+    root = tmp_path / "coco"
+    maps = make_object_layout(root, prepared=True)
+    stems = sorted(maps)
+    folder = root / "stuffthingmaps/val2017"
+    prepared = folder / f"{stems[2]}_instanceTrainIds.png"
+    save_png(prepared, np.full_like(maps[stems[2]], 81))
+    src = CocoConfig(root=root, split="val", labels="object").source()
+    items = {it.key: it for it in src.items()}
+    with pytest.raises(SampleError) as e:
+        src.load(items[stems[2]])
+    assert e.value.path == str(prepared) and e.value.reason == "label values 81 are not COCO-Object classes (0-80)"
+    (folder / f"{stems[0]}.png").unlink()
+    with pytest.raises(SampleError, match="label PNG not found"):
+        src.load(CocoConfig(root=root, split="val", labels="object").source().items()[0])
+    # the size check is the writer's: the label map must be the image's size
+    save_png(folder / f"{stems[1]}.png", maps[stems[1]][:-1])
+    from fastloc.shard.encode import encode_label
+
+    label = src.load(items[stems[1]]).label
+    with pytest.raises(SampleError, match="label map is 17x12 but the image is 17x13"):
+        encode_label(str(folder / f"{stems[1]}.png"), label, 81, (17, 13))
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    with pytest.raises(ConversionError, match="--labels object reads the COCO-Stuff label PNGs"):
+        CocoConfig(root=root, split="val", labels="object").source().items()

@@ -22,7 +22,13 @@ from fastloc.shard.encode import label_dtype
 from fastloc.shard.errors import ConversionError, SampleError
 from fastloc.shard.jsonfile import read_json_object
 from fastloc.shard.sources.base import Item, Sample, SourceInfo, sanitize_key
-from fastloc.shard.sources.files import file_size, read_bytes, read_label_png
+from fastloc.shard.sources.files import (
+    check_label_values,
+    file_size,
+    map_label_values,
+    read_bytes,
+    read_label_png,
+)
 
 # COCO-Stuff's official label list (cocostuff labels.txt; the same table as Patch-Seg's
 # `coco_index_to_class`): 0 unlabeled, 1..91 things by COCO category id (the 11 ids COCO never
@@ -230,15 +236,37 @@ PAINT_RULE = (
 )
 PANOPTIC_RULE = "segment id = R + 256*G + 256^2*B -> category -> contiguous index 1..{n} in category-id order; VOID = 0"
 
-LabelMode = Literal["stuffthingmaps", "json", "panoptic", "none"]
+# COCO-Object (GroupViT, TCL, SCLIP, NACLIP, ClearCLIP): 0 background, 1..80 the COCO thing classes
+# in category-id order, made from the stuffthingmaps as GroupViT's convert_dataset/
+# convert_coco_object.py makes *_instanceTrainIds.png (shards/README.md)
+COCO_OBJECT_CLASSES: tuple[str, ...] = (
+    "background",
+    *(COCO_STUFF_CLASSES[i] for i in THING_IDS if i not in UNUSED_THING_IDS),
+)
+assert len(COCO_OBJECT_CLASSES) == 81
+# stuffthingmaps PNG value (COCO id - 1; 255 unlabeled) -> COCO-Object label; -1 for values no
+# COCO category has (the unused thing ids, 182..254)
+OBJECT_OF = np.full(256, -1, np.int16)
+OBJECT_OF[[i - 1 for i in THING_IDS if i not in UNUSED_THING_IDS]] = np.arange(1, 81)
+OBJECT_OF[[i - 1 for i in STUFF_IDS]] = 0
+OBJECT_OF[255] = 0
+OBJECT_RULE = (
+    "stuffthingmaps PNG value v (COCO id - 1): the 80 thing ids (v <= 89) -> 1..80 in COCO category order; "
+    "stuff (91..181) and unlabeled (255) -> 0 background (GroupViT convert_coco_object.py); "
+    "*_instanceTrainIds.png (that script's output) read as they are"
+)
+INSTANCE_TRAIN_IDS = "_instanceTrainIds.png"
+
+LabelMode = Literal["stuffthingmaps", "object", "json", "panoptic", "none"]
 
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
 class CocoConfig(ConvertConfig):
     """COCO 2017 (official layout): images with COCO-Stuff label maps (183 classes, from the
-    stuffthingmaps PNGs or painted from the instance + stuff JSON), panoptic label maps
-    (133 classes), or no labels; optionally all captions of each image as `txt`."""
+    stuffthingmaps PNGs or painted from the instance + stuff JSON), COCO-Object label maps
+    (81 classes, from the stuffthingmaps), panoptic label maps (133 classes), or no labels;
+    optionally all captions of each image as `txt`."""
 
     root: Path
     """COCO 2017 root in the official layout: train2017/, val2017/, annotations/ (the Patch-Seg
@@ -249,7 +277,10 @@ class CocoConfig(ConvertConfig):
 
     labels: LabelMode = "stuffthingmaps"
     """Label maps: 'stuffthingmaps' = COCO-Stuff PNGs mapped as Patch-Seg does, (png + 1) % 256
-    (183 classes: 0 unlabeled, 1-91 things by COCO id, 92-182 stuff); 'json' = the same 183-class
+    (183 classes: 0 unlabeled, 1-91 things by COCO id, 92-182 stuff); 'object' = COCO-Object from the
+    same PNGs, as GroupViT builds it (81 classes: 0 background = stuff and unlabeled, 1-80 the COCO
+    thing classes in category order; an image's <stem>_instanceTrainIds.png, the harness's prepared
+    file, is read as it is where <stem>.png is absent); 'json' = the same 183-class
     space painted from instances_*.json (+ stuff_*.json when present) with pycocotools;
     'panoptic' = panoptic PNGs + JSON mapped to 0 = VOID, 1-133 = categories in id order;
     'none' = images only."""
@@ -262,7 +293,7 @@ class CocoConfig(ConvertConfig):
     """Image folder (default: ROOT/{split}2017, else ROOT/images/{split}2017)."""
 
     stuffthingmaps: Path | None = None
-    """COCO-Stuff label PNG folder for --labels stuffthingmaps (default: the first that exists of
+    """COCO-Stuff label PNG folder for --labels stuffthingmaps or object (default: the first that exists of
     ROOT/stuffthingmaps/{split}2017 and ROOT/annotations/{split}2017, the Patch-Seg layout)."""
 
     instances_json: Path | None = None
@@ -335,6 +366,11 @@ class CocoSource:
             classes: list[str | None] = list(COCO_STUFF_CLASSES)
             extra["unused_thing_ids"] = list(UNUSED_THING_IDS)
             dataset = "coco"
+        elif cfg.labels == "object":
+            encoding = {"space": "coco-object-81", "unlabeled": None, "from": "stuffthingmaps", "rule": OBJECT_RULE}
+            classes = list(COCO_OBJECT_CLASSES)
+            extra["category_ids"] = [0] + [i for i in THING_IDS if i not in UNUSED_THING_IDS]
+            dataset = "coco-object"
         elif cfg.labels == "panoptic":
             n = len(self._panoptic_cats)
             encoding = {
@@ -390,10 +426,12 @@ class CocoSource:
         sample = Sample(key=item.key, source=image_str, jpg=read_bytes(image, "image"))
         image_id: int | None = None
         mode = self.config.labels
-        if mode in ("stuffthingmaps", "panoptic"):
+        if mode in ("stuffthingmaps", "object", "panoptic"):
             sample.label_source = label_str
         if mode == "stuffthingmaps":
             sample.label = self._load_stuffthingmap(Path(label_str))
+        elif mode == "object":
+            sample.label = self._load_object(label_str)
         elif mode == "json":
             sample.label, image_id = self._paint_json(image)
         elif mode == "panoptic":
@@ -432,19 +470,24 @@ class CocoSource:
     def _resolve_paths(self) -> _Paths:
         cfg, root, split = self.config, self.config.root, f"{self.config.split}2017"
         ann = root / "annotations"
-        if cfg.labels not in ("stuffthingmaps", "json", "panoptic", "none"):
+        if cfg.labels not in ("stuffthingmaps", "object", "json", "panoptic", "none"):
             raise ConversionError(f"unknown label source {cfg.labels!r}")
         if not root.is_dir():
             raise ConversionError(f"{root}: COCO root folder not found")
 
         images = _pick_dir("image folder", cfg.images, [root / split, root / "images" / split])
         label_dir = instances = stuff = panoptic = captions = None
-        if cfg.labels == "stuffthingmaps":
+        if cfg.labels in ("stuffthingmaps", "object"):
             try:
                 label_dir = _pick_dir(
                     "stuffthingmaps folder", cfg.stuffthingmaps, [root / "stuffthingmaps" / split, ann / split]
                 )
             except ConversionError as e:
+                if cfg.labels == "object":
+                    raise ConversionError(
+                        f"{e} (--labels object reads the COCO-Stuff label PNGs of stuffthingmaps_trainval2017.zip, "
+                        "or the <stem>_instanceTrainIds.png GroupViT's convert_coco_object.py writes beside them)"
+                    ) from None
                 raise ConversionError(
                     f"{e} (the COCO-Stuff label PNGs of stuffthingmaps_trainval2017.zip, the default --labels); "
                     "without them use --labels json (the same 183 classes painted from "
@@ -470,6 +513,10 @@ class CocoSource:
         if self.config.labels == "stuffthingmaps":
             assert paths.label_dir is not None
             return paths.label_dir / f"{image.stem}.png"
+        if self.config.labels == "object":
+            assert paths.label_dir is not None
+            png, prepared = paths.label_dir / f"{image.stem}.png", paths.label_dir / f"{image.stem}{INSTANCE_TRAIN_IDS}"
+            return prepared if not os.path.lexists(png) and os.path.lexists(prepared) else png
         if self.config.labels == "panoptic":
             assert paths.label_dir is not None
             entry = self._index.get(image.stem)
@@ -617,6 +664,14 @@ class CocoSource:
                 f"({STUFFTHINGMAPS_RULE}; valid PNG values are 0..181 and 255)",
             )
         return label.astype(np.uint8)
+
+    def _load_object(self, png: str) -> np.ndarray:
+        values = read_label_png(png, ("L", "P"), "a single-channel 8-bit PNG", self.config.max_pixels)
+        if png.endswith(INSTANCE_TRAIN_IDS):  # already mapped
+            check_label_values(values, len(COCO_OBJECT_CLASSES), None, png, "COCO-Object classes (0-80)")
+            return values.astype(np.uint8, copy=False)
+        allowed = "COCO-Stuff ids of the stuffthingmaps (0..181 but the 11 unused thing ids, and 255)"
+        return map_label_values(values, OBJECT_OF, png, allowed)
 
     def _paint_json(self, image: Path) -> tuple[np.ndarray, int]:
         entry = self._index.get(image.name)
