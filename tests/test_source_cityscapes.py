@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_source_voc import cli, files_under, png_values, read_back
+from test_source_voc import cli, files_under, png_values, read_back, verify_and_inspect
 
 from fastloc.shard.errors import ConversionError, SampleError
 from fastloc.shard.manifest import read_manifest
@@ -108,10 +108,10 @@ def test_source_reads_train_ids_and_maps_label_ids(tmp_path, split):
         np.testing.assert_array_equal(sample.label, expected[item.key])
 
 
-def test_convert_verify_inspect_and_read_back(tmp_path, capsys, monkeypatch):
+def test_convert_verify_inspect_and_read_back(tmp_path, capsys):
     root, out = tmp_path / "cityscapes", tmp_path / "out"
     expected = make_cityscapes(root)
-    code, stdout, stderr = cli(capsys, "cityscapes", "--root", root, "--out", out, *FAST)
+    code, _stdout, stderr = cli(capsys, "cityscapes", "--root", root, "--out", out, *FAST)
     assert code == 0, stderr
     split_dir = out / "cityscapes" / "val"
     manifest = read_manifest(split_dir)
@@ -128,12 +128,7 @@ def test_convert_verify_inspect_and_read_back(tmp_path, capsys, monkeypatch):
             assert image.format == "JPEG" and image.size == expected[key].shape[::-1]
         assert json.loads(sample["json"])["city"] == SAMPLES[key]
 
-    code, stdout, stderr = cli(capsys, "verify", split_dir, "--processes", 1)
-    assert code == 0 and "OK" in stdout and "3 samples" in stdout, stderr
-    monkeypatch.chdir(tmp_path)
-    code, stdout, stderr = cli(capsys, "inspect", split_dir, "--samples", 3)
-    assert code == 0 and "dataset cityscapes" in stdout, stderr
-    assert (tmp_path / "cityscapes-val-samples.png").is_file()
+    verify_and_inspect(capsys, split_dir, tmp_path / "sheet.png")
 
 
 def test_bad_samples_are_skipped_naming_the_file(tmp_path, capsys):

@@ -598,8 +598,8 @@ def test_coco_object_matches_groupvit(tmp_path):
         assert sample.label_source == str(root / "stuffthingmaps/val2017" / f"{item.key}.png")
 
 
-def test_coco_object_convert_verify_inspect(tmp_path, capsys, monkeypatch):
-    from test_source_voc import cli, png_values, read_back
+def test_coco_object_convert_verify_inspect(tmp_path, capsys):
+    from test_source_voc import cli, png_values, read_back, verify_and_inspect
 
     from fastloc.shard.manifest import read_manifest
 
@@ -609,7 +609,7 @@ def test_coco_object_convert_verify_inspect(tmp_path, capsys, monkeypatch):
     bad = root / "stuffthingmaps/val2017" / f"{stems[1]}.png"
     save_png(bad, np.full_like(maps[stems[1]], 11))  # COCO id 12 (street sign) is not used: no class
     args = ["coco", "--root", root, "--split", "val", "--labels", "object", "--out", out]
-    code, stdout, stderr = cli(capsys, *args, "--no-progress", "--processes", 1, "--no-fsync")
+    code, _stdout, stderr = cli(capsys, *args, "--no-progress", "--processes", 1, "--no-fsync")
     assert code == 0, stderr
     split_dir = out / "coco-object" / "val"
     manifest = read_manifest(split_dir)
@@ -624,11 +624,7 @@ def test_coco_object_convert_verify_inspect(tmp_path, capsys, monkeypatch):
     for key, sample in samples.items():
         np.testing.assert_array_equal(png_values(sample["seg.png"]), groupvit_coco_object(maps[key]))
 
-    code, stdout, stderr = cli(capsys, "verify", split_dir, "--processes", 1)
-    assert code == 0 and "OK" in stdout, stderr
-    monkeypatch.chdir(tmp_path)
-    code, stdout, stderr = cli(capsys, "inspect", split_dir, "--samples", 2)
-    assert code == 0 and "dataset coco-object" in stdout and (tmp_path / "coco-object-val-samples.png").is_file()
+    verify_and_inspect(capsys, split_dir, tmp_path / "sheet.png")
 
 
 def test_coco_object_bad_inputs(tmp_path):

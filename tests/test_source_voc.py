@@ -114,6 +114,16 @@ def read_back(split_dir: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
+def verify_and_inspect(capsys, split_dir: Path, sheet: Path) -> None:
+    """``verify`` passes on the split; ``inspect`` summarises it and draws its contact sheet."""
+    manifest = read_manifest(split_dir)
+    code, stdout, stderr = cli(capsys, "verify", split_dir, "--processes", 1)
+    assert code == 0 and "OK" in stdout and f"{manifest['num_samples']} sample" in stdout, stderr
+    code, stdout, stderr = cli(capsys, "inspect", split_dir, "--samples", manifest["num_samples"], "--sheet", sheet)
+    assert code == 0 and f"dataset {manifest['dataset']} / split {manifest['split']}" in stdout, stderr
+    assert sheet.is_file()
+
+
 def png_values(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         assert image.mode == "L"  # the shards store plain single-channel PNGs

@@ -5,7 +5,6 @@ label values: shards/README.md ("What each converter writes").
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,8 +13,7 @@ from fastloc.cli import flowing_help
 from fastloc.shard.config import ConvertConfig
 from fastloc.shard.encode import MAX_PIXELS_DEFAULT
 from fastloc.shard.errors import ConversionError
-from fastloc.shard.sources.base import Item, Sample, SourceInfo
-from fastloc.shard.sources.voc import VOID, listed_items, load_listed, read_id_list
+from fastloc.shard.sources.voc import ListedSource
 
 # index = label value: mmseg's converter maps the Detail API's category ids through their sorted
 # `_mapping`, so 1..59 follow the ascending Detail ids, which is alphabetical order; mmseg's
@@ -87,7 +85,6 @@ LABEL_RULE = (
     "255 = void, kept as 255, to be ignored (mmseg's converter writes none). PC60 scores all 60 classes; "
     "PC59 scores 1-59 with 0 ignored (mmseg reduce_zero_label)"
 )
-LABEL_DIR = "SegmentationClassContext"
 LIST_DIR = Path("ImageSets") / "SegmentationContext"
 
 
@@ -112,63 +109,20 @@ class ContextConfig(ConvertConfig):
         return ContextSource(root=self.root, split=self.split, max_pixels=self.max_pixels)
 
 
-class ContextSource:
+class ContextSource(ListedSource):
     """Reads Pascal Context samples of one split; see the module docstring."""
+
+    DATASET = "context"
+    CLASSES = CONTEXT_CLASSES
+    SPACE = "pascal-context-60"
+    RULE = LABEL_RULE
+    ALLOWED = "Pascal Context classes (0-59, or 255 = void)"
+    LAYOUT = "Pascal Context"
+    ROOT_NAME = "VOC2010"
 
     def __init__(self, root: Path, split: Literal["train", "val"] = "val", max_pixels: int | None = MAX_PIXELS_DEFAULT):
         if split not in ("train", "val"):
             raise ConversionError(f"unknown Pascal Context split {split!r}: expected one of ['train', 'val']")
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise ConversionError(f"{self.root}: Pascal Context root not found")
-        self.split = split
-        self.max_pixels = max_pixels
-        self.image_dir = self.root / "JPEGImages"
-        self.label_dir = self.root / LABEL_DIR
-        self.list_path = self.root / LIST_DIR / f"{split}.txt"
-        if not self.image_dir.is_dir():
-            hint = ""
-            for child in (Path("VOC2010"), Path("VOCdevkit") / "VOC2010"):
-                if (self.root / child / "JPEGImages").is_dir():
-                    hint = f" (did you mean {self.root / child}?)"
-            raise ConversionError(f"{self.image_dir}: folder not found (Pascal Context layout){hint}")
-        if not self.label_dir.is_dir():
-            raise ConversionError(
-                f"{self.label_dir}: folder not found (Pascal Context layout: the label PNGs that mmseg's "
-                "tools/dataset_converters/pascal_context.py writes from trainval_merged.json)"
-            )
-        if not self.list_path.is_file():
-            raise ConversionError(f"{self.list_path}: split list not found (Pascal Context layout, split {split})")
-        self._items: list[Item] | None = None
-        self._info: SourceInfo | None = None
-
-    # ---- the Source protocol ----
-
-    def info(self) -> SourceInfo:
-        if self._info is None:
-            items = self.items()
-            inputs = {
-                "images": os.path.abspath(self.image_dir),
-                "labels": os.path.abspath(self.label_dir),
-                "list": os.path.abspath(self.list_path),
-            }
-            self._info = SourceInfo(
-                dataset="context",
-                split=self.split,
-                source=os.path.abspath(self.root),
-                classes=list(CONTEXT_CLASSES),
-                has_label=True,
-                label_encoding={"space": "pascal-context-60", "unlabeled": None, "ignore": VOID, "rule": LABEL_RULE},
-                extra={"inputs": inputs, "listed": len(items)},
-                inputs=(os.path.abspath(self.root), *inputs.values()),
-            )
-        return self._info
-
-    def items(self) -> list[Item]:
-        if self._items is None:
-            self._items = listed_items(read_id_list(self.list_path), self.image_dir, self.label_dir)
-        return self._items
-
-    def load(self, item: Item) -> Sample:
-        allowed = "Pascal Context classes (0-59, or 255 = void)"
-        return load_listed(item, len(CONTEXT_CLASSES), allowed, self.max_pixels)
+        self._open(root, split, max_pixels)
+        note = "; the label PNGs mmseg's tools/dataset_converters/pascal_context.py writes from trainval_merged.json"
+        self._check(self.root / "SegmentationClassContext", self.root / LIST_DIR / f"{split}.txt", note)

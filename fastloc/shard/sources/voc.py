@@ -99,44 +99,42 @@ class VocConfig(ConvertConfig):
                 raise ConversionError(f"{flag} is for --split trainaug only (this is --split {self.split})")
 
 
-class VocSource:
-    """Reads VOC 2012 samples of one split; see the module docstring."""
+class ListedSource:
+    """A VOC-style layout: ids listed in a text file, ``ROOT/JPEGImages/<id>.jpg`` with
+    ``label_dir/<id>.png`` (8-bit; the value is the class, VOID kept). VOC and Pascal Context set
+    the class attributes and, in ``__init__``, call ``_open`` and ``_check``."""
 
-    def __init__(
-        self,
-        root: Path,
-        split: Literal["train", "val", "trainaug"] = "train",
-        aug_labels: Path | None = None,
-        aug_list: Path | None = None,
-        max_pixels: int | None = MAX_PIXELS_DEFAULT,
-    ):
-        if split not in SPLITS:
-            raise ConversionError(f"unknown VOC split {split!r}: expected one of {list(SPLITS)}")
+    DATASET: str
+    CLASSES: list[str]
+    SPACE: str  # the manifest's label space
+    RULE: str  # how label values were made
+    ALLOWED: str  # what label values are valid, named when a label map is rejected
+    LAYOUT: str  # the layout's name in errors
+    ROOT_NAME: str  # the root's folder name, suggested when ROOT is a folder above it
+
+    def _open(self, root: Path, split: str, max_pixels: int | None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise ConversionError(f"{self.root}: VOC root not found")
+            raise ConversionError(f"{self.root}: {self.LAYOUT} root not found")
         self.split = split
         self.max_pixels = max_pixels
         self.image_dir = self.root / "JPEGImages"
         if not self.image_dir.is_dir():
             hint = ""
-            for child in (Path("VOC2012"), Path("VOCdevkit") / "VOC2012"):
+            for child in (Path(self.ROOT_NAME), Path("VOCdevkit") / self.ROOT_NAME):
                 if (self.root / child / "JPEGImages").is_dir():
                     hint = f" (did you mean {self.root / child}?)"
-            raise ConversionError(f"{self.image_dir}: folder not found (VOC layout){hint}")
-        segmentation = self.root / "ImageSets" / "Segmentation"
-        if split == "trainaug":
-            self.label_dir = find_aug_labels(self.root, aug_labels)
-            self.list_path = find_aug_list(segmentation, aug_list)
-        else:
-            self.label_dir = self.root / "SegmentationClass"
-            self.list_path = segmentation / f"{split}.txt"
-            if not self.label_dir.is_dir():
-                raise ConversionError(f"{self.label_dir}: folder not found (VOC layout, split {split})")
-            if not self.list_path.is_file():
-                raise ConversionError(f"{self.list_path}: split list not found (VOC layout, split {split})")
+            raise ConversionError(f"{self.image_dir}: folder not found ({self.LAYOUT} layout){hint}")
         self._items: list[Item] | None = None
         self._info: SourceInfo | None = None
+
+    def _check(self, label_dir: Path, list_path: Path, note: str = "") -> None:
+        """Use these labels and this list; ``note`` says where the labels come from."""
+        self.label_dir, self.list_path = label_dir, list_path
+        if not label_dir.is_dir():
+            raise ConversionError(f"{label_dir}: folder not found ({self.LAYOUT} layout, split {self.split}{note})")
+        if not list_path.is_file():
+            raise ConversionError(f"{list_path}: split list not found ({self.LAYOUT} layout, split {self.split})")
 
     # ---- the Source protocol ----
 
@@ -149,12 +147,12 @@ class VocSource:
                 "list": os.path.abspath(self.list_path),
             }
             self._info = SourceInfo(
-                dataset="voc",
+                dataset=self.DATASET,
                 split=self.split,
                 source=os.path.abspath(self.root),
-                classes=list(VOC_CLASSES),
+                classes=list(self.CLASSES),
                 has_label=True,
-                label_encoding={"space": "voc2012-21", "unlabeled": None, "ignore": VOID, "rule": LABEL_RULE},
+                label_encoding={"space": self.SPACE, "unlabeled": None, "ignore": VOID, "rule": self.RULE},
                 extra={"inputs": inputs, "listed": len(items)},
                 inputs=(os.path.abspath(self.root), *inputs.values()),
             )
@@ -162,38 +160,57 @@ class VocSource:
 
     def items(self) -> list[Item]:
         if self._items is None:
-            self._items = listed_items(read_id_list(self.list_path), self.image_dir, self.label_dir)
+            items = []
+            for image_id in read_id_list(self.list_path):
+                image = str(self.image_dir / f"{image_id}.jpg")
+                label = str(self.label_dir / f"{image_id}.png")
+                # a listed image or label that is missing stays in the plan: load() reports it
+                items.append(
+                    Item(key=sanitize_key(image_id), size=file_size(image) + file_size(label), ref=(image, label))
+                )
+            check_unique_keys(items, lambda item: item.ref[0])
+            self._items = items
         return self._items
 
     def load(self, item: Item) -> Sample:
-        return load_listed(item, len(VOC_CLASSES), "VOC classes (0-20, or 255 = void)", self.max_pixels)
+        image, label_path = item.ref
+        jpg = read_bytes(image, what="image")
+        # np.asarray of a palette ("P") image gives its palette indices: the class ids
+        label = read_label_png(label_path, ("P", "L"), "8-bit palette or grayscale", self.max_pixels)
+        check_label_values(label, len(self.CLASSES), VOID, label_path, self.ALLOWED)
+        return Sample(
+            key=item.key, source=image, jpg=jpg, label=label.astype(np.uint8, copy=False), label_source=label_path
+        )
 
 
-# ---- listed samples: VOC's and Pascal Context's (a VOC 2010 layout) ----
+class VocSource(ListedSource):
+    """Reads VOC 2012 samples of one split; see the module docstring."""
 
+    DATASET = "voc"
+    CLASSES = VOC_CLASSES
+    SPACE = "voc2012-21"
+    RULE = LABEL_RULE
+    ALLOWED = "VOC classes (0-20, or 255 = void)"
+    LAYOUT = "VOC"
+    ROOT_NAME = "VOC2012"
 
-def listed_items(image_ids: list[str], image_dir: Path, label_dir: Path) -> list[Item]:
-    """One item per listed id, in list order: ``image_dir/<id>.jpg`` with ``label_dir/<id>.png``."""
-    items = []
-    for image_id in image_ids:
-        image = str(image_dir / f"{image_id}.jpg")
-        label = str(label_dir / f"{image_id}.png")
-        # a listed image or label that is missing stays in the plan: load() reports it
-        items.append(Item(key=sanitize_key(image_id), size=file_size(image) + file_size(label), ref=(image, label)))
-    check_unique_keys(items, lambda item: item.ref[0])
-    return items
-
-
-def load_listed(item: Item, num_classes: int, allowed: str, max_pixels: int | None) -> Sample:
-    """The JPEG and the 8-bit label PNG of a listed item; values must be classes or VOID (255)."""
-    image, label_path = item.ref
-    jpg = read_bytes(image, what="image")
-    # np.asarray of a palette ("P") image gives its palette indices: the class ids
-    label = read_label_png(label_path, ("P", "L"), "8-bit palette or grayscale", max_pixels)
-    check_label_values(label, num_classes, VOID, label_path, allowed)
-    return Sample(
-        key=item.key, source=image, jpg=jpg, label=label.astype(np.uint8, copy=False), label_source=label_path
-    )
+    def __init__(
+        self,
+        root: Path,
+        split: Literal["train", "val", "trainaug"] = "train",
+        aug_labels: Path | None = None,
+        aug_list: Path | None = None,
+        max_pixels: int | None = MAX_PIXELS_DEFAULT,
+    ):
+        if split not in SPLITS:
+            raise ConversionError(f"unknown VOC split {split!r}: expected one of {list(SPLITS)}")
+        self._open(root, split, max_pixels)
+        segmentation = self.root / "ImageSets" / "Segmentation"
+        if split == "trainaug":
+            self.label_dir = find_aug_labels(self.root, aug_labels)
+            self.list_path = find_aug_list(segmentation, aug_list)
+        else:
+            self._check(self.root / "SegmentationClass", segmentation / f"{split}.txt")
 
 
 # ---- layout helpers (each names what is missing and where) ----
