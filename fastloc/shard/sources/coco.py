@@ -1,6 +1,7 @@
-"""COCO 2017: images with COCO-Stuff, instances + stuff JSON or panoptic label maps, and captions.
+"""COCO 2017: images with COCO-Stuff (stuffthingmaps or instances + stuff JSON), COCO-Object or
+panoptic label maps, and captions.
 
-The layouts, the four label sources and the JSON paint rule (``PAINT_RULE``) are in
+The layouts, the five label sources and the JSON paint rule (``PAINT_RULE``) are in
 shards/README.md ("What each converter writes"). Annotation files are read once, in the parent,
 and kept per image as compact JSON bytes, so forked workers touch only the images they read.
 """
