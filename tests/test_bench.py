@@ -525,7 +525,8 @@ def test_probe_benchmark_original_pool_gives_the_kernels_targets():
 def test_evals_benchmark_runs_each_protocol_beside_its_baseline(tmp_path, capsys, monkeypatch):
     """The tiny scale on a CPU: a row per dense protocol (a whole run, its headline figure) and its
     baseline row (k-means against scipy's, the head step in both orders, chunked k-NN against one
-    matrix), and nothing left behind but the JSON."""
+    matrix), the zero-shot sliding windows against the per-window loop (equal logits) and PAMR, and
+    nothing left behind but the JSON."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "evals.json"
     assert main(["evals", "--out", str(out), "--workdir", str(tmp_path)]) == 0
@@ -534,29 +535,74 @@ def test_evals_benchmark_runs_each_protocol_beside_its_baseline(tmp_path, capsys
     record = json.loads(out.read_text())
     assert record["benchmark"] == "evals" and record["scale"] == "tiny" and record["missing"] == []
     rows = {r["row"]: r for r in record["rows"]}
-    assert list(rows) == ["overcluster", "kmeans", "linear", "linear head step", "hummingbird", "knn transfer"]
+    assert list(rows) == [
+        "overcluster",
+        "kmeans",
+        "linear",
+        "linear head step",
+        "hummingbird",
+        "knn transfer",
+        "zeroshot slide",
+        "zeroshot pamr",
+    ]
     for name in ("overcluster", "linear", "hummingbird"):
         assert rows[name]["seconds"] > 0 and 0 <= rows[name]["value"] <= 1, name
     assert rows["overcluster"]["figure"].startswith("miou_k") and rows["linear"]["setting"] == "linear-leopart-voc"
-    for name in ("kmeans", "linear head step", "knn transfer"):
+    for name in ("kmeans", "linear head step", "knn transfer", "zeroshot slide"):
         row = rows[name]
         assert row["seconds"] > 0 and row["speedup"] == pytest.approx(row["baseline_s"] / row["seconds"]), name
+        assert row["seconds"] == min(row["timings_s"]) and row["baseline_s"] == min(row["baseline_timings_s"]), name
+    slide, refine = rows["zeroshot slide"], rows["zeroshot pamr"]
+    assert slide["same_logits"] is True and 0 <= slide["max_abs_diff"] <= 1e-4
+    assert len(slide["timings_s"]) == len(slide["baseline_timings_s"]) == 3
+    assert slide["figure"] == "images/s" and slide["value"] == pytest.approx(4 / slide["seconds"])
+    assert "windows 48/24" in slide["setting"] and "21 random unit queries x 96" in slide["setting"]
+    assert refine["figure"] == "ms/image" and refine["value"] == pytest.approx(1000 * refine["seconds"] / 4)
+    assert refine["seconds"] == min(refine["timings_s"]) > 0 and "baseline_s" not in refine
+    assert "zeroshot slide: " in printed and "x the per-window loop (equal logits" in printed
+    assert "aim on one H100 at VOC size: >= 2x" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evals.json"]
     assert main(["evals", "--protocols", "hummingbird", "--out", str(out), "--workdir", str(tmp_path)]) == 0
     record = json.loads(out.read_text())
     assert [r["row"] for r in record["rows"]] == ["hummingbird", "knn transfer"]
-    assert [m["row"] for m in record["missing"]] == ["overcluster", "linear"]
+    assert [m["row"] for m in record["missing"]] == ["overcluster", "linear", "zeroshot"]
+
+
+def test_evals_benchmark_says_when_the_per_window_loop_computes_other_logits(tmp_path, capsys, monkeypatch):
+    """The untimed check compares the two sides' logits: a baseline off by 1e-3 is reported as not equal work."""
+    from fastloc.bench import evals
+
+    loop = evals.slide_logits_loop
+    monkeypatch.setattr(evals, "slide_logits_loop", lambda *args: loop(*args) + 1e-3)
+    monkeypatch.setitem(evals.ZEROSHOT, "tiny", (2, *evals.ZEROSHOT["tiny"][1:]))  # 2 images: quicker
+    out = tmp_path / "evals.json"
+    assert main(["evals", "--protocols", "zeroshot", "--out", str(out), "--workdir", str(tmp_path)]) == 0
+    assert "LOGITS DIFFER beyond 0.0001: not equal work" in capsys.readouterr().out
+    slide = json.loads(out.read_text())["rows"][0]
+    assert slide["row"] == "zeroshot slide" and slide["same_logits"] is False
+    assert slide["max_abs_diff"] == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_evals_benchmark_without_scipy_leaves_out_what_needs_it(tmp_path, capsys, monkeypatch):
-    """The GPU machine's minimal install has no scipy: no Hungarian matching (overcluster's K = C,
-    Hummingbird's matching) and no scipy k-means row, each named as missing."""
+    """The GPU machine's minimal install has no scipy and no open_clip: no Hungarian matching
+    (overcluster's K = C, Hummingbird's matching), no scipy k-means row and no zero-shot rows (the
+    readout imports the text towers), each named as missing."""
     monkeypatch.chdir(tmp_path)
-    for name in [m for m in sys.modules if m == "scipy" or m.startswith("scipy.")]:
+    # the modules that import open_clip are imported afresh (and fail); none that would succeed is
+    hidden = (
+        "scipy",
+        "open_clip",
+        "fastloc.models.text",
+        "fastloc.probe.zeroshot.readout",
+        "fastloc.probe.zeroshot.segment",
+    )
+    for name in [m for m in sys.modules if m in hidden or m.startswith(("scipy.", "open_clip."))]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy... raises ImportError
+    monkeypatch.setitem(sys.modules, "open_clip", None)
     out = tmp_path / "evals.json"
-    argv = ["evals", "--protocols", "overcluster", "hummingbird", "--out", str(out), "--workdir", str(tmp_path)]
+    protocols = ["overcluster", "hummingbird", "zeroshot"]
+    argv = ["evals", "--protocols", *protocols, "--out", str(out), "--workdir", str(tmp_path)]
     assert main(argv) == 0
     record = json.loads(out.read_text())
     rows = {r["row"]: r for r in record["rows"]}
@@ -565,4 +611,6 @@ def test_evals_benchmark_without_scipy_leaves_out_what_needs_it(tmp_path, capsys
     assert [m["row"] for m in record["missing"]] == [
         "linear",
         "overcluster K = C, hummingbird Hungarian matching, kmeans",
+        "zeroshot slide, zeroshot pamr",
     ]
+    assert "needs open_clip (the zero-shot readout imports the text towers)" in record["missing"][-1]["reason"]

@@ -1,7 +1,8 @@
 """``python -m fastloc.bench evals``: each dense protocol's wall time (overcluster, linear
 leopart-voc, hummingbird), beside baselines measured in the same run on the same inputs (scipy's
-k-means, Leopart's head order, one whole similarity matrix), at a ``tiny`` or ``voc`` scale. The
-rows and aims: README.md, "Benchmarks".
+k-means, Leopart's head order, one whole similarity matrix), and the zero-shot harness's sliding
+windows beside the reference's per-window loop, at a ``tiny`` or ``voc`` scale. The rows and aims:
+README.md, "Benchmarks".
 """
 
 from __future__ import annotations
@@ -22,21 +23,31 @@ from fastloc.bench.common import MissingRow, at_least, check_paths, print_table,
 from fastloc.bench.probe import check_model, synthetic_set
 from fastloc.cli import flowing_help, require
 from fastloc.probe.dense import config as dense
+from fastloc.probe.dense.kmeans import ieee_fp32
 from fastloc.probe.dense.metrics import knn_transfer
+from fastloc.probe.dense.slide import window_boxes
 
-PROTOCOLS = ("overcluster", "linear", "hummingbird")
+PROTOCOLS = ("overcluster", "linear", "hummingbird", "zeroshot")
 AIMS = {"overcluster": 120.0, "linear": 600.0}  # seconds on one H100 at VOC size
+SLIDE_AIM = 2.0  # zeroshot slide: batched windows against the per-window loop, on one H100 at VOC size
 COLUMNS = ["row", "setting", "seconds", "baseline_s", "speedup", "figure", "value"]
 SCALES = {  # images (train, val), side range of the generated images, backbone
     "tiny": ((48, 32), (64, 96), "tiny"),
     "voc": ((1464, 1449), (300, 500), "in1k-vit-b"),
 }
+ZEROSHOT = {  # images, short side, sliding (window, stride), CLIP tower (random weights): NACLIP's slide at VOC's size
+    "tiny": (4, 64, (48, 24), "tiny"),
+    "voc": (16, 336, (224, 112), "clip-vit-b"),
+}
+QUERIES = 21  # random unit query embeddings, one per VOC class
+LOGITS_ATOL = 1e-4  # cosines lie in [-1, 1]; batch size changes only float32 summation order (~1e-6)
 
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
 class EvalsBench:
-    """The dense protocols' wall times (overcluster, linear leopart-voc, hummingbird), each beside a baseline."""
+    """The evaluations' wall times (overcluster, linear leopart-voc, hummingbird, zero-shot sliding windows), each
+    beside a baseline."""
 
     data: Path | None = None
     """A shard set with train and val splits (e.g. shards/voc with --train-split trainaug left to
@@ -46,12 +57,13 @@ class EvalsBench:
     """tiny (CPU-sized) or voc (VOC's size and each protocol's recipe); auto: voc with CUDA, tiny without."""
 
     backbone: str = ""
-    """The backbone (default: tiny at the tiny scale, in1k-vit-b = ViT-B/16 at VOC's)."""
+    """The dense protocols' backbone (default: tiny at the tiny scale, in1k-vit-b = ViT-B/16 at VOC's);
+    zeroshot always times its scale's CLIP tower with random weights (tiny, or clip-vit-b at VOC's)."""
 
     weights: str = "random"
     """random (no download), pretrained, or a weights file; the timings do not depend on it."""
 
-    protocols: tuple[Literal["overcluster", "linear", "hummingbird"], ...] = PROTOCOLS
+    protocols: tuple[Literal["overcluster", "linear", "hummingbird", "zeroshot"], ...] = PROTOCOLS
     """The protocols to run."""
 
     workers: int = -1
@@ -80,10 +92,11 @@ def run(cfg: EvalsBench, command: str) -> Path:
     scipy = _have_scipy()
     scale = cfg.scale if cfg.scale != "auto" else ("voc" if cuda else "tiny")
     (train, val), sides, backbone = SCALES[scale]
-    rows = []
+    rows, unavailable = [], []  # unavailable: rows this install cannot produce
     with tempfile.TemporaryDirectory(dir=cfg.workdir) as scratch:
         work = Path(scratch)
-        data = cfg.data or synthetic_set(work / "data", train, val, sides)
+        dense_asked = any(name != "zeroshot" for name in cfg.protocols)  # zeroshot generates its own images
+        data = cfg.data or (synthetic_set(work / "data", train, val, sides) if dense_asked else None)
         common = {
             "data": data,
             "backbone": cfg.backbone or backbone,
@@ -96,8 +109,12 @@ def run(cfg: EvalsBench, command: str) -> Path:
             "out": work / "runs",
             "results": work / "results",
         }
-        print(f"scale {scale}: {data}, {common['backbone']} ({cfg.weights} weights) on {common['device']}", flush=True)
+        backbone_text = f"{common['backbone']} ({cfg.weights} weights) on {common['device']}"
+        print(f"scale {scale}: {data or 'no shard set'}, {backbone_text}", flush=True)
         for name in cfg.protocols:
+            if name == "zeroshot":
+                rows += _zeroshot_rows(scale, torch.device(common["device"]), unavailable)
+                continue
             protocol_cfg = _config(name, scale, common, scipy)
             row, result = _protocol_row(name, protocol_cfg)
             rows.append(row)
@@ -108,6 +125,7 @@ def run(cfg: EvalsBench, command: str) -> Path:
     if not scipy:
         why = "needs scipy (its Hungarian matching, its k-means), which is not installed"
         missing.append(MissingRow("overcluster K = C, hummingbird Hungarian matching, kmeans", why))
+    missing += unavailable
     print_table(rows, COLUMNS, missing)
     for line in summary:
         print(line)
@@ -185,7 +203,8 @@ def _baseline(name: str, cfg: dense.DenseConfig, result: dict) -> dict:
 
 def _row(name: str, setting: str, fast: list[float], slow: list[float]) -> dict:
     best, baseline = min(fast), min(slow)
-    return {"row": name, "setting": setting, "seconds": best, "baseline_s": baseline, "speedup": baseline / best}
+    row = {"row": name, "setting": setting, "seconds": best, "baseline_s": baseline, "speedup": baseline / best}
+    return row | {"timings_s": fast, "baseline_timings_s": slow}
 
 
 def _kmeans_row(cfg: dense.OverclusterConfig, device: torch.device) -> dict:
@@ -259,6 +278,104 @@ def _knn_row(cfg: dense.HummingbirdConfig, device: torch.device, dim: int, grid:
     return _row("knn transfer", setting, time_runs(chunked, 3), time_runs(whole, 3))
 
 
+def _zeroshot_rows(scale: str, device: torch.device, unavailable: list[MissingRow]) -> list[dict]:
+    """``zeroshot slide``: ``segment_logits`` (each image's windows of one size as one batch) against
+    ``slide_logits_loop`` (the reference's loop, the model once per window) on the same generated images,
+    model and random queries, after an untimed check that both give the same logits; ``zeroshot pamr``:
+    PAMR on those logits, no baseline. float32 with TF32 matmuls off, so that the check's tolerance
+    only covers summation order. Without open_clip (readout.py imports the text towers) both are missing."""
+    try:
+        from fastloc.probe.zeroshot.decide import Settings
+        from fastloc.probe.zeroshot.pamr import DILATIONS, ITERATIONS, pamr
+        from fastloc.probe.zeroshot.readout import create_tower
+        from fastloc.probe.zeroshot.segment import resize, segment_logits
+    except ModuleNotFoundError as exc:
+        why = f"needs {exc.name or 'a package'} (the zero-shot readout imports the text towers), which is not installed"
+        unavailable.append(MissingRow("zeroshot slide, zeroshot pamr", why))
+        return []
+    count, short_side, window, tower = ZEROSHOT[scale]
+    print("running zeroshot ...", flush=True)
+    model = create_tower(tower, "random").to(device).eval()
+    gen = torch.Generator().manual_seed(0)
+    low, high = SCALES[scale][1]
+    images = []
+    for _ in range(count):  # normalised images of the scale's sides, either orientation
+        h, w = torch.randint(low, high + 1, (2,), generator=gen).tolist()
+        images.append(torch.randn(3, h, w, generator=gen).to(device))
+    width = model.num_classes or model.num_features  # the projection head's width, or the tokens' without one
+    queries = F.normalize(torch.randn(QUERIES, width, generator=gen), dim=1).to(device)  # [Q, D]
+    settings = Settings("", 0.0, 40.0, short_side, window, pamr=False)  # only short_side and window are read
+
+    def batched() -> list[torch.Tensor]:
+        out = [segment_logits(model, image, queries, settings) for image in images]
+        _sync(device)
+        return out
+
+    def looped() -> list[torch.Tensor]:
+        out = [slide_logits_loop(model, image, queries, short_side, window) for image in images]
+        _sync(device)
+        return out
+
+    resized = [resize(image, short_side) for image in images]
+
+    def refine() -> None:
+        for image, out in zip(resized, logits):
+            pamr(image, out)
+        _sync(device)
+
+    with ieee_fp32():
+        logits = batched()  # the untimed check, which warms both up
+        diff = max((a - b).abs().max().item() for a, b in zip(logits, looped()))
+        fast, slow = time_runs(batched, 3), time_runs(looped, 3)
+        refine()  # warm-up
+        refined = time_runs(refine, 3)
+    windows = sum(len(window_boxes(*image.shape[-2:], *window)) for image in resized) / count
+    images_text = f"{count} images {low}-{high} px"
+    where = f"short side {short_side}, windows {window[0]}/{window[1]} ({windows:.1f}/image)"
+    model_text = f"{tower} random fp32, NACLIP, {QUERIES} random unit queries x {width}"
+    setting = f"{images_text}, {where}; {model_text}: batched vs one window a call"
+    slide = _row("zeroshot slide", setting, fast, slow) | {"figure": "images/s", "value": count / min(fast)}
+    slide |= {"aim_speedup": SLIDE_AIM, "max_abs_diff": diff, "same_logits": diff <= LOGITS_ATOL}
+    setting = f"{images_text}, {QUERIES} queries at the original size: {ITERATIONS} iterations, dilations {DILATIONS}"
+    refine_row = {"row": "zeroshot pamr", "setting": setting, "seconds": min(refined), "timings_s": refined}
+    return [slide, refine_row | {"figure": "ms/image", "value": 1000 * min(refined) / count}]
+
+
+@torch.no_grad()
+def slide_logits_loop(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    queries: torch.Tensor,
+    short_side: int,
+    window: tuple[int, int],
+    readout: str = "naclip",
+) -> torch.Tensor:
+    """``segment_logits`` without PAMR written as NACLIP's ``forward_slide`` and ``forward_feature``
+    (naclip.py:71-108 @ 0cac3a6; SCLIP's the same): the image resized to the short side, then a Python
+    loop over mmseg's windows, the model run on one window at a time, its cosine logits resized
+    bilinearly to the window, padded to the image and summed, divided by the count map; resized back."""
+    from fastloc.probe.zeroshot.readout import dense_tokens
+    from fastloc.probe.zeroshot.segment import resize
+
+    resized = resize(image, short_side)
+    h, w = resized.shape[-2:]
+    ph, pw = model.patch_embed.patch_size
+    preds = queries.new_zeros((queries.shape[0], h, w), dtype=torch.float32)  # [Q, h, w]
+    count = queries.new_zeros((1, h, w), dtype=torch.float32)
+    for y1, y2, x1, x2 in window_boxes(h, w, *window):
+        gh, gw = (y2 - y1) // ph, (x2 - x1) // pw  # the strided convolution's grid
+        crop = resized[None, :, y1 : y1 + gh * ph, x1 : x1 + gw * pw]
+        tokens = dense_tokens(model, crop, readout)[0]  # [gh, gw, D]
+        crop_logits = (tokens.float() @ queries.float().T).permute(2, 0, 1)  # [Q, gh, gw]
+        crop_logits = F.interpolate(crop_logits[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)
+        preds += F.pad(crop_logits[0], (x1, w - x2, y1, h - y2))
+        count[:, y1:y2, x1:x2] += 1
+    preds = preds / count
+    if preds.shape[-2:] == image.shape[-2:]:
+        return preds
+    return F.interpolate(preds[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -266,10 +383,16 @@ def _sync(device: torch.device) -> None:
 
 def _summary(rows: list[dict], scale: str) -> list[str]:
     lines = []
+    measured = " (measured at VOC size)" if scale == "voc" else ""
     for row in rows:
-        aim = row.get("aim_s")
-        if aim is None:
+        if row.get("aim_speedup") is not None:
+            same = "equal logits" if row["same_logits"] else f"LOGITS DIFFER beyond {LOGITS_ATOL:g}: not equal work"
+            lines.append(
+                f"{row['row']}: {row['speedup']:.1f}x the per-window loop ({same}, max |diff| "
+                f"{row['max_abs_diff']:.1e}); aim on one H100 at VOC size: >= {row['aim_speedup']:.0f}x{measured}"
+            )
+        if row.get("aim_s") is None:
             continue
-        verdict = f"aim on one H100 at VOC size: < {aim:.0f} s" + (" (measured at VOC size)" if scale == "voc" else "")
+        verdict = f"aim on one H100 at VOC size: < {row['aim_s']:.0f} s{measured}"
         lines.append(f"{row['row']}: {row['seconds']:.1f} s, {row['figure']} {row['value']:.4f}; {verdict}")
     return lines
