@@ -74,6 +74,7 @@ def export(run_dir: Path, which: Literal["best", "last"] = "best", out: Path | N
     tensors = {k: (trained[k] if k in trained else skeleton[k]).contiguous() for k in skeleton}
     entry = backbone(cfg.backbone)
     meta = {
+        "backbone": cfg.backbone,  # the registry name: the zero-shot readout finds the paired text tower by it
         "timm_id": entry.timm_id,
         "timm_kwargs": entry.kwargs,
         "soft_cap": next((m.cap for m in encoder.modules() if isinstance(m, SoftCapAttention)), None),

@@ -5,6 +5,7 @@
     python -m fastloc.probe linear DATA --protocol leopart-voc|dinov3-ade20k   linear-probe mIoU
     python -m fastloc.probe hummingbird DATA [...]                         in-context retrieval mIoU
     python -m fastloc.probe knn DATA [...]                                 DINO's weighted k-NN top-1/top-5 (cls)
+    python -m fastloc.probe zeroshot DATA [--benchmark B]                  zero-shot segmentation by class name
     python -m fastloc.probe compare A.json B.json [--out PNG]             before/after of two runs
 
 DATA is a shard set with train and validation splits (python -m fastloc.shard converts COCO,
@@ -53,6 +54,18 @@ def dense(protocol: str, args: list[str]) -> int:
     return 0
 
 
+def zeroshot(args: list[str]) -> int:
+    """The training-free zero-shot benchmark (fastloc.probe.zeroshot.run)."""
+    from fastloc.probe.zeroshot.config import ZeroShotConfig
+
+    cfg = tyro.cli(ZeroShotConfig, args=args, prog="python -m fastloc.probe zeroshot")
+    refuse_early(cfg)
+    from fastloc.probe.zeroshot.run import run
+
+    run(cfg)
+    return 0
+
+
 def patch_seg(argv: list[str]) -> int:
     """Parse Patch-Seg's config, check its values, run the probe."""
     from fastloc.probe.config import ProbeConfig
@@ -83,6 +96,8 @@ def command(argv: list[str]) -> int:
         from fastloc.probe.compare import CompareConfig, run_compare
 
         return run_compare(tyro.cli(CompareConfig, args=argv[1:], prog="python -m fastloc.probe compare"))
+    if argv[0] == "zeroshot":
+        return zeroshot(argv[1:])
     if argv[0] in PROTOCOLS:
         return dense(argv[0], argv[1:])
     return patch_seg(argv)

@@ -285,7 +285,9 @@ def _tick_font(n: int) -> float:
 
 def _name(class_names: Sequence[str | None], class_id) -> str:
     class_id = int(class_id)
-    known = 0 <= class_id < len(class_names) and class_names[class_id]
+    if class_id < 0:
+        return "void (not scored)"  # the dense protocols' VOID
+    known = class_id < len(class_names) and class_names[class_id]
     return class_names[class_id] if known else f"class {class_id}"
 
 

@@ -2,7 +2,9 @@
 
 The last block is run as one of the harness's variants (ZEROSHOT-SEG.md section 3): plain CLIP,
 MaskCLIP's value path (as ClearCLIP runs it) or NACLIP's neighbourhood attention without residual
-and MLP; then the final norm and CLIP's projection head, class token dropped, L2-normalised.
+and MLP; then the final norm and CLIP's projection head, class token dropped, L2-normalised. An
+aligned export's soft-capped attention (MaskEmbed's student) is read out too: its cap bounds NACLIP's
+key-key logits as it bounded the logits it was trained with (a fastloc choice: the references know no cap).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from timm.models import get_pretrained_cfg
 from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
 
+from fastloc.models.attention import SoftCapAttention
 from fastloc.models.registry import backbone, create_model
 from fastloc.models.text import TEXT_TOWERS, TINY, NoTextTowerError
 
@@ -74,7 +77,11 @@ def attend(attn: Attention, x: torch.Tensor, readout: Readout, grid: tuple[int, 
         out = v  # each token attends only to itself: the value path
     else:  # naclip: softmax(k k^T / sqrt(d) + omega)
         k = attn.k_norm(k)
-        logits = (k @ k.transpose(-2, -1)) * attn.scale + neighbourhood(grid, std).to(k)  # [B, heads, N, N]
+        logits = (k @ k.transpose(-2, -1)) * attn.head_dim**-0.5  # [B, heads, N, N], NACLIP's order
+        cap = getattr(attn, "cap", None)  # an aligned export's soft cap, as on the logits it was trained with
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        logits = logits + neighbourhood(grid, std).to(k)
         out = logits.softmax(dim=-1) @ v
     out = out.transpose(1, 2).reshape(B, N, attn.attn_dim)
     return attn.proj(attn.norm(out))
@@ -113,8 +120,8 @@ def check(model: nn.Module, readout: str, images: torch.Tensor) -> None:
     if model.cls_token is None or model.num_prefix_tokens != 1 or model.no_embed_class or model.pos_embed is None:
         raise ReadoutError(f"{name}: zero-shot readouts need one class token, no registers, a position embedding")
     attn = model.blocks[-1].attn
-    if type(attn) is not Attention or getattr(attn, "gate", None) is not None:
-        raise ReadoutError(f"{name}: the last block's attention is not timm's plain Attention")
+    if type(attn) not in (Attention, SoftCapAttention) or getattr(attn, "gate", None) is not None:
+        raise ReadoutError(f"{name}: the last block's attention is not timm's plain Attention (or its soft cap)")
     patch = model.patch_embed.patch_size
     if images.ndim != 4 or images.shape[-2] % patch[0] or images.shape[-1] % patch[1]:
         raise ReadoutError(f"images {tuple(images.shape)}: [B, 3, H, W] with sides a multiple of the patch {patch}")
