@@ -175,3 +175,49 @@ def test_bad_input_is_one_line_and_writes_nothing(voc, tmp_path, cache, capsys, 
     assert len(err) == 1 and err[0].startswith("error:"), err
     assert any(w in err[0] for w in words.split("|")), err[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "benchmark, dataset",
+    [
+        ("voc21", "voc"),
+        ("voc20", "voc"),
+        ("context60", "context"),
+        ("context59", "context"),
+        ("coco_object", "coco-object"),
+        ("coco_stuff164k", "coco"),
+        ("city_scapes", "cityscapes"),
+        ("ade20k", "ade20k"),
+    ],
+)
+def test_each_benchmark_fits_its_converters_label_set(benchmark, dataset):
+    """Each harness class-name file (every method's) has one line per class of the label set its converter
+    writes, under the benchmark's rule (reduce_zero_label, COCO-Stuff's 171); the default benchmark of the
+    dataset is the 0-keeping one. Spot checks that the lines name the same classes."""
+    from fastloc.probe.zeroshot.config import DEFAULT_BENCHMARK
+    from fastloc.probe.zeroshot.config import ZeroShotConfig as Config
+    from fastloc.probe.zeroshot.run import checked_lines, class_lines
+    from fastloc.shard.sources import cityscapes, coco, context, voc
+
+    stored = {
+        "voc": voc.VOC_CLASSES,
+        "context": context.CONTEXT_CLASSES,
+        "coco-object": coco.COCO_OBJECT_CLASSES,
+        "coco": coco.COCO_STUFF_CLASSES,
+        "cityscapes": cityscapes.CITYSCAPES_CLASSES,
+        "ade20k": ["other"] + [f"ade class {i}" for i in range(1, 151)],
+    }[dataset]
+    manifest = {"classes": list(stored), "label": {"dtype": "uint8", "ignore": 255}}
+    manifest["source"] = {"unused_thing_ids": list(coco.UNUSED_THING_IDS)}
+    bench = BENCHMARKS[benchmark]
+    table, classes = label_table(bench, manifest)
+    for method in ("naclip", "sclip", "clearclip"):
+        cfg = Config(data=Path("."), method=method)
+        lines, source = class_lines(cfg, bench, stored)
+        checked_lines(lines, classes, source, bench, dataset)  # raises on a mismatch
+        if dataset in ("voc", "context", "cityscapes"):  # the first synonym is the stored name, spelling aside
+            kept = [name for value, name in enumerate(stored) if 0 <= table[value] < classes]
+            firsts = [line.split(", ")[0].replace(" ", "").lower() for line in lines]
+            same = sum(a == b.replace(" ", "").lower() for a, b in zip(firsts, kept))
+            assert same >= classes // 2, (firsts, kept)
+    assert DEFAULT_BENCHMARK[dataset] in (benchmark, benchmark.replace("59", "60").replace("voc20", "voc21"))
