@@ -24,8 +24,9 @@ from fastloc.data.config import SOLO, LoaderConfig
 from fastloc.data.loader import make_loader
 from fastloc.data.recipes import Rkrc
 from fastloc.data.shards import open_shards
+from fastloc.data.stream import EpochLoader
 from fastloc.kernels.label_pool import label_pool
-from fastloc.models.registry import create_model, image_config
+from fastloc.models.registry import ImageConfig, create_model, image_config
 from fastloc.progress import Progress
 from fastloc.runtime import autocast
 
@@ -63,6 +64,42 @@ def logits_of(model: nn.Module, classifier: nn.Linear, images: torch.Tensor, cfg
     return classifier(model.forward_head(tokens, pre_logits=True))  # [B, C]: the class token
 
 
+def train_loader(
+    train: Path,
+    image: ImageConfig,
+    device: torch.device,
+    *,
+    batch_size: int,
+    seed: int,
+    workers: int,
+    captions: bool = False,
+) -> EpochLoader:
+    """The demo's training loader (pre-training and contrastive training): Rkrc, full batches."""
+    return make_loader(
+        LoaderConfig(
+            shards=train,
+            batch_size=batch_size,
+            size=image.size,
+            recipe=Rkrc(scale=(0.5, 1.0)),  # mild zoom: objects stay whole enough to be named
+            mean=image.mean,
+            std=image.std,
+            seed=seed,
+            loader="gpu" if device.type == "cuda" else "cpu",
+            workers=workers,
+            captions=captions,
+        ),
+        SOLO,
+    )
+
+
+def save_weights(model: nn.Module, out: Path) -> None:
+    """``model``'s state dict as safetensors under its own key names, written whole or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(out)
+
+
 def pretrain(cfg: PretrainConfig, train: Path, out: Path, device: torch.device) -> dict:
     """Train, save ``out`` (the backbone's safetensors) and return the last epoch's mean loss."""
     torch.manual_seed(cfg.seed)
@@ -70,20 +107,7 @@ def pretrain(cfg: PretrainConfig, train: Path, out: Path, device: torch.device) 
     image = image_config(model)
     classes = int(open_shards(train).manifest["num_classes"])
     classifier = nn.Linear(int(model.num_features), classes).to(device)
-    loader = make_loader(
-        LoaderConfig(
-            shards=train,
-            batch_size=cfg.batch_size,
-            size=image.size,
-            recipe=Rkrc(scale=(0.5, 1.0)),  # mild zoom: objects stay whole enough to be named
-            mean=image.mean,
-            std=image.std,
-            seed=cfg.seed,
-            loader="gpu" if device.type == "cuda" else "cpu",
-            workers=cfg.workers,
-        ),
-        SOLO,
-    )
+    loader = train_loader(train, image, device, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers)
     params = [*model.parameters(), *classifier.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total, update, losses = cfg.epochs * len(loader), 0, []
@@ -111,8 +135,5 @@ def pretrain(cfg: PretrainConfig, train: Path, out: Path, device: torch.device) 
     finally:
         progress.close()
         loader.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(out)
+    save_weights(model, out)
     return {"loss_per_epoch": losses, "updates": update, "classes": classes}
