@@ -113,7 +113,7 @@ def run(cfg: EvalsBench, command: str) -> Path:
         print(f"scale {scale}: {data or 'no shard set'}, {backbone_text}", flush=True)
         for name in cfg.protocols:
             if name == "zeroshot":
-                rows += _zeroshot_rows(scale, torch.device(common["device"]), unavailable)
+                rows += _zeroshot_rows(scale, torch.device(common["device"]))
                 continue
             protocol_cfg = _config(name, scale, common, scipy)
             row, result = _protocol_row(name, protocol_cfg)
@@ -278,21 +278,18 @@ def _knn_row(cfg: dense.HummingbirdConfig, device: torch.device, dim: int, grid:
     return _row("knn transfer", setting, time_runs(chunked, 3), time_runs(whole, 3))
 
 
-def _zeroshot_rows(scale: str, device: torch.device, unavailable: list[MissingRow]) -> list[dict]:
+def _zeroshot_rows(scale: str, device: torch.device) -> list[dict]:
     """``zeroshot slide``: ``segment_logits`` (each image's windows of one size as one batch) against
     ``slide_logits_loop`` (the reference's loop, the model once per window) on the same generated images,
     model and random queries, after an untimed check that both give the same logits; ``zeroshot pamr``:
     PAMR on those logits, no baseline. float32 with TF32 matmuls off, so that the check's tolerance
-    only covers summation order. Without open_clip (readout.py imports the text towers) both are missing."""
-    try:
-        from fastloc.probe.zeroshot.decide import Settings
-        from fastloc.probe.zeroshot.pamr import DILATIONS, ITERATIONS, pamr
-        from fastloc.probe.zeroshot.readout import create_tower
-        from fastloc.probe.zeroshot.segment import resize, segment_logits
-    except ModuleNotFoundError as exc:
-        why = f"needs {exc.name or 'a package'} (the zero-shot readout imports the text towers), which is not installed"
-        unavailable.append(MissingRow("zeroshot slide, zeroshot pamr", why))
-        return []
+    only covers summation order. The queries are random, so neither needs open_clip (the GPU machine's
+    minimal install has none)."""
+    from fastloc.probe.zeroshot.decide import Settings
+    from fastloc.probe.zeroshot.pamr import DILATIONS, ITERATIONS, pamr
+    from fastloc.probe.zeroshot.readout import create_tower
+    from fastloc.probe.zeroshot.segment import resize, segment_logits
+
     count, short_side, window, tower = ZEROSHOT[scale]
     print("running zeroshot ...", flush=True)
     model = create_tower(tower, "random").to(device).eval()

@@ -1,7 +1,5 @@
-"""Text towers from open_clip, paired with the timm vision towers of the backbone registry.
-
-A pairing names the open_clip (model, pretrained tag) whose image tower is the registry's timm
-model, so both towers embed into one space; QuickGELU goes with the timm id. Class embeddings are
+"""Text towers from open_clip, paired with the timm vision towers of the backbone registry
+(``fastloc.models.pairing``: which tower goes with which backbone; re-exported here). Class embeddings are
 the zero-shot harness's (ZEROSHOT-SEG.md section 3): per query, every template filled, encoded,
 L2-normalised, averaged and normalised again; cached on disk by tower, tokenizer, names, templates.
 """
@@ -24,36 +22,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fastloc.cli import exception_line
+from fastloc.models.pairing import TEXT_TOWERS, TINY, NoTextTowerError, text_backbones
 from fastloc.models.registry import WeightsError, fingerprint
 
-# backbone (registry name) -> (open_clip model, pretrained tag), as open_clip.list_pretrained() spells them
-TEXT_TOWERS: dict[str, tuple[str, str]] = {
-    "clip-vit-b": ("ViT-B-16-quickgelu", "openai"),
-    "clip-vit-l": ("ViT-L-14-quickgelu", "openai"),
-    "clip-vit-l-336": ("ViT-L-14-336-quickgelu", "openai"),
-    "clip-vit-l-336px": ("ViT-L-14-336-quickgelu", "openai"),
-    "openclip-vit-b": ("ViT-B-16", "laion2b_s34b_b88k"),
-    "openclip-vit-l": ("ViT-L-14", "laion2b_s32b_b82k"),
-    "openclip-vit-h": ("ViT-H-14", "laion2b_s32b_b79k"),
-    # the registry's DFN B/16 and H/14 ids run GELU though open_clip tags the weights QuickGELU;
-    # the text tower follows the vision tower in use (open_clip warns of the mismatch on load)
-    "dfn-vit-b": ("ViT-B-16", "dfn2b"),
-    "dfn-vit-l": ("ViT-L-14-quickgelu", "dfn2b"),
-    "dfn-vit-h": ("ViT-H-14", "dfn5b"),
-    "dfn-vit-h-378px": ("ViT-H-14-378", "dfn5b"),
-    "siglip-vit-b": ("ViT-B-16-SigLIP", "webli"),
-    "siglip-vit-b-256px": ("ViT-B-16-SigLIP-256", "webli"),
-    "siglip-vit-b-384px": ("ViT-B-16-SigLIP-384", "webli"),
-    "siglip-vit-so400m": ("ViT-SO400M-14-SigLIP", "webli"),
-    "siglip-vit-so400m-384": ("ViT-SO400M-14-SigLIP-384", "webli"),
-    "siglip-vit-so400m-384px": ("ViT-SO400M-14-SigLIP-384", "webli"),
-    "eva02-vit-b": ("EVA02-B-16", "merged2b_s8b_b131k"),
-    "eva02-vit-l": ("EVA02-L-14", "merged2b_s4b_b131k"),
-}
+__all__ = ["TEXT_TOWERS", "TINY", "NoTextTowerError", "class_embeddings", "load_text_tower", "text_backbones"]
 
 # the registry's "tiny" ViT (64 px, 8 px patches, width 96, 4 blocks) with a tiny random text tower:
 # embeddings of the tiny ViT's width, open_clip's default tokenizer with a short context
-TINY = "tiny"
 TINY_CONTEXT = 32
 TINY_CFG: dict[str, Any] = {
     "embed_dim": 96,
@@ -63,15 +38,6 @@ TINY_CFG: dict[str, Any] = {
 
 TEMPLATES = OPENAI_IMAGENET_TEMPLATES  # the 80 OpenAI ImageNet templates the harness uses
 Template = str | Callable[[str], str]  # "a photo of a {}." or open_clip's lambda c: f"a photo of a {c}."
-
-
-class NoTextTowerError(ValueError):
-    """The backbone has no paired text tower."""
-
-
-def text_backbones() -> list[str]:
-    """The backbones with a text tower."""
-    return [*TEXT_TOWERS, TINY]
 
 
 def load_text_tower(backbone: str, weights: str | Path = "pretrained") -> tuple[nn.Module, Callable]:

@@ -21,8 +21,8 @@ from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
 
 from fastloc.models.attention import SoftCapAttention
+from fastloc.models.pairing import TEXT_TOWERS, TINY, NoTextTowerError
 from fastloc.models.registry import backbone, create_model
-from fastloc.models.text import TEXT_TOWERS, TINY, NoTextTowerError
 
 Readout = Literal["clip", "maskclip", "naclip"]
 READOUTS: tuple[str, ...] = get_args(Readout)
