@@ -22,6 +22,9 @@ ROLES = ["floor", "baseline", "maskembed", "leopart", "neco", "ceiling"]
 PROTOCOLS = ["probe", "overcluster", "hummingbird", "knn"]  # probe: Patch-Seg
 STAGES = ["data", "pretrain-image", "pretrain-patch", "align", "align-leopart", "align-neco"]
 STAGES += [f"{p}-{r}" for r in ROLES for p in PROTOCOLS]
+READOUTS = ["clip", "maskclip", "naclip"]
+LANGUAGE = ["contrastive", "align-clip", *(f"zeroshot-{r}-{x}" for r in ("clip", "clip-maskembed") for x in READOUTS)]
+STAGES += LANGUAGE
 PATCH_SEG = ("recall_best_epoch", "precision", "f1", "ap_last", "recall_last", "ap_texture", "ap_shape")
 DENSE = ("overcluster_miou_k38", "overcluster_miou_k8")
 DENSE += ("hummingbird_miou", "hummingbird_pixel_accuracy", "knn_top1", "knn_top5")
@@ -104,6 +107,28 @@ def test_the_quick_demo_runs_every_stage_and_writes_every_output(quick):
     for heading in ("AP shape", "oc K=38", "oc K=8", "Hb mIoU", "k-NN top1", "1. ceiling beats floor (macro AP)"):
         assert heading in out, heading
     assert "summary: runs/demo/seed0-quick/summary.json" in out
+    # the language miniature: the baseline and the tiny text tower trained on the captions, then zero-shot
+    # segmentation by class name before (clip) and after MaskEmbed (clip-maskembed), each readout
+    contrastive = json.loads((run_dir / "stage-contrastive.json").read_text())
+    assert contrastive["inputs"]["image_weights"] == weights and contrastive["inputs"]["contrastive"]["epochs"] == 1
+    text_weights = contrastive["outputs"]["text_weights"]
+    clip_export = json.loads((run_dir / "stage-align-clip.json").read_text())["outputs"]["export"]
+    assert (
+        json.loads((cwd / Path(clip_export).parent / "config.json").read_text())["config"]["method"]["weights"]
+        == (contrastive["outputs"]["weights"])
+    )
+    assert list(summary["zeroshot"]) == ["clip", "clip-maskembed"]
+    for role, backbone in (("clip", "tiny"), ("clip-maskembed", clip_export)):
+        assert list(summary["zeroshot"][role]) == READOUTS
+        for readout in READOUTS:
+            result = json.loads((run_dir / "probes" / f"zeroshot-{role}-{readout}" / "result.json").read_text())
+            protocol = result["protocol"]
+            assert (protocol["benchmark"], protocol["readout"], protocol["images"]) == ("manifest", readout, 24)
+            assert protocol["settings"]["short_side"] == 96 and protocol["settings"]["window"] == [64, 32]
+            assert protocol["settings"]["pamr"] is False and protocol["text_weights"] == text_weights
+            assert result["config"]["backbone"] == backbone and result["dataset"]["num_classes"] == 8
+            assert summary["zeroshot"][role][readout] == result["selected"] and finite(result["selected"]["miou"])
+    assert "zero-shot segmentation by class name" in out
 
 
 def test_a_second_run_reuses_every_stage_and_a_fresh_one_repeats_the_figures(quick):
@@ -111,22 +136,27 @@ def test_a_second_run_reuses_every_stage_and_a_fresh_one_repeats_the_figures(qui
     again = run(["-m", "fastloc.demo", "--quick"], cwd)
     for stage in STAGES:
         assert f"[{stage}] done before: reusing" in again
-    rows = json.loads((cwd / "runs" / "demo" / "seed0-quick" / "summary.json").read_text())["rows"]
+    summary = json.loads((cwd / "runs" / "demo" / "seed0-quick" / "summary.json").read_text())
+    rows, zeroshot = summary["rows"], summary["zeroshot"]
     # the models again elsewhere (same data) with one objective: --objectives picks the rows, the figures repeat
-    fresh = run(["-m", "fastloc.demo", "--quick", "--out", "elsewhere", "--objectives", "neco"], cwd)
+    fresh = run(["-m", "fastloc.demo", "--quick", "--out", "elsewhere", "--objectives", "neco", "--no-language"], cwd)
     for stage in ("data", "pretrain-image", "pretrain-patch", "align-neco", "knn-neco", "probe-ceiling"):
         assert f"[{stage}] running" in fresh, stage
     assert "[align]" not in fresh and "[align-leopart]" not in fresh and "maskembed" not in fresh
+    assert "[contrastive]" not in fresh and "zero-shot" not in fresh  # --no-language
     again = json.loads((cwd / "elsewhere" / "seed0-quick" / "summary.json").read_text())["rows"]
     assert list(again) == ["floor", "baseline", "neco", "ceiling"]
     assert again == {role: rows[role] for role in again}
     # another MaskEmbed run redoes what stands on it, and nothing else
     changed = run(["-m", "fastloc.demo", "--quick", "--align-epochs", "2"], cwd)
-    redone = ["align", *(f"{p}-maskembed" for p in PROTOCOLS)]
+    redone = ["align", *(f"{p}-maskembed" for p in PROTOCOLS), "align-clip"]
+    redone += [f"zeroshot-clip-maskembed-{x}" for x in READOUTS]
     for stage in STAGES:
         assert f"[{stage}] {'running' if stage in redone else 'done before: reusing'}" in changed, stage
-    after = json.loads((cwd / "runs" / "demo" / "seed0-quick" / "summary.json").read_text())["rows"]
+    summary = json.loads((cwd / "runs" / "demo" / "seed0-quick" / "summary.json").read_text())
+    after = summary["rows"]
     assert after["maskembed"] != rows["maskembed"] and {**after, "maskembed": rows["maskembed"]} == rows
+    assert summary["zeroshot"]["clip"] == zeroshot["clip"]  # before MaskEmbed: reused
 
 
 def test_the_gates_compare_each_objective_with_the_baseline_only_when_the_floor_is_beaten():
@@ -161,7 +191,8 @@ def test_the_table_names_every_row_in_order_and_every_figure_it_has():
 @pytest.mark.parametrize(
     "argv, flag",
     [(["--objectives", "neco", "neco"], "--objectives"), (["--objectives", "dino"], "--objectives"),
-     (["--leopart-epochs", "0"], "--leopart-epochs"), (["--neco-epochs", "-1"], "--neco-epochs")],
+     (["--leopart-epochs", "0"], "--leopart-epochs"), (["--neco-epochs", "-1"], "--neco-epochs"),
+     (["--contrastive-epochs", "0"], "--contrastive-epochs")],
 )  # fmt: skip
 def test_bad_objectives_are_refused_in_one_line_before_any_stage(tmp_path, monkeypatch, capsys, argv, flag):
     monkeypatch.chdir(tmp_path)

@@ -4,7 +4,9 @@ It converts a synthetic set (textured regions and shaped objects), trains a smal
 on image-level labels only (the baseline: what CLIP and SigLIP see, which classes, never where),
 post-trains it with MaskEmbed, Leopart and NeCo (--objectives picks), and probes every encoder
 beside a floor (the random-init ViT) and a ceiling (a ViT trained on patch labels) with Patch-Seg,
-Leopart's overclustering, Hummingbird and DINO's k-NN: one table, a row per encoder. Re-running
+Leopart's overclustering, Hummingbird and DINO's k-NN: one table, a row per encoder. The language
+miniature (--no-language leaves it out) trains the baseline with a tiny text tower on the captions
+and segments the classes by name, zero-shot, before and after MaskEmbed: a second table. Re-running
 reuses finished stages; --quick is the test suite's short version.
 Option values and the folders are checked before any stage: a bad one is one "error:" line, exit 2.
 """
@@ -78,6 +80,13 @@ def run(cfg: DemoConfig) -> Path:
         print(f"{gate}: {'yes' if passed else 'NO'} ({text})")
     if len(verdict) < 3:
         print("the comparison of the objectives with the baseline is not meaningful until gates 1 and 2 pass")
+    language_rows = {}
+    if cfg.language:
+        from fastloc.demo import language
+
+        language_rows = language.run_language(cfg, stage, image["weights"], common)
+        print("\nzero-shot segmentation by class name (the language miniature), before and after MaskEmbed:")
+        print(language.table(language_rows))
     plots = [summary.contact_sheet(results, backbones, run_dir / "contact-sheet.png")]
     if "maskembed" in results:
         from fastloc.probe.compare import compare
@@ -85,7 +94,9 @@ def run(cfg: DemoConfig) -> Path:
         labels = ("baseline", "maskembed")
         _, plot = compare(*(Path(results[r]["run_dir"]) for r in labels), run_dir / "baseline-vs-maskembed.png", labels)
         plots.insert(0, plot)
-    path = summary.write_summary(run_dir / "summary.json", dataclasses.asdict(cfg), rows, verdict, timings)
+    path = summary.write_summary(
+        run_dir / "summary.json", dataclasses.asdict(cfg), rows, verdict, timings, language_rows
+    )
     print(f"\nsummary: {path}\nplots: {', '.join(map(str, plots))}\nprobe results: {run_dir / 'probes'}")
     return run_dir
 

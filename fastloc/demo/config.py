@@ -58,6 +58,13 @@ class DemoConfig:
     neco_epochs: int = 2
     """Epochs of NeCo on the baseline (the neco-tiny preset's settings otherwise)."""
 
+    language: bool = True
+    """The language miniature: the baseline and a tiny text tower trained together on the synthetic
+    captions (contrastive), then zero-shot segmentation by class name before and after MaskEmbed."""
+
+    contrastive_epochs: int = 16
+    """Epochs of the contrastive image-text training of the baseline (--language)."""
+
     skip_blocks: int = 0
     """Blocks removed from the end of MaskEmbed's teacher. The reference removes 1 (of a ViT-B's
     12); of the demo's 4-block ViT that is a quarter of its depth, and the aligned encoder then
@@ -81,7 +88,8 @@ class DemoConfig:
         numbers first, before the backbone registry's import of torch and timm."""
         at_least("--train-images", self.train_images, TRAIN_BATCH, "one training batch")
         at_least("--val-images", self.val_images, 1)
-        for flag in ("--pretrain-epochs", "--align-epochs", "--leopart-epochs", "--neco-epochs", "--probe-epochs"):
+        epochs = ("--pretrain-epochs", "--align-epochs", "--leopart-epochs", "--neco-epochs", "--contrastive-epochs")
+        for flag in (*epochs, "--probe-epochs"):
             at_least(flag, getattr(self, field(flag)), 1)
         chosen = self.objectives
         rule = f"must name one or more of {', '.join(OBJECTIVES)}, each once"
@@ -116,6 +124,7 @@ QUICK = {
     "align_epochs": 1,
     "leopart_epochs": 1,
     "neco_epochs": 1,
+    "contrastive_epochs": 1,
     "probe_epochs": 2,
 }
 

@@ -141,10 +141,13 @@ def contact_sheet(results: dict[str, dict], backbones: dict[str, tuple[str, str]
     return plot_patch_maps(pixels(images, image), maps, any_result["dataset"]["classes"], path, title)
 
 
-def write_summary(path: Path, cfg_dict: dict, rows: dict, verdict: list, timings: dict) -> Path:
+def write_summary(path: Path, cfg_dict: dict, rows: dict, verdict: list, timings: dict, language: dict) -> Path:
+    """summary.json: the config, the rows, the gates, the stages' seconds and the language miniature's
+    zero-shot rows ({role: {readout: figures}}, empty without it)."""
     gates_json = [{"gate": g, "passed": ok, "figures": text} for g, ok, text in verdict]
     config = json.loads(json.dumps(cfg_dict, default=str))
-    return write_json(path, {"config": config, "rows": rows, "gates": gates_json, "timings_s": timings})
+    body = {"config": config, "rows": rows, "gates": gates_json, "timings_s": timings, "zeroshot": language}
+    return write_json(path, body)
 
 
 def load(path: Path) -> dict:
