@@ -85,7 +85,7 @@ class ZeroShotConfig(DenseConfig):
     """Rows of predictions.png: image, truth and prediction of the first N images (0: none)."""
 
     eval_batch_size: int = 1
-    """Images per step (the harness: 1; windows of one image run as one batch)."""
+    """One image per step, as the harness (the windows of one image run as one batch)."""
 
     @property
     def image_size(self) -> int:
@@ -126,6 +126,9 @@ class ZeroShotConfig(DenseConfig):
         require(self.prob_thd == -1 or 0 <= self.prob_thd <= 1, "--prob-thd", self.prob_thd, "in [0, 1], or -1")
         positive(self.std, "--std")
         at_least("--max-images", self.max_images, 0, "0: all")
+        require(self.eval_batch_size == 1, "--eval-batch-size", self.eval_batch_size, "must be 1 (one image a step)")
+        rule = "must be 0: the readouts replace the last block and project its tokens into the text space"
+        require(self.skip_blocks == 0, "--skip-blocks", self.skip_blocks, rule)
         at_least("--pictures", self.pictures, 0)
 
 
