@@ -94,7 +94,8 @@ def test_a_benchmark_scores_as_mmseg_does(voc, tmp_path, cache, benchmark, metho
     lines = (Path(__file__).parents[1] / "fastloc/probe/zeroshot/classes").joinpath(
         "clearclip" if method == "clearclip" else "sclip", f"cls_{benchmark}.txt"
     )
-    embeddings, query_class = class_embeddings(text, tokenizer, lines.read_text().splitlines(), cache_dir=None)
+    names = lines.read_text().splitlines()  # the run's cache, keyed by the tower's weights: a hit is this tower's
+    embeddings, query_class = class_embeddings(text, tokenizer, names, cache_dir=cache / "text")
     model = create_tower("tiny", "random").eval()
     preds, labels = [], []
     for g in range(val.num_samples):
