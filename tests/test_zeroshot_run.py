@@ -164,9 +164,8 @@ def test_an_aligned_export_reads_out_with_its_text_tower(align_run, align_shards
         (["--backbone", "in1k-vit-s"], "in1k-vit-s: no text tower is paired with it"),
         (["--benchmark", "voc99"], "--benchmark"),
         (["--window", "16", "32"], "--window"),
-        (["--skip-blocks", "1"], "--skip-blocks"),
     ],
-    ids=["wrong-benchmark", "class-file", "no-text-tower", "unknown-benchmark", "window", "skip-blocks"],
+    ids=["wrong-benchmark", "class-file", "no-text-tower", "unknown-benchmark", "window"],
 )
 def test_bad_input_is_one_line_and_writes_nothing(voc, tmp_path, cache, capsys, extra, words):
     names = tmp_path / "names.txt"

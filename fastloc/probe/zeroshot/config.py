@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import tyro
+
 from fastloc.cli import flowing_help, require
 from fastloc.probe.config import at_least, positive
 from fastloc.probe.dense.config import DenseConfig
@@ -84,8 +86,16 @@ class ZeroShotConfig(DenseConfig):
     pictures: int = 4
     """Rows of predictions.png: image, truth and prediction of the first N images (0: none)."""
 
-    eval_batch_size: int = 1
-    """One image per step, as the harness (the windows of one image run as one batch)."""
+    # the shared evaluation options a zero-shot run has no use for: off the command line
+    eval_batch_size: tyro.conf.Suppress[int] = 1  # one image a step, as the harness
+    skip_blocks: tyro.conf.Suppress[int] = 0  # the readouts replace the last block
+    cache: tyro.conf.Suppress[bool] = False  # no feature cache: images are read whole
+    train_split: tyro.conf.Suppress[str] = ""  # nothing is trained
+    loader: tyro.conf.Suppress[str] = "cpu"  # samples are read one by one (slide.read_sample)
+    workers: tyro.conf.Suppress[int] = 0
+
+    cache_dir: Path = Path("runs/probe/cache")
+    """Where the class names' text embeddings are cached (under text/)."""
 
     @property
     def image_size(self) -> int:
@@ -126,9 +136,7 @@ class ZeroShotConfig(DenseConfig):
         require(self.prob_thd == -1 or 0 <= self.prob_thd <= 1, "--prob-thd", self.prob_thd, "in [0, 1], or -1")
         positive(self.std, "--std")
         at_least("--max-images", self.max_images, 0, "0: all")
-        require(self.eval_batch_size == 1, "--eval-batch-size", self.eval_batch_size, "must be 1 (one image a step)")
-        rule = "must be 0: the readouts replace the last block and project its tokens into the text space"
-        require(self.skip_blocks == 0, "--skip-blocks", self.skip_blocks, rule)
+
         at_least("--pictures", self.pictures, 0)
 
 
