@@ -222,3 +222,13 @@ def test_each_benchmark_fits_its_converters_label_set(benchmark, dataset):
             same = sum(a == b.replace(" ", "").lower() for a, b in zip(firsts, kept))
             assert same >= classes // 2, (firsts, kept)
     assert DEFAULT_BENCHMARK[dataset] in (benchmark, benchmark.replace("59", "60").replace("voc20", "voc21"))
+
+
+def test_a_blank_line_inside_a_class_file_is_refused_and_trailing_ones_end_it():
+    """A blank line inside would shift every later class by one: refused; blank lines at the end are not classes."""
+    from fastloc.probe.zeroshot.run import ClassNamesError, checked_lines
+
+    bench = BENCHMARKS["voc21"]
+    assert checked_lines(["sky", "cat", "dog", "", ""], 3, "f.txt", bench, "voc") == ["sky", "cat", "dog"]
+    with pytest.raises(ClassNamesError, match="f.txt: line 2 is empty"):
+        checked_lines(["sky", "", "dog"], 3, "f.txt", bench, "voc")

@@ -94,11 +94,18 @@ def label_table(bench: Benchmark, manifest: dict) -> tuple[torch.Tensor, int]:
 
 def checked_lines(lines: list[str], classes: int, source: str, bench: Benchmark, dataset: str) -> list[str]:
     """The lines, if one per class of the label set (one clear line otherwise)."""
-    lines = [line for line in lines if line.strip()] if not lines or not lines[-1].strip() else lines
-    if len(lines) != classes or any(not line.strip() for line in lines):
+    lines = list(lines)
+    while lines and not lines[-1].strip():  # trailing blank lines end the file; a blank line inside is an error
+        lines.pop()
+    blank = next((n for n, line in enumerate(lines, 1) if not line.strip()), None)
+    if blank is not None:
+        raise ClassNamesError(
+            f"{source}: line {blank} is empty (the line number is the class: it would shift the rest)"
+        )
+    if len(lines) != classes:
         raise ClassNamesError(
             f"{source}: {len(lines)} class lines, but {dataset} under the {bench.name} benchmark has {classes} "
-            "classes (one non-empty line each, the line number is the class)"
+            "classes (one line each, the line number is the class)"
         )
     return lines
 
