@@ -24,7 +24,7 @@ from fastloc.models.exported import exported_metadata, is_export, load_exported
 from fastloc.models.registry import WeightsError, image_config
 from fastloc.models.text import TINY, NoTextTowerError, class_embeddings, load_text_tower, text_backbones
 from fastloc.probe.dense import report
-from fastloc.probe.dense.data import VOID, DenseData, open_dense_data
+from fastloc.probe.dense.data import VOID, DenseData, LabelSpace, open_dense_data
 from fastloc.probe.dense.metrics import SegCounts
 from fastloc.probe.dense.slide import image_tensor, read_sample
 from fastloc.probe.plots import plot_patch_maps
@@ -242,7 +242,7 @@ def finish(cfg, data: DenseData, bench, settings, lines, source, counts, model, 
         "precision": cfg.precision,
         "metric": "mmseg IoUMetric: dataset-level intersections and unions, 255/void ignored, nanmean x 100",
     }
-    labels = _Labels(names, data.val.manifest.get("label", {}).get("ignore"), bench.reduce_zero_label)
+    labels = LabelSpace(names, (data.val.manifest.get("label") or {}).get("ignore"), bench.reduce_zero_label)
     per_class = {"miou": [None if np.isnan(v) else float(v) for v in iou.tolist()]}
     extra = {"timings": timings, **report.counted(counts)}
     out = report.write_result(cfg, protocol, data, labels, model, figures, per_class, extra)
@@ -251,11 +251,3 @@ def finish(cfg, data: DenseData, bench, settings, lines, source, counts, model, 
         title = f"zero-shot {bench.name} ({cfg.method} knobs, {cfg.readout} readout): mIoU {100 * figures['miou']:.2f}"
         plot_patch_maps(images, {"ground truth": truth, "prediction": pred}, names, out / "predictions.png", title)
     return out
-
-
-class _Labels:
-    """What report.write_result reads of a label space."""
-
-    def __init__(self, names: list[str], ignore, zero_is_ignore: bool):
-        self.names, self.ignore, self.zero_is_ignore = names, ignore, zero_is_ignore
-        self.num_classes = len(names)
