@@ -132,3 +132,39 @@ def test_captions_off_leaves_none(synthetic):
     batch = next(iter(loader))
     loader.close()
     assert batch.captions is None and len(batch.keys) == 8
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_caption_is_drawn_per_seed_epoch_and_sample(captioned, name):
+    """``one_caption``: each slot holds one of its sample's lines, the same draw from both loaders and
+    on every pass over the epoch, another draw in another epoch; a sample with no caption is replaced."""
+    cfg = config(captioned, batch_size=4, recipe=CentreSquare(), shuffle=False, drop_last=False, one_caption=True)
+    with pytest.warns(SkippedSampleWarning) as caught:
+        epochs = run_epochs(LOADERS[name](cfg, SOLO), epochs=6)
+    reasons = {str(w.message) for w in caught if issubclass(w.category, SkippedSampleWarning)}
+    assert any("txt holds no caption" in r for r in reasons) and any("not UTF-8" in r for r in reasons)
+    per_epoch = [epochs[i * 4 : (i + 1) * 4] for i in range(6)]
+    picks = []
+    for batches in per_epoch:
+        pick = {}
+        for b in batches:
+            for key, lines in zip(b.keys, b.captions):
+                assert len(lines) == 1 and lines[0] in CAPTIONS[int(key[-4:]) % len(CAPTIONS)]
+                assert pick.setdefault(key, lines[0]) == lines[0]  # a repeat in the epoch: the same draw
+        assert not any(int(k[-4:]) % len(CAPTIONS) == 2 for k in pick)  # the empty txt's samples: replaced
+        picks.append(pick)
+    again = run_epochs(LOADERS[name](cfg, SOLO), epochs=1)
+    assert [b.captions for b in again] == [b.captions for b in per_epoch[0]]  # a rerun draws the same
+    three = [k for k in picks[0] if int(k[-4:]) % len(CAPTIONS) == 0]  # the samples with three captions
+    assert len({p[k] for p in picks for k in three}) == 3  # the draw moves with the epoch
+
+
+def test_the_draw_leaves_the_recipes_draws_as_they_were(synthetic):
+    """The caption stream is apart from the recipe's: the same crops with and without ``one_caption``."""
+    runs = [
+        run_epochs(LOADERS["torch"](config(synthetic, recipe=Rkrc(), seed=3, workers=0, one_caption=one), SOLO))
+        for one in (False, True)
+    ]
+    assert [b.keys for b in runs[0]] == [b.keys for b in runs[1]]
+    assert all(torch.equal(x.images, y.images) for x, y in zip(*runs))
+    assert [b.captions for b in runs[0]] == [b.captions for b in runs[1]]  # one line a sample here

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_map
 
 from fastloc.align.checkpoint import Checkpointer, RunBusy, all_finite, config_fingerprint, plain
 from fastloc.align.config import OBJECTIVES, AlignConfig
-from fastloc.align.objective import Objective
+from fastloc.align.objective import Inputs, Objective
 from fastloc.align.prepare import learning_rate, prepare, weight_decay
 from fastloc.align.state import TrainState
 from fastloc.align.step import Update, train_step
@@ -100,6 +100,7 @@ def loaders(cfg: AlignConfig, objective: Objective, runtime: Runtime) -> tuple[E
             recipe=train_in.recipe,
             seed=cfg.run.seed,
             **common,
+            **language(train_in),
         ),
         runtime,
     )
@@ -112,10 +113,16 @@ def loaders(cfg: AlignConfig, objective: Objective, runtime: Runtime) -> tuple[E
             shuffle=False,
             drop_last=False,
             **common,
+            **language(val_in),
         ),
         runtime,
     )
     return train, val
+
+
+def language(inputs: Inputs) -> dict[str, Any]:
+    """The loader options of an objective that reads captions (one per sample) or superpixels."""
+    return {"captions": inputs.captions, "one_caption": inputs.captions, "superpixels": inputs.superpixels}
 
 
 class Loop:

@@ -23,14 +23,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastloc.cli import flowing_help
 from fastloc.data.batch import Batch
 from fastloc.data.recipes import CenterCrop, Recipe, Rkrc
+from fastloc.data.superpixels import Felzenszwalb
 
 
 @dataclass(frozen=True)
 class Inputs:
-    """What a loader delivers to an objective: the recipe and the images' side."""
+    """What a loader delivers to an objective: the recipe and the images' side; with ``captions``,
+    one caption per sample in ``Batch.captions`` (drawn on the host per seed, epoch and sample);
+    with ``superpixels``, each crop's segment ids in ``Batch.labels`` (``data/superpixels.py``)."""
 
     recipe: Recipe
     size: int
+    captions: bool = False
+    superpixels: Felzenszwalb | None = None
 
 
 @flowing_help

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from fastloc.data.recipes import Recipe, Rkrc
+from fastloc.data.superpixels import Felzenszwalb
 from fastloc.shard.encode import MAX_PIXELS_DEFAULT
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,6 +46,14 @@ class LoaderConfig:
     captions: bool = False
     """Read each sample's captions (its `txt`, one a line) into Batch.captions; the shards must
     have them (``python -m fastloc.shard coco --captions``)."""
+
+    one_caption: bool = False
+    """With captions: each sample's Batch.captions entry is one line, drawn per (seed, epoch,
+    sample) on the host (a resumed epoch draws the same); a sample without a caption is replaced."""
+
+    superpixels: Felzenszwalb | None = None
+    """Batch.labels holds each sample's Felzenszwalb segment ids (``superpixels.py``) instead of
+    its label map, cropped as the image; the host stage decodes the JPEG for them (SegCLIP)."""
 
     shuffle: bool = True
     """Shuffle samples; the order depends only on (seed, epoch)."""

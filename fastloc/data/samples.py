@@ -22,7 +22,8 @@ from fastloc.data.config import LoaderConfig
 from fastloc.data.order import EpochPlan, candidates
 from fastloc.data.recipes import INTERPOLATIONS, View
 from fastloc.data.shards import ShardError, ShardSet
-from fastloc.data.transforms import Window, normalize, sample_rng
+from fastloc.data.superpixels import superpixels
+from fastloc.data.transforms import Window, caption_rng, normalize, sample_rng
 from fastloc.shard.encode import decode_label, parse_jpeg_header
 
 
@@ -119,9 +120,13 @@ class SampleReader:
         txt: bool = False,
     ):
         self.shards, self.cfg, self.plan, self.pixels, self.wide_labels = shards, cfg, plan, pixels, wide_labels
+        self.superpixels = cfg.superpixels  # segment ids, made here, in the label map's place
+        labels = labels and self.superpixels is None
         self.exts = ("jpg",) + (("seg.png",) if labels else ()) + (("cls",) if cls else ()) + (("txt",) if txt else ())
         manifest = shards.manifest
         self.label_dtype = np.dtype(manifest["label"]["dtype"]) if labels else None
+        if self.superpixels is not None:
+            self.label_dtype = np.dtype(np.int32)
         self.num_classes = int(manifest["num_classes"])
         self.max_pixels = cfg.max_pixels
 
@@ -135,15 +140,21 @@ class SampleReader:
         if isinstance(checked, str):
             return Skipped(shard, key, checked)
         height, width, label, cls, captions = checked
-        recipe, size = self.cfg.recipe, self.cfg.size
-        views = recipe.views(sample_rng(self.cfg.seed, epoch, g), height, width, size, label)
-        images = None
-        if self.pixels:
+        if captions is not None and self.cfg.one_caption:
+            if not captions:
+                return Skipped(shard, key, "txt holds no caption")
+            captions = (captions[caption_rng(self.cfg.seed, epoch, g).integers(len(captions))],)
+        pil = None
+        if self.pixels or self.superpixels is not None:
             try:
                 pil = decode_image(data["jpg"])
             except Exception as exc:
                 return Skipped(shard, key, f"jpg does not decode: {exc}")
-            images = [recipe.image(pil, size, view.draw) for view in views]
+        if self.superpixels is not None:
+            label = superpixels(pil, self.superpixels)
+        recipe, size = self.cfg.recipe, self.cfg.size
+        views = recipe.views(sample_rng(self.cfg.seed, epoch, g), height, width, size, label)
+        images = None if pil is None or not self.pixels else [recipe.image(pil, size, view.draw) for view in views]
         return Usable(g, key, data["jpg"], views, cls, captions, images)
 
     def _check(self, data: dict[str, bytes]) -> str | tuple[int, int, np.ndarray | None, int | None, tuple | None]:

@@ -55,6 +55,7 @@ class EpochLoader:
         self.shards: ShardSet = open_shards(cfg.shards)  # ShardError now for missing or truncated shards
         manifest = self.shards.manifest
         self.has_labels = bool(cfg.labels and manifest.get("label") and "seg.png" in manifest["keys"])
+        self.has_labels = self.has_labels or cfg.superpixels is not None  # segment ids in the label's place
         self.has_cls = bool(manifest.get("cls") and "cls" in manifest["keys"])
         if cfg.captions and not (manifest.get("txt") and "txt" in manifest["keys"]):
             raise ShardError(

@@ -21,6 +21,12 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+def caption_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The caption draw of sample ``index`` in ``epoch``: a stream apart from the recipe's, so a
+    recipe's draws do not change with captions."""
+    return np.random.default_rng([seed, epoch, index, 1])
+
+
 def pil_filter(name: str) -> Image.Resampling:
     """'bilinear', 'bicubic', 'nearest', 'lanczos', ... as PIL's resampling filter."""
     return Image.Resampling[name.upper()]
