@@ -70,8 +70,14 @@ def synthetic_copy(synthetic, tmp_path) -> Path:
     return Path(shutil.copytree(synthetic, tmp_path / "train"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need CUDA and compiled Triton; otherwise they are reported as skipped."""
+    """Tests marked ``gpu`` need CUDA and compiled Triton; otherwise they are reported as skipped.
+    Under xdist (pyproject's ``-n 2 --dist loadgroup``) a file's tests stay on one worker, so its
+    module fixtures are made once, and every test of the one local SLURM cluster on one worker."""
+    for item in items:
+        group = "slurm" if "slurm" in getattr(item, "fixturenames", ()) else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
     import torch
 
     if not torch.cuda.is_available():
