@@ -7,6 +7,7 @@
     python -m fastloc.probe knn DATA [...]                                 DINO's weighted k-NN top-1/top-5 (cls)
     python -m fastloc.probe zeroshot DATA [--benchmark B]                  zero-shot segmentation by class name
     python -m fastloc.probe compare A.json B.json [--out PNG]             before/after of two runs
+    python -m fastloc.probe card BACKBONE [BACKBONE ...] [--slurm]        every protocol with data: one card
 
 DATA is a shard set with train and validation splits (python -m fastloc.shard converts COCO,
 ADE20k and the synthetic set). "--help" explains every field. The run writes DATA's results
@@ -66,6 +67,20 @@ def zeroshot(args: list[str]) -> int:
     return 0
 
 
+def card(args: list[str]) -> int:
+    """Every protocol whose data is present, for each backbone, in one card (fastloc.probe.card);
+    exit 1 when a protocol's run failed (its line in the card says how)."""
+    from fastloc.probe.card.config import CardConfig
+
+    cfg = tyro.cli(CardConfig, args=args, prog="python -m fastloc.probe card")
+    cfg.validate()
+    from fastloc.probe.card.run import card as write
+
+    path, cells = write(cfg)
+    print(f"\n{path.read_text()}\ncard: {path} (and card.csv, card.json, card.png beside it)")
+    return 1 if any(c.status.startswith("failed") for c in cells) else 0
+
+
 def patch_seg(argv: list[str]) -> int:
     """Parse Patch-Seg's config, check its values, run the probe."""
     from fastloc.probe.config import ProbeConfig
@@ -98,6 +113,8 @@ def command(argv: list[str]) -> int:
         return run_compare(tyro.cli(CompareConfig, args=argv[1:], prog="python -m fastloc.probe compare"))
     if argv[0] == "zeroshot":
         return zeroshot(argv[1:])
+    if argv[0] == "card":
+        return card(argv[1:])
     if argv[0] in PROTOCOLS:
         return dense(argv[0], argv[1:])
     return patch_seg(argv)

@@ -1,0 +1,259 @@
+"""``card(cfg)``: plan, reuse or run, gather, render.
+
+Plan: for every protocol and backbone, the protocol's data folder (absent: "no data: PATH", not
+run), its command line and its config and run directory as the launcher resolves them
+(``fastloc.launch.job.parse``: the values, the splits and the data checked before any work).
+Reuse: the run directory's result.json when its config equals the planned one (where the outputs
+go aside) and neither the backbone's file, the weights file nor the data's manifests are newer.
+Run: the missing ones here, one after another, through the same ``fastloc.launch.job.run`` a
+launched job calls, or with --slurm as one job array through ``fastloc.launch.submit``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tyro
+
+from fastloc.cli import BadValue, exception_line, user_errors
+from fastloc.launch.job import JobPlan
+from fastloc.models.exported import exported_metadata, is_export
+from fastloc.probe.backbone import backbone_tag
+from fastloc.probe.card.config import PROTOCOLS, CardConfig
+from fastloc.probe.compare import load_result
+from fastloc.probe.report import checked_folders
+
+REUSED, TO_RUN = "reused", "to run"
+# config fields that say where outputs go or how fast they come, not what is measured
+WHERE = frozenset({"out", "results", "cache_dir", "cache", "name", "workers", "predictions", "pictures"})
+
+
+@dataclass
+class Cell:
+    """One protocol for one backbone: what happened to it, and its result once there."""
+
+    protocol: str
+    backbone: str  # as given
+    label: str  # its column in the card
+    status: str = TO_RUN  # reused, ran ..., no data: PATH, not applicable: ..., failed: ...
+    plan: JobPlan | None = None
+    why: str = ""  # why it had to run
+    result: dict | None = None
+
+    @property
+    def result_path(self) -> Path | None:
+        return self.plan.run_dir / "result.json" if self.plan is not None else None
+
+
+def labels(backbones: tuple[str, ...]) -> list[str]:
+    """Each backbone's column: its name ('/' made '_'), an export's file stem with a path digest."""
+    return [backbone_tag(name, "pretrained") for name in backbones]
+
+
+def check_backbone(name: str, weights: str) -> None:
+    """A ``BadValue`` naming the backbone (or --weights) unless it can be loaded: an export that is
+    a readable fastloc export, or a registered name or timm id, and a weights file that exists."""
+    if name.endswith(".safetensors"):
+        if not Path(name).is_file():
+            raise BadValue(f"BACKBONE {name}: no such file")
+        try:
+            export = is_export(name) and bool(exported_metadata(Path(name)).get("timm_id"))
+        except Exception as exc:  # safetensors' own error types: a truncated or foreign file
+            raise BadValue(f"BACKBONE {name}: not a readable safetensors file ({exception_line(exc)})") from None
+        if not export:
+            raise BadValue(
+                f"BACKBONE {name}: not a fastloc export (python -m fastloc.align export writes one); "
+                "a plain weights file goes to --weights with its architecture as BACKBONE"
+            )
+        return
+    from fastloc.models.registry import backbone
+
+    backbone(name)  # a ValueError naming it, unless registered or a timm id
+    if weights not in ("pretrained", "random") and not Path(weights).is_file():
+        raise BadValue(f"--weights {weights}: no such file (a weights file, pretrained or random)")
+
+
+def command_line(cfg: CardConfig, protocol: str, backbone: str) -> tuple[str, ...]:
+    """The protocol's command line (after ``python -m fastloc.probe``) for one backbone: the card's
+    shared options, then the protocol's --knobs (later flags win)."""
+    spec = PROTOCOLS[protocol]
+    args = [*spec.command, str(cfg.data_root(protocol)), "--backbone", backbone]
+    if not is_export(backbone):
+        args += ["--weights", cfg.weights]
+    if protocol != "knn":  # DINO's k-NN is fp32 by its own default
+        args += ["--precision", cfg.precision]
+    args += ["--seed", str(cfg.seed), "--device", cfg.device]
+    args += ["--out", str(cfg.out), "--results", str(cfg.results), "--cache-dir", str(cfg.cache_dir)]
+    if not spec.zeroshot:  # zero-shot reads images one by one, in this process
+        args += ["--loader", cfg.loader, "--workers", str(cfg.workers)]
+    return (*args, *cfg.knob_args(protocol))
+
+
+def plan_job(protocol: str, args: tuple[str, ...]) -> JobPlan:
+    """The config and run directory the protocol's command would run with (the data checked)."""
+    if not PROTOCOLS[protocol].zeroshot:
+        from fastloc.launch.job import parse
+
+        return parse("probe", args)
+    from fastloc.probe.dense.data import open_dense_data
+    from fastloc.probe.dense.report import run_dir
+    from fastloc.probe.zeroshot.config import ZeroShotConfig
+
+    cfg = tyro.cli(ZeroShotConfig, args=list(args[1:]), prog="python -m fastloc.probe zeroshot")
+    cfg.validate()
+    return JobPlan("probe", args, cfg, "", run_dir(cfg, open_dense_data(cfg).dataset))
+
+
+def no_text_tower(plan: JobPlan) -> str:
+    """Why zero-shot cannot read this backbone out (no paired text tower), or ''."""
+    from fastloc.models.pairing import text_backbones
+    from fastloc.probe.zeroshot.run import text_tower_name
+
+    try:
+        tower = text_tower_name(plan.config)
+    except ValueError as exc:
+        return str(exc)
+    return "" if tower in text_backbones() else f"no text tower is paired with {tower}"
+
+
+def plan(cfg: CardConfig) -> list[Cell]:
+    """Every protocol x backbone, in the card's order: reused, to run, or why not."""
+    cells = []
+    for protocol in cfg.chosen():
+        root = cfg.data_root(protocol)
+        for backbone, label in zip(cfg.backbones, labels(cfg.backbones)):
+            cell = Cell(protocol, backbone, label)
+            cells.append(cell)
+            if not root.is_dir():
+                cell.status = f"no data: {root}"
+                continue
+            try:
+                cell.plan = plan_job(protocol, command_line(cfg, protocol, backbone))
+            except Exception as exc:  # the protocol's own refusal of its options or data: one line, with where
+                if not isinstance(exc, user_errors()):
+                    raise
+                raise BadValue(f"{protocol} for {backbone}: {exception_line(exc, 600)}") from None
+            if PROTOCOLS[protocol].zeroshot and (reason := no_text_tower(cell.plan)):
+                cell.status = f"not applicable: {reason}"
+                continue
+            cell.why = stale(cell.plan)
+            cell.status = TO_RUN if cell.why else REUSED
+    return cells
+
+
+def settings(config: dict) -> dict:
+    """What of a config decides the figures: everything but where the outputs go; paths resolved."""
+    out = {k: v for k, v in config.items() if k not in WHERE}
+    if out.get("data"):
+        out["data"] = str(Path(out["data"]).resolve())
+    return out
+
+
+def stale(job: JobPlan) -> str:
+    """Why the run directory's result is not this run's ('' when it is, so it is reused)."""
+    path = job.run_dir / "result.json"
+    if not path.is_file():
+        return "no result yet"
+    try:
+        result = load_result(path)
+    except ValueError as exc:
+        return f"the result there cannot be used ({exc})"
+    want = settings(json.loads(json.dumps(asdict(job.config), default=str)))
+    have = settings(result.get("config") or {})
+    differ = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {have.get(k)!r}, now {want.get(k)!r}" for k in differ[:3])
+        return f"the result there was made with other settings ({shown})"
+    written = path.stat().st_mtime
+    newer = [p for p in inputs(job.config) if p.stat().st_mtime > written]
+    return f"{newer[0]} is newer than the result there" if newer else ""
+
+
+def inputs(config) -> list[Path]:
+    """The files a result depends on besides its config: the backbone's export or weights file and
+    the shard set's manifests."""
+    files = [Path(config.backbone)] if is_export(config.backbone) else []
+    if config.weights not in ("pretrained", "random"):
+        files.append(Path(config.weights))
+    return [*files, *sorted(Path(config.data).glob("*/manifest.json"))]
+
+
+def run_here(cell: Cell, note: str = "") -> None:
+    """Run the cell's protocol in this process (as a launched job does); a user error is its status."""
+    from fastloc.launch.job import run
+
+    print(f"\n[card] {cell.protocol} for {cell.backbone}: running ({cell.why})")
+    try:
+        if PROTOCOLS[cell.protocol].zeroshot:  # the launcher has no zero-shot job
+            from fastloc.probe.zeroshot.run import run as zeroshot
+
+            zeroshot(cell.plan.config)
+        else:
+            run(cell.plan)
+    except Exception as exc:
+        if not isinstance(exc, (*user_errors(), OSError)):
+            raise
+        cell.status = f"failed: {exception_line(exc)}"
+        return
+    cell.status = "ran" + note
+
+
+def run_array(cfg: CardConfig, cells: list[Cell], folder: Path, poll_s: float = 2.0) -> None:
+    """The cells as one job array through fastloc.launch (zero-shot here: the launcher has no
+    zero-shot job), waited for; each cell's status says how its job ended."""
+    from fastloc.launch import submit, sweep
+
+    launched = [c for c in cells if not PROTOCOLS[c.protocol].zeroshot]
+    if launched:
+        jobs = submit.submit(cfg.launch, [c.plan for c in launched], folder, cfg.launch.job_name or "fastloc-card")
+        for job, cell in zip(jobs, launched):
+            print(f"[card] submitted {job.job_id}: {cell.protocol} for {cell.backbone} (logs: {job.paths.stdout})")
+        while not all(job.done(force_check=True) for job in jobs):
+            time.sleep(poll_s)
+        for job, cell in zip(jobs, launched):
+            ended = sweep.outcome(job)
+            if ended["state"] == "COMPLETED":
+                cell.status = f"ran as job {job.job_id}"
+            else:
+                cell.status = (
+                    f"failed: job {job.job_id} {ended['state']}: {ended.get('error', '')} (log: {ended['log']})"
+                )
+    for cell in (c for c in cells if PROTOCOLS[c.protocol].zeroshot):
+        run_here(cell, " here (the launcher has no zero-shot job)")
+
+
+def gather(cells: list[Cell]) -> None:
+    """Each reused or run cell's result.json."""
+    for cell in cells:
+        if cell.status == REUSED or cell.status.startswith("ran"):
+            cell.result = load_result(cell.result_path)
+
+
+def card_dir(cfg: CardConfig) -> Path:
+    return cfg.card_dir or cfg.out / "cards" / "-vs-".join(labels(cfg.backbones))
+
+
+def card(cfg: CardConfig) -> tuple[Path, list[Cell]]:
+    """Plan, reuse or run, gather and write the card; (its folder, the cells)."""
+    from fastloc.probe.card.render import write_card
+
+    cfg.validate()
+    for backbone in cfg.backbones:
+        check_backbone(backbone, cfg.weights)
+    folder = card_dir(cfg)
+    with checked_folders(*cfg.folders(), ("--card-dir", folder)):
+        cells = plan(cfg)
+    todo = [c for c in cells if c.status == TO_RUN]
+    for cell in cells:
+        if cell.status != TO_RUN:
+            print(f"[card] {cell.protocol} for {cell.backbone}: {cell.status}")
+    if cfg.slurm and todo:
+        run_array(cfg, todo, cfg.launch.folder or folder / "slurm")
+    else:
+        for cell in todo:
+            run_here(cell)
+    gather(cells)
+    return write_card(folder, cfg, cells), cells
