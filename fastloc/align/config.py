@@ -15,12 +15,18 @@ from fastloc.align.leopart import Leopart, LeopartConfig
 from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
 from fastloc.align.neco import Neco, NecoConfig
 from fastloc.align.objective import Objective
+from fastloc.align.pacl import Pacl, PaclConfig
 from fastloc.cli import check_name, flowing_help, require
 
 # The objectives, by config type: a preset's method config names its objective. One defined
 # elsewhere registers itself here (OBJECTIVES[ItsConfig] = Its) before its run is built. --method
 # parses the union of their configs; tyro takes the preset's type, with no subcommand.
-OBJECTIVES: dict[type, type[Objective]] = {MaskEmbedConfig: MaskEmbed, LeopartConfig: Leopart, NecoConfig: Neco}
+OBJECTIVES: dict[type, type[Objective]] = {
+    MaskEmbedConfig: MaskEmbed,
+    LeopartConfig: Leopart,
+    NecoConfig: Neco,
+    PaclConfig: Pacl,
+}
 Method = Union[tuple(OBJECTIVES)]  # noqa: UP007 (X | Y is not built from a tuple)
 
 

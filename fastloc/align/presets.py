@@ -17,6 +17,7 @@ from fastloc.align.config import AlignConfig, DataConfig, OptimConfig, RunConfig
 from fastloc.align.leopart import LeopartConfig
 from fastloc.align.maskembed import MaskEmbedConfig
 from fastloc.align.neco import NecoConfig
+from fastloc.align.pacl import PaclConfig
 from fastloc.data.multicrop import MultiCrop
 
 
@@ -129,6 +130,38 @@ PRESETS["leopart-tiny"] = (
 PRESETS["neco-tiny"] = (
     "NeCo on the tiny random ViT and the synthetic shards; CPU, fp32, 1 epoch",
     replace(TINY, method=NecoConfig(**_TINY_DENSE), optim=_TINY_OPTIM),
+)
+
+
+# PACL as the paper trains it (OTHER-METHODS.md section 3): frozen CLIP towers, the embedder by
+# AdamW (0.9, 0.98), eps 1e-6, weight decay 0.2 (not on biases and the temperature: CLIP's rule),
+# cosine to 0, 10 epochs, 1,024 per GPU x 4 GPUs; on COCO captions (the paper: 30 M web pairs).
+# Warmup and clipping are not stated: none.
+PACL_OPTIM = OptimConfig(
+    epochs=10,
+    lr=5e-4,
+    min_lr_ratio=0.0,
+    betas=(0.9, 0.98),
+    eps=1e-6,
+    weight_decay=0.2,
+    no_decay_norms_and_biases=True,
+    clip_grad_norm=0.0,
+)
+PRESETS["pacl-clip-vit-b"] = (
+    "PACL's recipe on CLIP ViT-B/16: frozen towers, COCO caption shards, 4 GPUs x 1024, 10 epochs",
+    AlignConfig(
+        method=PaclConfig(backbone="clip-vit-b"),
+        data=DataConfig(train=Path("shards/coco/train"), val=Path("shards/coco/val"), batch_size=1024),
+        optim=PACL_OPTIM,
+    ),
+)
+PRESETS["pacl-tiny"] = (
+    "PACL on the tiny random ViT and text tower and the synthetic captions; CPU, fp32, 1 epoch",
+    replace(
+        TINY,
+        method=PaclConfig(backbone="tiny", weights="random", text_chunk=4),
+        optim=replace(PACL_OPTIM, epochs=1, lr=1e-3),
+    ),
 )
 
 
