@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from align_runs import Killed, assert_same_curve, curve, kill_on_call
+from safetensors.torch import save_file
 
 import fastloc.align.loop as loop
 from fastloc.align.__main__ import main
@@ -268,3 +269,38 @@ def test_the_compiled_step_equals_the_eager_step(pacl_run, align_shards, tmp_pat
     for x, y in zip(a, b):
         for u, v in zip(x[1:], y[1:]):
             assert (u is None) == (v is None) and (u is None or u == pytest.approx(v, rel=1e-4))
+
+
+# ---------------------------------------------------------------- the zero-shot readout
+
+
+def test_the_zero_shot_readout_is_the_compatibility_the_embedder_was_trained_with():
+    """patch_logits (the harness's clip readout with the embedder as the tower's head) equals
+    cos(e_v(token), t) as the objective computes it in training, patch by patch (row-major)."""
+    from fastloc.align.pacl_ops import compatibility
+    from fastloc.probe.zeroshot.pacl import patch_logits
+
+    torch.manual_seed(3)
+    objective = Pacl(PaclConfig(backbone="tiny", weights="random")).eval()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    texts = torch.randn(5, 96)
+    with torch.no_grad():
+        expected = compatibility(objective.embedder()(objective.vision(images)), texts)  # [B, T, P]
+    vision = objective.vision
+    normalised = (images.float() - vision.mean) / vision.std
+    got = patch_logits(objective.encoder().eval(), objective.embedder(), normalised, texts)  # [B, T, 8, 8]
+    torch.testing.assert_close(got.flatten(2), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_embedder_leaves_a_run_as_a_file_the_readout_loads(pacl_run, tmp_path):
+    from fastloc.probe.zeroshot.pacl import export_embedder, is_embedder, load_embedder
+
+    path = export_embedder(pacl_run, "best", tmp_path / "e.safetensors")
+    assert is_embedder(path) and not is_embedder(pacl_run / "best.pt")
+    state = torch.load(pacl_run / "best.pt", weights_only=True)["objective"]
+    for name, value in load_embedder(path).state_dict().items():
+        assert torch.equal(value, state[f"trainable.embedder.{name}"])
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(plain))
+    with pytest.raises(ValueError, match="not a PACL embedder"):
+        load_embedder(plain)

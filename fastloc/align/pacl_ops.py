@@ -65,9 +65,10 @@ def _chunk_scores(patches: torch.Tensor, unit: torch.Tensor, texts: torch.Tensor
 def pair_scores(patches: torch.Tensor, texts: torch.Tensor, weighting: Weighting, chunk: int) -> torch.Tensor:
     """phi(x_i, y_j) = cos(z_ij, t_j), z_ij = sum_p a_ijp v_ip with a_ij the weights of image i's
     patches for text j (the paper): patches [B, P, d] (the embedder's, unnormalized), texts [T, d]
-    -> [B, T]. ``chunk`` texts at a time; each chunk recomputed in the backward when it needs one."""
+    -> [B, T]. ``chunk`` texts at a time; with more than one chunk, each is recomputed in the
+    backward (one chunk's intermediates held at a time, for about a third more time)."""
     unit, texts = F.normalize(patches, dim=-1), F.normalize(texts, dim=-1)
-    recompute = torch.is_grad_enabled() and patches.requires_grad
+    recompute = torch.is_grad_enabled() and patches.requires_grad and texts.shape[0] > chunk
     parts = []
     for start in range(0, texts.shape[0], chunk):
         part = texts[start : start + chunk]
