@@ -169,7 +169,7 @@ def test_the_embedder_is_the_papers_size_and_the_towers_are_frozen_and_rebuilt()
     are in no state dict (the config rebuilds them), unless --method.train-vision."""
     assert sum(p.numel() for p in Embedder(768, 512).parameters()) == 1_050_112
     objective = Pacl(PaclConfig(backbone="tiny", weights="random"))
-    assert {k.split(".")[0] for k in objective.state_dict()} == {"trainable"}
+    assert {k.split(".")[0] for k in objective.state_dict()} == {"trainable", "tower_sums"}
     assert set(objective.trainable.state_dict()) == {
         "logit_scale",
         *(f"embedder.{k}" for k in Embedder(96, 96).state_dict()),
@@ -180,7 +180,12 @@ def test_the_embedder_is_the_papers_size_and_the_towers_are_frozen_and_rebuilt()
         k.startswith("vision.") for k in unfrozen.trainable.state_dict()
     )
     assert not unfrozen.is_head("vision.model.blocks.0.mlp.fc1.weight") and unfrozen.is_head("embedder.linear.weight")
-    torch.testing.assert_close(objective.encoder().state_dict(), dict(objective.vision.model.named_buffers()))
+    held = dict(objective.vision.model.named_buffers())
+    assert all(torch.equal(v, held[k]) for k, v in objective.encoder().state_dict().items())
+    other = Pacl(PaclConfig(backbone="tiny", weights="random"))  # another random tower: not the run's
+    other.load_state_dict(objective.state_dict())
+    with pytest.raises(RuntimeError, match="not the one this run trained with"):
+        other.encoder()
 
 
 def test_bad_options_name_the_option():
@@ -247,7 +252,7 @@ def test_a_pacl_run_learns_and_resumes_after_a_kill_onto_the_same_curve(pacl_run
     a, b = (
         torch.load(r / "ckpt-00000016.pt", weights_only=True)["objective"] for r in (tmp_path / "pacl-tiny", pacl_run)
     )
-    assert a.keys() == b.keys() and all(k.startswith("trainable.") for k in b)
+    assert a.keys() == b.keys() and all(k.startswith("trainable.") for k in b if k != "tower_sums")
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert b["trainable.logit_scale"] != torch.tensor(1 / 0.07).log()  # the temperature learns
 

@@ -165,6 +165,8 @@ class Pacl(Objective):
             self.vision = None
             self.trainable = Trainable(cfg, embedder, vision)
         else:
+            # what the run's frozen tower was: an export checks the tower it rebuilds against it
+            self.register_buffer("tower_sums", tower_sums(model.state_dict()))
             self.vision = rebuilt(vision.requires_grad_(False))
             self.trainable = Trainable(cfg, embedder, None)
 
@@ -216,6 +218,11 @@ class Pacl(Objective):
         model = create_model(self.cfg.backbone, "random").to(next(frozen.buffers()).device)
         held = dict(frozen.named_buffers())
         model.load_state_dict({k: held[k] for k in model.state_dict()})
+        if not torch.allclose(tower_sums(model.state_dict()), self.tower_sums.to(model.pos_embed.device), rtol=1e-6):
+            raise RuntimeError(
+                f"the frozen image tower rebuilt from --method.weights {self.cfg.weights} is not the one this "
+                "run trained with (its weights are in no checkpoint): build the objective with the run's weights"
+            )
         return model
 
     def embedder(self) -> Embedder:
@@ -235,6 +242,11 @@ class Pacl(Objective):
         with FlopCounterMode(display=False) as counter:
             copy.losses(images.to("meta"), tree_map(lambda t: t.to("meta"), tokens)).mean().backward()
         return float(counter.get_total_flops())
+
+
+def tower_sums(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each tensor's sum in float64 [n], in key order: a cheap summary of a frozen tower's weights."""
+    return torch.stack([t.detach().double().sum() for t in state.values()])
 
 
 def _text_width(text: TextTower, tokenizer) -> int:
