@@ -197,6 +197,26 @@ def test_bad_options_name_the_option():
             PaclConfig(**changes).validate()
 
 
+def test_noun_phrase_captions_follow_the_draws(monkeypatch):
+    """NMS05's object-centric captions (with a stand-in for spaCy's parser): below 1/2 a noun
+    phrase in a template, drawn by the step's uniforms; else, or without a phrase, the caption."""
+    import fastloc.align.pacl as pacl
+
+    class Chunk:
+        def __init__(self, text):
+            self.text = text
+
+    class Parsed:
+        def __init__(self, caption):
+            self.noun_chunks = [Chunk(w) for w in caption.split() if w[0].isupper()]
+
+    monkeypatch.setattr(pacl, "_PARSER", Parsed)
+    captions = ["A Red Cube left", "A Blue Ball", "no nouns here"]
+    draws = [[0.2, 0.6, 0.1], [0.7, 0.0, 0.0], [0.1, 0.5, 0.5]]
+    assert pacl.noun_phrase_captions(captions, draws) == ["a picture of red.", "A Blue Ball", "no nouns here"]
+    assert pacl.noun_phrase_captions(captions[:1], [[0.0, 0.99, 0.99]]) == ["a good photo of cube."]
+
+
 def test_the_presets_resolve():
     cfg = PRESETS["pacl-clip-vit-b"][1]
     cfg.validate()
@@ -295,6 +315,14 @@ def test_the_zero_shot_readout_is_the_compatibility_the_embedder_was_trained_wit
     normalised = (images.float() - vision.mean) / vision.std
     got = patch_logits(objective.encoder().eval(), objective.embedder(), normalised, texts)  # [B, T, 8, 8]
     torch.testing.assert_close(got.flatten(2), expected, rtol=1e-4, atol=1e-5)
+    # the harness reads it out through its plain clip readout (whole image: one window, upsampled)
+    from fastloc.probe.zeroshot.pacl import with_embedder
+    from fastloc.probe.zeroshot.segment import window_logits
+
+    model = with_embedder(objective.encoder().eval(), objective.embedder())
+    whole = window_logits(model, normalised[0], F.normalize(texts, dim=-1), None, "clip")  # [T, 64, 64]
+    upsampled = F.interpolate(got[:1], size=(64, 64), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(whole, upsampled, rtol=1e-4, atol=1e-5)
 
 
 def test_the_embedder_leaves_a_run_as_a_file_the_readout_loads(pacl_run, tmp_path):
