@@ -16,6 +16,7 @@ from fastloc.align.maskembed import MaskEmbed, MaskEmbedConfig
 from fastloc.align.neco import Neco, NecoConfig
 from fastloc.align.objective import Objective
 from fastloc.align.pacl import Pacl, PaclConfig
+from fastloc.align.segclip import Segclip, SegclipConfig
 from fastloc.cli import check_name, flowing_help, require
 
 # The objectives, by config type: a preset's method config names its objective. One defined
@@ -26,6 +27,7 @@ OBJECTIVES: dict[type, type[Objective]] = {
     LeopartConfig: Leopart,
     NecoConfig: Neco,
     PaclConfig: Pacl,
+    SegclipConfig: Segclip,
 }
 Method = Union[tuple(OBJECTIVES)]  # noqa: UP007 (X | Y is not built from a tuple)
 
