@@ -245,11 +245,50 @@ def test_bad_input_is_one_line_naming_what_and_where(data, tmp_path, capsys):
         ("tiny", {"nope": "--k 1"}, "--knobs names a protocol"),
         ("tiny", {"knn": "--k '5"}, "--knobs knn=--k '5: not shell words"),
     ]
+    args = argv(data, tmp_path / "runs", "tiny")
+    shards, knn = args.index("--shards") + 1, args.index(f"knn={data['synthetic']}")
+    for at, value, message in ((shards, tmp_path / "no-shards", "--shards"), (knn, f"knn={tmp_path / 'no'}", "--data")):
+        changed = [*args[:at], str(value), *args[at + 1 :]]
+        cases.append(("tiny", {"args": changed}, f"{message} {value}: no such folder"))
     for backbone, knobs, message in cases:
-        assert main(argv(data, tmp_path / "runs", backbone, **knobs)) == 2, backbone
+        command = knobs.pop("args", None) or argv(data, tmp_path / "runs", backbone, **knobs)
+        assert main(command) == 2, backbone
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs" / "cards").exists()
+
+
+def test_a_card_of_results_already_there(first_card, tmp_path):
+    """card_of_results (the demo's card): columns of result files, a protocol a column lacks is "not run"."""
+    from fastloc.probe.card.run import card_of_results
+
+    runs = {run["protocol"]: run["result"] for run in first_card["card"]["runs"] if "result" in run}
+    path = card_of_results(
+        tmp_path / "card", {"a": {"knn": runs["knn"]}, "b": {"knn": runs["knn"], "zeroshot": runs["zeroshot"]}}
+    )
+    card = json.loads((tmp_path / "card" / "card.json").read_text())
+    assert statuses(card) == {
+        ("knn", "a"): "reused",
+        ("knn", "b"): "reused",
+        ("zeroshot", "a"): "not run",
+        ("zeroshot", "b"): "reused",
+    }
+    knn = [row for row in card["rows"] if row["protocol"] == "knn"]
+    assert [row["differences"]["b"] for row in knn] == [0.0, 0.0] and "| zeroshot | miou |" in path.read_text()
+    assert (tmp_path / "card" / "card.png").stat().st_size > 0
+
+
+def test_the_slurm_dry_run_prints_the_array_and_runs_nothing(data, tmp_path, capsys):
+    """--launch.dry-run needs no SLURM: the script, each member's command line, the card saying what is to run."""
+    launch = ["--slurm", "--launch.dry-run", "--launch.gpus-per-node", "0", "--launch.cpus-per-task", "1"]
+    assert main([*argv(data, tmp_path, "tiny"), "--protocols", "knn", "overcluster", *launch]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "#SBATCH --array=0-1%2" in out
+        and f"would run in the array: python -m fastloc.probe knn {data['synthetic']}" in out
+    )
+    assert set(statuses(card_json(tmp_path, "tiny")).values()) == {"to run (dry run)"}
+    assert not any(p.name.startswith(("knn-", "overcluster-")) for p in tmp_path.iterdir())
 
 
 @pytest.fixture(scope="session")

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from fastloc.probe.card.config import CardConfig
-from fastloc.probe.card.run import Cell, labels
+from fastloc.probe.card.run import Cell
 from fastloc.probe.compare import _number, comparable
 from fastloc.probe.plots import _float, _save
 from fastloc.probe.report import write_json
@@ -164,7 +161,7 @@ def markdown_table(cells_text: list[list[str]]) -> list[str]:
     return [line(head), line(["---"] * len(head)), *(line(row) for row in body)]
 
 
-def markdown(cfg: CardConfig, cells: list[Cell], rows: list[dict], columns: list[str]) -> str:
+def markdown(cells: list[Cell], rows: list[dict], columns: list[str]) -> str:
     """card.md: the table, the warnings, each run's status and result, the differences."""
     lines = [f"# Card: {' vs '.join(columns)}", ""]
     lines += markdown_table(table(rows, columns)) if rows else ["no protocol has a result"]
@@ -192,7 +189,7 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
     return out.getvalue()
 
 
-def card_json(cfg: CardConfig, cells: list[Cell], rows: list[dict], columns: list[str]) -> dict:
+def card_json(options: dict, cells: list[Cell], rows: list[dict], columns: list[str]) -> dict:
     """card.json: the card's options, each run (status, command line, result path, the protocol's
     knobs and full config), the table's rows, the warnings and differences."""
     runs = []
@@ -210,9 +207,10 @@ def card_json(cfg: CardConfig, cells: list[Cell], rows: list[dict], columns: lis
                 "config": c.result.get("config"),
             }
         runs.append(run)
+    backbones = {c.label: c.backbone for c in cells}
     return {
-        "card": json.loads(json.dumps(asdict(cfg), default=str)),
-        "backbones": [{"name": b, "label": label} for b, label in zip(cfg.backbones, columns)],
+        "card": options,
+        "backbones": [{"name": backbones[label], "label": label} for label in columns],
         "runs": runs,
         "rows": rows,
         "warnings": warnings(cells),
@@ -247,14 +245,13 @@ def plot(rows: list[dict], columns: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
-def write_card(folder: Path, cfg: CardConfig, cells: list[Cell]) -> Path:
-    """Write the four files into ``folder``; card.md's path."""
-    columns = labels(cfg.backbones)
+def write_card(folder: Path, cells: list[Cell], columns: list[str], options: dict) -> Path:
+    """Write the four files into ``folder`` (``columns``: the backbones' labels in order,
+    ``options``: what card.json records of how the card was asked for); card.md's path."""
     rows = table_rows(cells, columns)
     folder.mkdir(parents=True, exist_ok=True)
-    text = markdown(cfg, cells, rows, columns)
-    (folder / "card.md").write_text(text)
+    (folder / "card.md").write_text(markdown(cells, rows, columns))
     (folder / "card.csv").write_text(csv_text(rows, columns))
-    write_json(folder / "card.json", card_json(cfg, cells, rows, columns))
+    write_json(folder / "card.json", card_json(options, cells, rows, columns))
     plot(rows, columns, folder / "card.png")
     return folder / "card.md"

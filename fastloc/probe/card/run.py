@@ -41,11 +41,8 @@ class Cell:
     status: str = TO_RUN  # reused, ran ..., no data: PATH, not applicable: ..., failed: ...
     plan: JobPlan | None = None
     why: str = ""  # why it had to run
+    result_path: Path | None = None
     result: dict | None = None
-
-    @property
-    def result_path(self) -> Path | None:
-        return self.plan.run_dir / "result.json" if self.plan is not None else None
 
 
 def labels(backbones: tuple[str, ...]) -> list[str]:
@@ -229,7 +226,34 @@ def gather(cells: list[Cell]) -> None:
     """Each reused or run cell's result.json."""
     for cell in cells:
         if cell.status == REUSED or cell.status.startswith("ran"):
+            cell.result_path = cell.plan.run_dir / "result.json"
             cell.result = load_result(cell.result_path)
+
+
+def card_of_results(folder: Path, results: dict[str, dict[str, Path]], status: str = REUSED) -> Path:
+    """A card of results already there ({column: {protocol: result.json}}, e.g. the demo's roles),
+    nothing planned or run; card.md's path."""
+    from fastloc.probe.card.render import write_card
+
+    cells = []
+    for protocol in dict.fromkeys(p for row in results.values() for p in row):
+        for label, row in results.items():
+            cell = Cell(protocol, label, label, status if protocol in row else "not run")
+            if protocol in row:
+                cell.result_path = Path(row[protocol])
+                cell.result = load_result(cell.result_path)
+            cells.append(cell)
+    return write_card(folder, cells, list(results), {"results": results})
+
+
+def check_data(cfg: CardConfig) -> None:
+    """A ``BadValue`` for a --shards root or a --data folder that is not there (a protocol's own
+    folder missing under --shards is only "no data")."""
+    if not Path(cfg.shards).is_dir():
+        raise BadValue(f"--shards {cfg.shards}: no such folder (the root of shards/coco, ade20k, voc, imagenet)")
+    for protocol, path in cfg.overrides("--data", cfg.data).items():
+        if not Path(path).is_dir():
+            raise BadValue(f"--data {protocol}={path}: no such folder")
 
 
 def card_dir(cfg: CardConfig) -> Path:
@@ -243,6 +267,7 @@ def card(cfg: CardConfig) -> tuple[Path, list[Cell]]:
     cfg.validate()
     for backbone in cfg.backbones:
         check_backbone(backbone, cfg.weights)
+    check_data(cfg)
     folder = card_dir(cfg)
     with checked_folders(*cfg.folders(), ("--card-dir", folder)):
         cells = plan(cfg)
@@ -250,10 +275,27 @@ def card(cfg: CardConfig) -> tuple[Path, list[Cell]]:
     for cell in cells:
         if cell.status != TO_RUN:
             print(f"[card] {cell.protocol} for {cell.backbone}: {cell.status}")
-    if cfg.slurm and todo:
+    if cfg.slurm and cfg.launch.dry_run:
+        dry_run(cfg, todo, cfg.launch.folder or folder / "slurm")
+    elif cfg.slurm and todo:
         run_array(cfg, todo, cfg.launch.folder or folder / "slurm")
     else:
         for cell in todo:
             run_here(cell)
     gather(cells)
-    return write_card(folder, cfg, cells), cells
+    options = json.loads(json.dumps(asdict(cfg), default=str))
+    return write_card(folder, cells, labels(cfg.backbones), options), cells
+
+
+def dry_run(cfg: CardConfig, cells: list[Cell], folder: Path) -> None:
+    """--launch.dry-run: the array's sbatch script and each member's command line; nothing submitted
+    (the card lists them as still to run)."""
+    from fastloc.launch.submit import sbatch_script
+
+    launched = [c for c in cells if not PROTOCOLS[c.protocol].zeroshot]
+    if launched:
+        print(sbatch_script(cfg.launch, folder, cfg.launch.job_name or "fastloc-card", len(launched)))
+    for cell in cells:
+        where = "here" if PROTOCOLS[cell.protocol].zeroshot else "in the array"
+        print(f"[card] would run {where}: python -m fastloc.probe {' '.join(cell.plan.args)}")
+        cell.status = f"{TO_RUN} (dry run)"
