@@ -56,7 +56,7 @@ class CardConfig:
     there), and write one card: a table (card.md, card.csv), a figure (card.png) and every
     protocol's knobs (card.json). Several backbones stand side by side with their differences."""
 
-    backbones: Annotated[tyro.conf.Positional[tuple[str, ...]], tyro.conf.arg(metavar="BACKBONE")]
+    backbones: Annotated[tyro.conf.Positional[tuple[str, ...]], tyro.conf.arg(metavar="BACKBONE [BACKBONE ...]")]
     """Registered names, timm ids or files written by python -m fastloc.align export."""
 
     weights: str = "pretrained"

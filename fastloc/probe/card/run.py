@@ -267,6 +267,9 @@ def card(cfg: CardConfig) -> tuple[Path, list[Cell]]:
     cfg.validate()
     for backbone in cfg.backbones:
         check_backbone(backbone, cfg.weights)
+    columns = labels(cfg.backbones)
+    if len(set(columns)) < len(columns):  # e.g. org/vit and org_vit
+        raise BadValue(f"BACKBONE {' '.join(cfg.backbones)}: two of them share a column name ({', '.join(columns)})")
     check_data(cfg)
     folder = card_dir(cfg)
     with checked_folders(*cfg.folders(), ("--card-dir", folder)):
@@ -284,7 +287,7 @@ def card(cfg: CardConfig) -> tuple[Path, list[Cell]]:
             run_here(cell)
     gather(cells)
     options = json.loads(json.dumps(asdict(cfg), default=str))
-    return write_card(folder, cells, labels(cfg.backbones), options), cells
+    return write_card(folder, cells, columns, options), cells
 
 
 def dry_run(cfg: CardConfig, cells: list[Cell], folder: Path) -> None:
