@@ -70,14 +70,26 @@ def synthetic_copy(synthetic, tmp_path) -> Path:
     return Path(shutil.copytree(synthetic, tmp_path / "train"))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+# the files whose tests start the one local SLURM cluster (the ``slurm`` fixture): one xdist worker
+SLURM_FILES = ("test_card.py", "test_launch.py", "test_slurm_cluster.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under xdist (pyproject's ``-n 2``): a file's tests on one worker, so its module fixtures are
+    made once, and every file that starts the local SLURM cluster on the same worker. (xdist's own
+    ``--dist loadgroup`` left its groups split across workers here.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "slurm" if Path(path).name in SLURM_FILES else path
+
+    return FileScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need CUDA and compiled Triton; otherwise they are reported as skipped.
-    Under xdist (pyproject's ``-n 2 --dist loadgroup``) a file's tests stay on one worker, so its
-    module fixtures are made once, and every test of the one local SLURM cluster on one worker."""
-    for item in items:
-        group = "slurm" if "slurm" in getattr(item, "fixturenames", ()) else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
+    """Tests marked ``gpu`` need CUDA and compiled Triton; otherwise they are reported as skipped."""
     import torch
 
     if not torch.cuda.is_available():
