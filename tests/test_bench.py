@@ -376,6 +376,45 @@ def test_align_benchmark_times_leopart_and_neco_against_the_original_style(name,
     assert [m["row"] for m in record["missing"]] == ["fastloc (compiled)", "fastloc end to end"]
 
 
+@pytest.mark.parametrize("name", ["pacl-tiny", "segclip-tiny"])
+def test_align_benchmark_times_pacl_and_segclip_against_the_original_style(name, tmp_path, capsys):
+    """On a CPU: eager against PACL's direct pooling and NMS05's form (and the pooling alone), or
+    SegCLIP's host-side segment pooling; the compiled row named as missing with --no-compile."""
+    out = tmp_path / "language.json"
+    assert main(["align", "--preset", name, "--steps", "1", "--warmup", "0", "--no-compile", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["preset"] == name and record["objective"] == {"pacl-tiny": "Pacl", "segclip-tiny": "Segclip"}[name]
+    rows = {r["step"]: r for r in record["rows"]}
+    others = {
+        "pacl-tiny": ["direct pooling (one [B, B, P] tensor)", "NMS05-style (own caption, sigmoid: another loss)"],
+        "segclip-tiny": ["original-style (host segments, eager)"],
+    }[name]
+    assert list(rows) == ["fastloc (eager)", *others] and record["batch_size"] == 16
+    for row in rows.values():
+        assert (
+            len(row["times_s"]) == 1
+            and row["times_s"][0] > 0
+            and row["images_per_s"] == pytest.approx(16 / row["times_s"][0])
+        )
+    eager = rows["fastloc (eager)"]["images_per_s"]
+    assert record["summary"][: len(others)] == [
+        f"fastloc (eager) / {o}: {eager / rows[o]['images_per_s']:.2f}x" for o in others
+    ]
+    assert all(line in printed for line in record["summary"])
+    pooling = record["pooling"]
+    if name == "pacl-tiny":
+        assert (
+            pooling["chunk"] == 4
+            and pooling["patches"] == 64
+            and pooling["chunked_ms"] > 0
+            and pooling["direct_ms"] > 0
+        )
+    else:
+        assert pooling == {}
+    assert [m["row"] for m in record["missing"]] == ["fastloc (compiled)"]
+
+
 def dense_case(name: str, batch: int = 4, **changes):
     """A dense preset's objective (random weights, eval: no drop path), full queue, and a batch of
     base images with their MultiCrop draws."""

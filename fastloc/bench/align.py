@@ -1,5 +1,5 @@
 """``python -m fastloc.bench align``: MaskEmbed's training update, fastloc's against the original's
-(a Leopart or NeCo preset: ``dense.py``).
+(a Leopart or NeCo preset: ``dense.py``; PACL or SegCLIP: ``language.py``).
 
 Random weights; each row times full updates (forward, backward, AdamW) after warm-up: ``fastloc
 (compiled)`` (``prepare()``'s step, also split into teacher / student + decoder / optimizer with
@@ -24,8 +24,10 @@ import torch
 from fastloc.align.config import AlignConfig, OptimConfig, SystemConfig
 from fastloc.align.dense import DenseConfig
 from fastloc.align.maskembed import MaskEmbed, per_image_loss
+from fastloc.align.pacl import PaclConfig
 from fastloc.align.prepare import Prepared, prepare
 from fastloc.align.presets import PRESETS
+from fastloc.align.segclip import SegclipConfig
 from fastloc.align.step import Update, train_step
 from fastloc.bench.common import MissingRow, at_least, check_paths, print_table, write_results
 from fastloc.cli import flowing_help, require
@@ -45,7 +47,8 @@ class AlignBench:
 
     preset: str = "auto"
     """An align preset (random weights); auto: clip-vit-b on a GPU, tiny on a CPU. A Leopart or NeCo
-    preset times its update against the reference's (host crops, syncs)."""
+    preset times its update against the reference's (host crops, syncs); a PACL or SegCLIP preset
+    against the direct pooling and NMS05's form, or the reference's host-side superpixel pooling."""
 
     batch_size: int = 0
     """Images per update (0: the preset's micro-batch)."""
@@ -90,6 +93,10 @@ def run(cfg: AlignBench, command: str) -> Path:
         from fastloc.bench import dense  # it imports this module's timing
 
         return dense.run(cfg, command, name)
+    if isinstance(align.method, (PaclConfig, SegclipConfig)):
+        from fastloc.bench import language  # it imports this module's timing
+
+        return language.run(cfg, command, name)
     batch = cfg.batch_size or align.data.batch_size // align.data.accumulation
     precision = "bf16" if cuda else align.system.precision
     method = replace(align.method, weights="random")
