@@ -6,6 +6,7 @@ curve, runs on 2 gloo ranks as on 1 (negatives gathered across ranks) and compil
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -325,14 +326,34 @@ def test_the_zero_shot_readout_is_the_compatibility_the_embedder_was_trained_wit
     torch.testing.assert_close(whole, upsampled, rtol=1e-4, atol=1e-5)
 
 
-def test_the_embedder_leaves_a_run_as_a_file_the_readout_loads(pacl_run, tmp_path):
-    from fastloc.probe.zeroshot.pacl import export_embedder, is_embedder, load_embedder
+def test_export_writes_the_embedder_beside_the_tower_and_zeroshot_reads_it_out(pacl_run, align_shards, tmp_path):
+    """python -m fastloc.align export of a frozen-tower run: the tower rebuilt from the run's weights
+    and seed (checked against the sums in the checkpoint) and ENC.embedder.safetensors, the trained
+    embedder exactly; python -m fastloc.probe zeroshot --head that file scores the plain clip readout."""
+    from fastloc.models.exported import load_exported
+    from fastloc.probe.__main__ import main as probe
+    from fastloc.probe.zeroshot.pacl import is_embedder, load_embedder
 
-    path = export_embedder(pacl_run, "best", tmp_path / "e.safetensors")
-    assert is_embedder(path) and not is_embedder(pacl_run / "best.pt")
+    encoder = tmp_path / "enc.safetensors"
+    assert main(["export", str(pacl_run), "--out", str(encoder)]) == 0
+    embedder = tmp_path / "enc.embedder.safetensors"
+    assert is_embedder(embedder) and not is_embedder(encoder) and not is_embedder(pacl_run / "best.pt")
     state = torch.load(pacl_run / "best.pt", weights_only=True)["objective"]
-    for name, value in load_embedder(path).state_dict().items():
+    for name, value in load_embedder(embedder).state_dict().items():
         assert torch.equal(value, state[f"trainable.embedder.{name}"])
+    torch.manual_seed(0)  # the preset's --run.seed: the frozen random tower the run trained on
+    tower = Pacl(PRESETS["pacl-tiny"][1].method).vision.model.state_dict()
+    exported = load_exported(encoder).state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in tower.items() if k in exported)
+    out = tmp_path / "zs"
+    paths = ["--out", str(out / "runs"), "--results", str(out / "results"), "--cache-dir", str(out / "cache")]
+    small = ["--short-side", "64", "--window", "32", "16", "--pamr", "off", "--device", "cpu", "--precision", "fp32"]
+    argv = ["zeroshot", str(align_shards), "--backbone", str(encoder), "--head", str(embedder), "--readout", "clip"]
+    assert probe([*argv, "--text-weights", "random", "--max-images", "2", "--pictures", "0", *small, *paths]) == 0
+    (run,) = (out / "runs").iterdir()
+    result = json.loads((run / "result.json").read_text())
+    assert result["protocol"]["projection"] == str(embedder) and result["protocol"]["readout"] == "clip"
+    assert 0 <= result["selected"]["miou"] <= 1
     plain = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(1)}, str(plain))
     with pytest.raises(ValueError, match="not a PACL embedder"):

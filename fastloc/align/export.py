@@ -15,6 +15,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from safetensors.torch import save
 from torch import nn
 
@@ -54,7 +55,9 @@ def method_config(run_dir: Path) -> ObjectiveConfig:
 
 def export(run_dir: Path, which: Literal["best", "last"] = "best", out: Path | None = None) -> Path:
     run_dir = Path(run_dir)
-    cfg = replace(method_config(run_dir), weights="random")  # the student's weights come from the checkpoint
+    cfg = method_config(run_dir)
+    if cfg.encoder_in_checkpoint():
+        cfg = replace(cfg, weights="random")  # the student's weights come from the checkpoint
     path = run_dir / BEST if which == "best" else next(iter(Checkpointer(run_dir).steps()), None)
     if path is None or not path.is_file():
         raise CheckpointError(f"{run_dir}: no {which} checkpoint ({BEST if which == 'best' else 'ckpt-*.pt'})")
@@ -62,6 +65,7 @@ def export(run_dir: Path, which: Literal["best", "last"] = "best", out: Path | N
     check_writable("--out", out.parent)
     state = load(path)
     _check_method(path, state, cfg)
+    torch.manual_seed(run_seed(run_dir))  # a frozen random encoder is rebuilt as the run built it
     objective = OBJECTIVES[type(cfg)](cfg)
     load_objective(objective, state["objective"])
     encoder = objective.encoder()
@@ -85,7 +89,13 @@ def export(run_dir: Path, which: Literal["best", "last"] = "best", out: Path | N
         **objective.export_metadata(),
     }
     write_atomically(out, save(tensors, metadata={"fastloc": json.dumps(meta)}))
+    objective.export_parts(out, {"backbone": cfg.backbone, "checkpoint": str(path), "step": int(state["step"])})
     return out
+
+
+def run_seed(run_dir: Path) -> int:
+    """The run's --run.seed, from its config.json (``method_config`` has read it)."""
+    return int(json.loads((Path(run_dir) / "config.json").read_text())["config"]["run"]["seed"])
 
 
 def _check_method(path: Path, state: dict[str, Any], cfg: ObjectiveConfig) -> None:

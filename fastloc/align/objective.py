@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +52,11 @@ class ObjectiveConfig:
 
     def validate(self) -> None:
         """A ``BadValue`` naming the first bad option, before anything is built (default: none)."""
+
+    def encoder_in_checkpoint(self) -> bool:
+        """Whether the checkpoints hold the encoder's weights (export then builds the objective from
+        random weights); False for a frozen encoder rebuilt from ``weights`` (PACL's)."""
+        return True
 
 
 class Objective(nn.Module):
@@ -120,6 +126,11 @@ class Objective(nn.Module):
     def export_metadata(self) -> dict[str, float]:
         """What the exported encoder's metadata records of the trained objective (MaskEmbed: sigma)."""
         return {}
+
+    def export_parts(self, encoder: Path, source: dict[str, Any]) -> list[Path]:
+        """Files written beside the exported ``encoder`` file that an evaluation reads with it (PACL:
+        its embedder, the zero-shot head); ``source`` says which run and checkpoint. Default: none."""
+        return []
 
     def example(self, batch: int) -> tuple[torch.Tensor, Any]:
         """Images and the sample of a step of ``batch`` images (zeros, CPU): what the FLOP count

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -91,6 +92,9 @@ class PaclConfig(ObjectiveConfig):
                 True,
                 "needs spaCy (pip install spacy, and its en_core_web_sm model), which is not installed",
             )
+
+    def encoder_in_checkpoint(self) -> bool:
+        return self.train_vision  # else the frozen tower, rebuilt from --method.weights
 
     def tower_weights(self) -> str:
         """The text tower's weights as ``load_text_tower`` takes them."""
@@ -228,6 +232,12 @@ class Pacl(Objective):
     def embedder(self) -> Embedder:
         """The trained embedder: what the zero-shot readout applies to the patch tokens."""
         return self.trainable.embedder
+
+    def export_parts(self, encoder: Path, source: dict) -> list[Path]:
+        """The embedder beside the encoder (ENCODER.embedder.safetensors): zero-shot's ``--head``."""
+        from fastloc.probe.zeroshot.pacl import save_embedder
+
+        return [save_embedder(self.embedder(), encoder.with_name(f"{encoder.stem}.embedder.safetensors"), source)]
 
     def example(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.image.size

@@ -5,14 +5,14 @@ tokens after its final norm; argmax and bilinear upsampling follow in the harnes
 The embedder maps normed patch tokens into the text space as a CLIP projection head does, so a
 timm model whose ``head`` is the embedder reads out PACL through the harness's plain ``clip``
 readout (``readout.dense_tokens``: ``head(norm(x))``, L2-normalised). The embedder leaves a run
-as a small safetensors file (``export_embedder``), read back by ``load_embedder``.
+as a small safetensors file beside the exported encoder (python -m fastloc.align export: ``Pacl.export_parts``),
+read back by ``load_embedder`` (``--head FILE`` of python -m fastloc.probe zeroshot).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -24,7 +24,6 @@ from fastloc.files import write_atomically
 from fastloc.probe.zeroshot.readout import dense_tokens
 
 META = "pacl_embedder"  # the metadata key of an embedder file (an encoder export's is "fastloc")
-PREFIX = "trainable.embedder."  # the embedder's keys in a PACL run's checkpoint
 
 
 def with_embedder(model: nn.Module, embedder: Embedder) -> nn.Module:
@@ -79,26 +78,3 @@ def load_embedder(path: Path) -> Embedder:
     embedder = Embedder(meta["width"], meta["dim"], meta["activation"])
     embedder.load_state_dict(load_file(str(path)))
     return embedder.eval()
-
-
-def export_embedder(run_dir: Path, which: Literal["best", "last"] = "best", out: Path | None = None) -> Path:
-    """A PACL run's trained embedder (its best or last checkpoint) as ``save_embedder`` writes it:
-    ``RUN/embedder-{which}.safetensors`` by default. Built from the checkpoint alone (no tower)."""
-    from fastloc.align.checkpoint import BEST, Checkpointer, load
-    from fastloc.align.export import method_config
-    from fastloc.align.pacl import PaclConfig
-
-    run_dir = Path(run_dir)
-    cfg = method_config(run_dir)
-    if not isinstance(cfg, PaclConfig):
-        raise ValueError(f"{run_dir}: a {type(cfg).__name__} run, not a PACL run; it has no embedder")
-    path = run_dir / BEST if which == "best" else next(iter(Checkpointer(run_dir).steps()), None)
-    if path is None or not Path(path).is_file():
-        raise FileNotFoundError(f"{run_dir}: no {which} checkpoint")
-    state = load(Path(path))
-    weights = {k.removeprefix(PREFIX): v for k, v in state["objective"].items() if k.startswith(PREFIX)}
-    width, dim = weights["linear.weight"].shape[1], weights["linear.weight"].shape[0]
-    embedder = Embedder(width, dim, cfg.activation)
-    embedder.load_state_dict(weights)
-    source = {"backbone": cfg.backbone, "checkpoint": str(path), "step": int(state["step"])}
-    return save_embedder(embedder, Path(out) if out else run_dir / f"embedder-{which}.safetensors", source)

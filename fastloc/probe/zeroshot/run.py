@@ -32,6 +32,7 @@ from fastloc.probe.report import checked_folders
 from fastloc.probe.run import seed_everything, timed
 from fastloc.probe.zeroshot.config import DEFAULT_BENCHMARK, MANIFEST, ZeroShotConfig, manifest_benchmark
 from fastloc.probe.zeroshot.decide import BENCHMARKS, Benchmark
+from fastloc.probe.zeroshot.pacl import is_embedder, load_embedder, with_embedder
 from fastloc.probe.zeroshot.readout import create_tower
 from fastloc.probe.zeroshot.segment import segment
 from fastloc.progress import Progress
@@ -132,7 +133,14 @@ def vision_tower(cfg: ZeroShotConfig, tower: str, device: torch.device) -> tuple
 
 
 def load_head(model: torch.nn.Module, path: Path) -> None:
-    """head.weight [D_text, D] (and head.bias) from a safetensors file."""
+    """head.weight [D_text, D] (and head.bias) from a safetensors file, or a PACL embedder (its
+    file from python -m fastloc.align export): the plain clip readout is then PACL's compatibility."""
+    if is_embedder(path):
+        try:
+            with_embedder(model, load_embedder(path))
+        except ValueError as exc:
+            raise WeightsError(f"--head {path}: {exc}") from None
+        return
     try:
         state = load_file(str(path))
         weight = state["head.weight"]
