@@ -94,6 +94,16 @@ def test_the_compiled_step_equals_the_eager_step_and_the_encoder_exports(segclip
     state = torch.load(segclip_run / "best.pt", weights_only=True)["objective"]
     for name, value in load_exported(path).state_dict().items():
         torch.testing.assert_close(value, state["trainable.vit." + name])
+    # the zero-shot rule's towers come back from the run: its text tower too, not a fresh one
+    from fastloc.probe.zeroshot.segclip import load_run, segment_segclip
+
+    objective = load_run(segclip_run)
+    loaded = objective.state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in state) and "trainable.text.text_projection" in state
+    texts = torch.nn.functional.normalize(torch.randn(5, 96), dim=-1)
+    image = torch.randn(3, 80, 100)
+    classes = segment_segclip(objective.trainable, image, texts, bg_thresh=0.8, short_side=64, window=(64, 48))
+    assert classes.shape == (80, 100) and classes.max() <= 5
 
 
 # ---------------------------------------------------------------- the reference's optimizer

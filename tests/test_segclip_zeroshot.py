@@ -177,3 +177,23 @@ def test_the_rule_equals_the_references_encode_decode(readout, classes, bg_thres
         assert 0 not in winners.tolist()  # below every group's probability: no background
     if classes == 9:
         assert len(got[1 if bg_thresh is not None else 0 :].flatten(1).amax(1).nonzero()) <= 5  # top-5 filter
+
+
+def test_windows_are_averaged_where_they_overlap():
+    """mmseg's slide inference: two 64 px windows over an 80 px wide image (stride 48) overlap in
+    columns 16-63, where the scores are their mean; elsewhere each window's own."""
+    from fastloc.probe.zeroshot.segclip import window_scores
+
+    torch.manual_seed(1)
+    trainable = Segclip(SegclipConfig(backbone="tiny", weights="random")).eval().trainable
+    image, texts = torch.randn(3, 64, 80), F.normalize(torch.randn(4, 96), dim=-1)
+    scale = trainable.text.logit_scale
+    own = []
+    for x in (0, 16):
+        whole, groups, soft = group_readout(trainable, image[None, :, :, x : x + 64])
+        own.append(segclip_scores(whole[0], groups[0], soft[0], texts, scale, (64, 64), 0.8))
+    got = window_scores(trainable, image, texts, (64, 48), 0.8)
+    assert got.shape == (5, 64, 80)
+    torch.testing.assert_close(got[..., :16], own[0][..., :16])
+    torch.testing.assert_close(got[..., 64:], own[1][..., 48:])
+    torch.testing.assert_close(got[..., 16:64], (own[0][..., 16:] + own[1][..., :48]) / 2)

@@ -6,14 +6,26 @@ are scale * cos(group, class); the image embedding's top-5 classes filter them (
 the class probabilities are softmax(filtered) * softmax(all). With background, a pixel is
 background where its group's largest probability is below the dataset's threshold, capped at the
 largest probability of any group (so the best group always stays foreground, as the reference's
-``min(bg_thresh, max)``). The scores [C(+1), H, W] are what mmseg's sliding inference averages.
+``min(bg_thresh, max)``). The scores [C(+1), H, W] are what mmseg's sliding inference averages
+(``window_scores``); ``segment_segclip`` is the whole image's class map. A run's trained towers come
+back with ``load_run`` (the text tower trains too: its class embeddings are the run's, not CLIP's).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastloc.align.checkpoint import BEST, Checkpointer, CheckpointError, load, load_objective
+from fastloc.align.export import method_config
+from fastloc.align.segclip import Segclip, SegclipConfig
+from fastloc.probe.dense.slide import window_boxes
+from fastloc.probe.zeroshot.segment import resize
 
 # main_seg_zeroshot's per-dataset thresholds (GroupViT's own protocol: 0.95 / 0.35 / 0.95)
 BG_THRESH = {"voc": 0.80, "context": 0.25, "coco-object": 0.65}
@@ -64,3 +76,62 @@ def segclip_scores(
     thresh = min(bg_thresh, float(probs.max()))
     background = (pixel.max(-1).values < thresh).float().unsqueeze(0)
     return torch.cat([background, fg], dim=0)
+
+
+@torch.no_grad()
+def window_scores(
+    trainable: nn.Module,
+    image: torch.Tensor,
+    texts: torch.Tensor,
+    window: tuple[int, int] | None,
+    bg_thresh: float | None,
+) -> torch.Tensor:
+    """Scores [C (+1), h, w] of ``image`` [3, h, w] (normalised, already resized): read whole
+    (``window`` None) or in mmseg's (crop, stride) windows, each window's ``segclip_scores`` at its
+    size, averaged where windows overlap (mmseg's slide_inference). Trailing pixels past the patch
+    grid are dropped before the tower, as its strided convolution drops them."""
+    p = trainable.vit.patch_embed.patch_size[0]
+    h, w = image.shape[-2:]
+    boxes = [(0, h, 0, w)] if window is None else window_boxes(h, w, *window)
+    total, count = None, image.new_zeros((1, h, w), dtype=torch.float32)
+    for y1, y2, x1, x2 in boxes:
+        crop = image[:, y1 : y1 + (y2 - y1) // p * p, x1 : x1 + (x2 - x1) // p * p]
+        whole, groups, soft = group_readout(trainable, crop[None])
+        scale = trainable.text.logit_scale
+        out = segclip_scores(whole[0], groups[0], soft[0], texts.to(image.device), scale, (y2 - y1, x2 - x1), bg_thresh)
+        total = image.new_zeros((out.shape[0], h, w), dtype=torch.float32) if total is None else total
+        total[:, y1:y2, x1:x2] += out
+        count[:, y1:y2, x1:x2] += 1
+    return total / count
+
+
+@torch.no_grad()
+def segment_segclip(
+    trainable: nn.Module,
+    image: torch.Tensor,
+    texts: torch.Tensor,
+    bg_thresh: float | None,
+    short_side: int = 224,
+    window: tuple[int, int] | None = (224, 224),
+) -> torch.Tensor:
+    """Class map [H, W] int64 of ``image`` [3, H, W] (normalised, original size): resized to the
+    short side (SegCLIP's 224), ``window_scores`` (crop 224, stride 224), resized back bilinearly,
+    argmax; with ``bg_thresh`` class 0 is background and class c + 1 is ``texts[c]``."""
+    scores = window_scores(trainable, resize(image, short_side), texts, window, bg_thresh)
+    if scores.shape[-2:] != image.shape[-2:]:
+        scores = F.interpolate(scores[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+    return scores.argmax(0)
+
+
+def load_run(run_dir: Path, which: Literal["best", "last"] = "best") -> Segclip:
+    """A SegCLIP run's objective from its config and checkpoint, in eval mode (both towers random
+    before the checkpoint's weights are loaded: nothing is downloaded)."""
+    cfg = method_config(run_dir)
+    if not isinstance(cfg, SegclipConfig):
+        raise CheckpointError(f"{run_dir}: not a SegCLIP run (its method is {type(cfg).__name__})")
+    path = Path(run_dir) / BEST if which == "best" else next(iter(Checkpointer(Path(run_dir)).steps()), None)
+    if path is None or not path.is_file():
+        raise CheckpointError(f"{run_dir}: no {which} checkpoint")
+    objective = Segclip(replace(cfg, weights="random", text_weights="random"))
+    load_objective(objective, load(path)["objective"])
+    return objective.eval()
