@@ -60,18 +60,20 @@ def run(cfg: DemoConfig) -> Path:
     for objective in (r for r in roles if r in cfg.objectives):
         aligned = stage(stages.ALIGN_STAGES[objective], *stages.aligned(cfg, objective, image["weights"], common))
         backbones[objective] = (aligned["export"], "pretrained")
-    results, rows = {}, {}
+    results, rows, cards = {}, {}, {}  # cards: each role's result files, the card's columns
     for role in roles:
         probe_cfg = stages.probe_config(cfg, role, *backbones[role])
         inputs = {**common, "role": role, "backbone": backbones[role], "probe": dataclasses.asdict(probe_cfg)}
         record = stage(f"probe-{role}", inputs, stages.probed(probe_cfg))
         results[role] = summary.load(Path(record["result"]))
         rows[role] = summary.figures(results[role])
+        cards[role] = {"patch-seg": record["result"]}
         for protocol in stages.DENSE_PROTOCOLS:
             dense_cfg = stages.dense_config(cfg, protocol, role, *backbones[role])
             inputs = {**common, "role": role, "backbone": backbones[role], protocol: dataclasses.asdict(dense_cfg)}
             record = stage(f"{protocol}-{role}", inputs, stages.dense_probed(dense_cfg))
             rows[role] |= summary.dense_figures(protocol, summary.load(Path(record["result"])))
+            cards[role][protocol] = record["result"]
     verdict = summary.gates(rows)
     print()
     print(summary.table(rows))
@@ -97,7 +99,12 @@ def run(cfg: DemoConfig) -> Path:
     path = summary.write_summary(
         run_dir / "summary.json", dataclasses.asdict(cfg), rows, verdict, timings, language_rows
     )
-    print(f"\nsummary: {path}\nplots: {', '.join(map(str, plots))}\nprobe results: {run_dir / 'probes'}")
+    from fastloc.probe.card.run import card_of_results
+
+    by_baseline = dict(sorted(cards.items(), key=lambda role: role[0] != "baseline"))  # the differences' reference
+    card = card_of_results(run_dir / "card", by_baseline, "demo stage")  # python -m fastloc.probe card's table
+    print(f"\n{card.read_text()}\nsummary: {path}\nplots: {', '.join(map(str, plots))}\ncard: {card}")
+    print(f"probe results: {run_dir / 'probes'}")
     return run_dir
 
 
