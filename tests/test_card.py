@@ -258,6 +258,19 @@ def test_bad_input_is_one_line_naming_what_and_where(data, tmp_path, capsys):
     assert not (tmp_path / "runs" / "cards").exists()
 
 
+def test_a_protocol_that_fails_is_its_line_in_the_card_and_the_exit_status(data, tmp_path, capsys):
+    """Patch-Seg refuses VOC's void pixels when it opens its run: the card is written, the run's line
+    says why, and the command exits 1."""
+    voc = data["shards"] / "voc"
+    args = argv(data, tmp_path, "tiny")
+    args[args.index(f"patch-seg-coco={data['synthetic']}")] = f"patch-seg-coco={voc}"
+    assert main([*args, "--protocols", "patch-seg-coco"]) == 1
+    (run,) = card_json(tmp_path, "tiny")["runs"]
+    assert run["status"].startswith("failed: ") and "void pixels" in run["status"] and "result" not in run
+    assert "no protocol has a result" in (tmp_path / "cards" / "tiny" / "card.md").read_text()
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_a_card_of_results_already_there(first_card, tmp_path):
     """card_of_results (the demo's card): columns of result files, a protocol a column lacks is "not run"."""
     from fastloc.probe.card.run import card_of_results
