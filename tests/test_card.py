@@ -13,6 +13,7 @@ import csv
 import fcntl
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -323,15 +324,29 @@ def on_slurm(sinfo, slurm, monkeypatch):
     return slurm
 
 
-def test_on_slurm_the_missing_protocols_are_one_array(on_slurm, data, tmp_path):
-    """Two protocols' jobs in one array on the local cluster (xdist's slurm group: its own worker)."""
+def test_on_slurm_the_missing_protocols_are_one_array(on_slurm, data, tmp_path, monkeypatch, capsys):
+    """Two protocols' jobs in one array on the local cluster. The first card is stopped (Ctrl-C) while
+    it waits; the next waits for the same jobs instead of submitting them again; a third reuses both."""
+    from types import SimpleNamespace
+
+    from fastloc.probe.card import run as card_run
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt
+
     launch = ["--slurm", "--launch.gpus-per-node", "0", "--launch.cpus-per-task", "1", "--launch.time-min", "10"]
     args = [*argv(data, tmp_path, "tiny"), "--protocols", "knn", "overcluster", *launch]
+    with monkeypatch.context() as patched:
+        patched.setattr(card_run, "time", SimpleNamespace(sleep=interrupt))
+        assert main(args) == 130
+    submitted = re.findall(r"\[card\] submitted (\S+): (\S+) for tiny", capsys.readouterr().out)
+    assert [protocol for _, protocol in submitted] == ["overcluster", "knn"]
+    assert len({job.split("_")[0] for job, _ in submitted}) == 1  # one array
     assert main(args) == 0
+    waited = re.findall(r"\[card\] waiting for (\S+): (\S+) for tiny", capsys.readouterr().out)
+    assert waited == submitted
     runs = card_json(tmp_path, "tiny")["runs"]
-    assert [r["protocol"] for r in runs] == ["overcluster", "knn"]
-    jobs = [r["status"].removeprefix("ran as job ") for r in runs]
-    assert all(r["status"].startswith("ran as job ") for r in runs) and len({j.split("_")[0] for j in jobs}) == 1
+    assert [(r["status"], r["protocol"]) for r in runs] == [(f"ran as job {j}", p) for j, p in submitted]
     assert all(Path(r["result"]).is_file() and (Path(r["run_dir"]) / "attempts.jsonl").is_file() for r in runs)
     assert main(args) == 0  # nothing left to submit
     assert {r["status"] for r in card_json(tmp_path, "tiny")["runs"]} == {"reused"}

@@ -200,26 +200,61 @@ def run_here(cell: Cell, note: str = "") -> None:
 
 def run_array(cfg: CardConfig, cells: list[Cell], folder: Path, poll_s: float = 2.0) -> None:
     """The cells as one job array through fastloc.launch (zero-shot here: the launcher has no
-    zero-shot job), waited for; each cell's status says how its job ended."""
-    from fastloc.launch import submit, sweep
+    zero-shot job), waited for; each cell's status says how its job ended. A cell whose job an
+    earlier card submitted (``folder``/jobs.json) and that has not ended is waited for, not
+    submitted again: a card stopped while it waited is run again to go on waiting."""
+    from fastloc.launch import submit
 
     launched = [c for c in cells if not PROTOCOLS[c.protocol].zeroshot]
-    if launched:
-        jobs = submit.submit(cfg.launch, [c.plan for c in launched], folder, cfg.launch.job_name or "fastloc-card")
-        for job, cell in zip(jobs, launched):
-            print(f"[card] submitted {job.job_id}: {cell.protocol} for {cell.backbone} (logs: {job.paths.stdout})")
-        while not all(job.done(force_check=True) for job in jobs):
-            time.sleep(poll_s)
-        for job, cell in zip(jobs, launched):
-            ended = sweep.outcome(job)
-            if ended["state"] == "COMPLETED":
-                cell.status = f"ran as job {job.job_id}"
-            else:
-                cell.status = (
-                    f"failed: job {job.job_id} {ended['state']}: {ended.get('error', '')} (log: {ended['log']})"
-                )
+    earlier = [(c, job) for c in launched if (job := unfinished(folder, c)) is not None]
+    new = [c for c in launched if all(c is not e for e, _ in earlier)]
+    jobs = (
+        submit.submit(cfg.launch, [c.plan for c in new], folder, cfg.launch.job_name or "fastloc-card") if new else []
+    )
+    record_jobs(folder, new, jobs, cfg.launch.cluster)
+    for cell, job in (*earlier, *zip(new, jobs)):
+        said = "waiting for" if any(cell is e for e, _ in earlier) else "submitted"
+        print(f"[card] {said} {job.job_id}: {cell.protocol} for {cell.backbone} (logs: {job.paths.stdout})")
+    waited = [*earlier, *zip(new, jobs)]
+    while not all(job.done(force_check=True) for _, job in waited):
+        time.sleep(poll_s)
+    for cell, job in waited:
+        cell.status = job_status(job)
     for cell in (c for c in cells if PROTOCOLS[c.protocol].zeroshot):
         run_here(cell, " here (the launcher has no zero-shot job)")
+
+
+def job_status(job) -> str:
+    """How a launched job ended, as the card's status."""
+    from fastloc.launch.sweep import outcome
+
+    ended = outcome(job)
+    if ended["state"] == "COMPLETED":
+        return f"ran as job {job.job_id}"
+    return f"failed: job {job.job_id} {ended['state']}: {ended.get('error', '')} (log: {ended['log']})"
+
+
+JOBS = "jobs.json"  # in the array's folder: {run directory: {job_id, cluster}} of every job a card submitted
+
+
+def record_jobs(folder: Path, cells: list[Cell], jobs: list, cluster: str) -> None:
+    path = folder / JOBS
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    known |= {str(c.plan.run_dir): {"job_id": j.job_id, "cluster": cluster} for c, j in zip(cells, jobs)}
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(known, indent=1) + "\n")
+
+
+def unfinished(folder: Path, cell: Cell):
+    """The job an earlier card submitted for the cell's run directory, while it has not ended."""
+    import submitit
+
+    path = folder / JOBS
+    entry = json.loads(path.read_text()).get(str(cell.plan.run_dir)) if path.is_file() else None
+    if entry is None:
+        return None
+    job = (submitit.LocalJob if entry["cluster"] == "local" else submitit.SlurmJob)(folder, entry["job_id"])
+    return None if job.done(force_check=True) else job
 
 
 def gather(cells: list[Cell]) -> None:
