@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from fastloc.probe.card.run import Cell
 from fastloc.probe.compare import _number, comparable
-from fastloc.probe.plots import _float, _save
+from fastloc.probe.plots import _float, _save, is_dense
 from fastloc.probe.report import write_json
 
 PATCH_SEG_FIGURES = ("macro_recall", "macro_ap", "macro_precision_nansafe")  # of the selected epoch
@@ -31,7 +31,7 @@ BACKBONE_FACTS = ("backbone_digest", "feature_layer", "patch_size", "grid")
 def figures(result: dict) -> dict[str, float]:
     """A result's headline figures by name: Patch-Seg's of its selected epoch, a dense protocol's all."""
     selected = result["selected"]
-    if result["protocol"].get("name", "patch-seg") == "patch-seg":
+    if not is_dense(result):
         return {name: _float(selected.get(name)) for name in PATCH_SEG_FIGURES}
     return {name: _float(value) for name, value in selected.items()}
 
@@ -53,7 +53,7 @@ def resolution_of(result: dict) -> str:
         return f"short side {settings['short_side']}, {shown}"
     if protocol.get("name") == "linear-dinov3-ade20k":
         return f"{protocol['crop_size']} px crops, short side {protocol['evaluation']['short_side']}"
-    if protocol.get("name", "patch-seg") == "patch-seg":
+    if not is_dense(result):
         return f"{protocol['image_size']} px"
     side = (result.get("config") or {}).get("image_size") or result["backbone"]["image"]["size"]
     return f"{side} px"
@@ -165,7 +165,8 @@ def markdown(cells: list[Cell], rows: list[dict], columns: list[str]) -> str:
     """card.md: the table, the warnings, each run's status and result, the differences."""
     lines = [f"# Card: {' vs '.join(columns)}", ""]
     lines += markdown_table(table(rows, columns)) if rows else ["no protocol has a result"]
-    lines += ["", *warnings(cells), "Nothing is averaged across protocols: each row is one protocol's figure.", ""]
+    lines += ["", *(f"- {line}" for line in warnings(cells)), ""]  # a list: each warning its own line when rendered
+    lines += ["Nothing is averaged across protocols: each row is one protocol's figure.", ""]
     lines += ["## Runs", ""]
     runs = [["protocol", "backbone", "status", "result"]]
     runs += [[c.protocol, c.label, c.status, str(c.result_path) if c.result is not None else ""] for c in cells]
