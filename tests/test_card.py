@@ -251,6 +251,7 @@ def test_bad_input_is_one_line_naming_what_and_where(data, tmp_path, capsys):
     for at, value, message in ((shards, tmp_path / "no-shards", "--shards"), (knn, f"knn={tmp_path / 'no'}", "--data")):
         changed = [*args[:at], str(value), *args[at + 1 :]]
         cases.append(("tiny", {"args": changed}, f"{message} {value}: no such folder"))
+    cases.append(("tiny", {"args": [*args, "--launch.partition", "x"]}, "--launch.* options say where"))
     for backbone, knobs, message in cases:
         command = knobs.pop("args", None) or argv(data, tmp_path / "runs", backbone, **knobs)
         assert main(command) == 2, backbone
@@ -270,6 +271,12 @@ def test_a_protocol_that_fails_is_its_line_in_the_card_and_the_exit_status(data,
     assert run["status"].startswith("failed: ") and "void pixels" in run["status"] and "result" not in run
     assert "no protocol has a result" in (tmp_path / "cards" / "tiny" / "card.md").read_text()
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_zero_shot_of_a_backbone_without_a_text_tower_is_not_applicable(data, tmp_path):
+    assert main([*argv(data, tmp_path, "dino-vit-s"), "--protocols", "zeroshot"]) == 0
+    (run,) = card_json(tmp_path, "dino-vit-s")["runs"]
+    assert run["status"] == "not applicable: no text tower is paired with dino-vit-s"
 
 
 def test_a_card_of_results_already_there(first_card, tmp_path):
