@@ -10,7 +10,6 @@ array to a real local SLURM (skipped, saying why, where there is none)."""
 from __future__ import annotations
 
 import csv
-import fcntl
 import json
 import math
 import re
@@ -35,22 +34,10 @@ RAN = ("patch-seg-coco", "overcluster", "linear-leopart-voc", "hummingbird", "kn
 NO_DATA = ("patch-seg-ade20k", "linear-dinov3-ade20k")  # no shards/ade20k
 
 
-def built_once(shared: Path, name: str, build) -> dict:
-    """``build()`` once for all xdist workers (each file's tests may land on either; a lock and a
-    record in the shared folder), its JSON-able value read back by every worker."""
-    record = shared / f"{name}.json"
-    with open(shared / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not record.exists():
-            record.write_text(json.dumps(build(), default=str))
-        return json.loads(record.read_text())
-
-
 @pytest.fixture(scope="session")
-def shared(tmp_path_factory, worker_id) -> Path:
-    """The session's folder that every xdist worker sees (the parent of the workers' own)."""
-    base = tmp_path_factory.getbasetemp()
-    return base if worker_id == "master" else base.parent
+def shared(tmp_path_factory) -> Path:
+    """The folder of the session's data, export and runs (conftest keeps this file on one xdist worker)."""
+    return tmp_path_factory.mktemp("card")
 
 
 def make_data(root: Path) -> dict[str, str]:
@@ -88,13 +75,12 @@ def make_export(path: Path) -> str:
 
 @pytest.fixture(scope="session")
 def data(shared) -> dict[str, Path]:
-    return {k: Path(v) for k, v in built_once(shared, "card-data", lambda: make_data(shared / "card-data")).items()}
+    return {k: Path(v) for k, v in make_data(shared / "card-data").items()}
 
 
 @pytest.fixture(scope="session")
 def export(shared) -> Path:
-    path = shared / "card-export" / "encoder-best.safetensors"
-    return Path(built_once(shared, "card-export", lambda: {"path": make_export(path)})["path"])
+    return Path(make_export(shared / "card-export" / "encoder-best.safetensors"))
 
 
 def argv(data: dict[str, Path], out: Path, *backbones, cache: Path | None = None, **knobs) -> list[str]:
@@ -124,12 +110,8 @@ def card_texts(folder: Path) -> dict:
 @pytest.fixture(scope="session")
 def first_card(shared, data) -> dict:
     """A first card of the tiny ViT (every protocol with data run) in the shared runs folder."""
-
-    def build() -> dict:
-        assert main(argv(data, shared / "card-runs", "tiny")) == 0
-        return card_texts(shared / "card-runs" / "cards" / "tiny")
-
-    return built_once(shared, "card-first", build)
+    assert main(argv(data, shared / "card-runs", "tiny")) == 0
+    return card_texts(shared / "card-runs" / "cards" / "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -168,15 +150,11 @@ def test_a_second_card_reuses_every_result_and_recomputes_nothing(first, pair, d
 
 
 @pytest.fixture(scope="session")
-def pair(first, shared, data, export) -> dict:
+def pair(first, data, export) -> dict:
     """The card of the tiny ViT and the 32 px export: the first's results reused, the export's run."""
-
-    def build() -> dict:
-        assert main(argv(data, first, "tiny", export)) == 0
-        (folder,) = (p for p in (first / "cards").iterdir() if p.name.startswith("tiny-vs-encoder-best-"))
-        return card_texts(folder)
-
-    return built_once(shared, "card-pair", build)
+    assert main(argv(data, first, "tiny", export)) == 0
+    (folder,) = (p for p in (first / "cards").iterdir() if p.name.startswith("tiny-vs-encoder-best-"))
+    return card_texts(folder)
 
 
 def test_two_backbones_side_by_side_with_their_differences_and_the_resolution_warning(pair):
