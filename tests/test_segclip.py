@@ -95,11 +95,15 @@ def test_the_compiled_step_equals_the_eager_step_and_the_encoder_exports(segclip
     for name, value in load_exported(path).state_dict().items():
         torch.testing.assert_close(value, state["trainable.vit." + name])
     # the zero-shot rule's towers come back from the run: its text tower too, not a fresh one
-    from fastloc.probe.zeroshot.segclip import load_run, segment_segclip
+    from fastloc.probe.zeroshot.segclip import load_parts, load_run, segment_segclip
 
     objective = load_run(segclip_run)
     loaded = objective.state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in state) and "trainable.text.text_projection" in state
+    exported = load_parts(path, path.with_name("enc.segclip.safetensors"))  # the export's parts file
+    images = torch.randn(2, 3, 64, 64)
+    for a, b in zip(exported.trainable.readout(images), objective.trainable.readout(images)):
+        torch.testing.assert_close(a, b)
     texts = torch.nn.functional.normalize(torch.randn(5, 96), dim=-1)
     image = torch.randn(3, 80, 100)
     classes = segment_segclip(objective.trainable, image, texts, bg_thresh=0.8, short_side=64, window=(64, 48))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -296,6 +297,13 @@ class Segclip(Objective):
 
     def encoder(self) -> nn.Module:
         return self.trainable.vit
+
+    def export_parts(self, encoder: Path, source: dict) -> list[Path]:
+        """What the zero-shot rule reads beside the encoder (ENCODER.segclip.safetensors): the group
+        module, the projection and the trained text tower."""
+        from fastloc.probe.zeroshot.segclip import save_parts
+
+        return [save_parts(self, encoder.with_name(f"{encoder.stem}.segclip.safetensors"), source)]
 
     def example(self, batch: int) -> tuple[torch.Tensor, Any]:
         size, N = self.image.size, self.image.grid**2

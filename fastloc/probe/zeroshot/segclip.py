@@ -8,22 +8,28 @@ background where its group's largest probability is below the dataset's threshol
 largest probability of any group (so the best group always stays foreground, as the reference's
 ``min(bg_thresh, max)``). The scores [C(+1), H, W] are what mmseg's sliding inference averages
 (``window_scores``); ``segment_segclip`` is the whole image's class map. A run's trained towers come
-back with ``load_run`` (the text tower trains too: its class embeddings are the run's, not CLIP's).
+back with ``load_run``, or from its export with ``load_parts`` (the encoder file and the parts file
+``save_parts`` wrote beside it). The text tower trains too: class embeddings are the run's, not CLIP's.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from torch import nn
 
-from fastloc.align.checkpoint import BEST, Checkpointer, CheckpointError, load, load_objective
+from fastloc.align.checkpoint import BEST, Checkpointer, CheckpointError, from_plain, load, load_objective, plain
 from fastloc.align.export import method_config
 from fastloc.align.segclip import Segclip, SegclipConfig
+from fastloc.files import write_atomically
+from fastloc.models.exported import exported_metadata
 from fastloc.probe.dense.slide import window_boxes
 from fastloc.probe.zeroshot.segment import resize
 
@@ -134,4 +140,33 @@ def load_run(run_dir: Path, which: Literal["best", "last"] = "best") -> Segclip:
         raise CheckpointError(f"{run_dir}: no {which} checkpoint")
     objective = Segclip(replace(cfg, weights="random", text_weights="random"))
     load_objective(objective, load(path)["objective"])
+    return objective.eval()
+
+
+META = "segclip_parts"  # the metadata key of a parts file (an encoder export's is "fastloc")
+PARTS = ("group.", "proj.", "text.")  # the trainable's keys the rule reads beyond the encoder
+
+
+def save_parts(objective: Segclip, path: Path, source: dict) -> Path:
+    """The group module, projection and text tower of ``objective`` with its method config and
+    ``source`` (the run, checkpoint, step) in the metadata."""
+    state = objective.trainable.state_dict()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(PARTS)}
+    meta = {"method": plain(objective.cfg), **source}
+    write_atomically(path, save(tensors, metadata={META: json.dumps(meta)}))
+    return path
+
+
+def load_parts(encoder: Path, parts: Path) -> Segclip:
+    """The SegCLIP objective (eval, no MAE branch) of an exported encoder and its parts file."""
+    with safe_open(str(parts), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get(META, "null") or "null")
+    if meta is None:
+        raise CheckpointError(f"{parts}: not a SegCLIP parts file (python -m fastloc.align export of a SegCLIP run)")
+    cfg = from_plain(SegclipConfig, meta["method"])
+    if exported_metadata(encoder)["backbone"] != cfg.backbone:
+        raise CheckpointError(f"{encoder} is not the encoder of {parts} (backbone {cfg.backbone})")
+    objective = Segclip(replace(cfg, weights="random", text_weights="random", mae_weight=0.0))
+    state = {f"vit.{k}": v for k, v in load_file(str(encoder)).items()} | load_file(str(parts))
+    objective.trainable.load_state_dict(state, strict=True)
     return objective.eval()
