@@ -26,6 +26,7 @@ import tyro
 from fastloc.probe.dense.config import PROTOCOLS
 
 COMMANDS = ("align", "probe")
+ZEROSHOT = "zeroshot"  # python -m fastloc.probe zeroshot: a dense protocol's job, its config its own
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def parse(command: str, args: tuple[str, ...]) -> JobPlan:
         check_shards("--data.train", cfg.data.train)
         check_shards("--data.val", cfg.data.val)
         return JobPlan(command, args, cfg, preset, cfg.run.out / (cfg.run.name or preset or "align"))
-    if command == "probe" and args and args[0] in PROTOCOLS:
+    if command == "probe" and args and args[0] in (*PROTOCOLS, ZEROSHOT):
         return _dense(args)
     if command == "probe":
         from fastloc.probe.config import ProbeConfig
@@ -77,12 +78,18 @@ def check_shards(flag: str, folder: Path) -> None:
 
 
 def _dense(args: tuple[str, ...]) -> JobPlan:
-    """A dense protocol's job: ``probe PROTOCOL DATA ...`` as python -m fastloc.probe parses it."""
+    """A dense protocol's (or zero-shot's) job: ``probe PROTOCOL DATA ...`` as python -m fastloc.probe parses it."""
     from fastloc.probe.dense.config import parse
     from fastloc.probe.dense.data import open_dense_data
     from fastloc.probe.dense.report import run_dir
 
-    cfg = parse(args[0], list(args[1:]), prog=f"python -m fastloc.launch probe {args[0]}")
+    prog = f"python -m fastloc.launch probe {args[0]}"
+    if args[0] == ZEROSHOT:
+        from fastloc.probe.zeroshot.config import ZeroShotConfig
+
+        cfg = tyro.cli(ZeroShotConfig, args=list(args[1:]), prog=prog)
+    else:
+        cfg = parse(args[0], list(args[1:]), prog=prog)
     cfg.validate()
     if args[0] == "knn":  # image-level classes, no label maps; the image size names the run directory
         from fastloc.probe.dense.knn import planned
@@ -99,10 +106,12 @@ def run(plan: JobPlan) -> dict[str, Any]:
 
         run_dir = train(plan.config, plan.preset)
         return {"run": str(run_dir), **_last_validation(run_dir / "metrics.jsonl")}
-    if plan.args and plan.args[0] in PROTOCOLS:
+    if plan.args and plan.args[0] in (*PROTOCOLS, ZEROSHOT):
         import importlib
 
-        run_dir = importlib.import_module(f"fastloc.probe.dense.{plan.args[0]}").run(plan.config)
+        name = plan.args[0]
+        module = "fastloc.probe.zeroshot.run" if name == ZEROSHOT else f"fastloc.probe.dense.{name}"
+        run_dir = importlib.import_module(module).run(plan.config)
         return {"run": str(run_dir), **json.loads((run_dir / "result.json").read_text())["selected"]}
     from fastloc.probe.run import probe
 

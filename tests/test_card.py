@@ -280,14 +280,13 @@ def test_a_card_of_results_already_there(first_card, tmp_path):
 def test_the_slurm_dry_run_prints_the_array_and_runs_nothing(data, tmp_path, capsys):
     """--launch.dry-run needs no SLURM: the script, each member's command line, the card saying what is to run."""
     launch = ["--slurm", "--launch.dry-run", "--launch.gpus-per-node", "0", "--launch.cpus-per-task", "1"]
-    assert main([*argv(data, tmp_path, "tiny"), "--protocols", "knn", "overcluster", *launch]) == 0
+    assert main([*argv(data, tmp_path, "tiny"), "--protocols", "knn", "overcluster", "zeroshot", *launch]) == 0
     out = capsys.readouterr().out
-    assert (
-        "#SBATCH --array=0-1%2" in out
-        and f"would run in the array: python -m fastloc.probe knn {data['synthetic']}" in out
-    )
+    assert "#SBATCH --array=0-2%3" in out
+    assert f"would run in the array: python -m fastloc.probe knn {data['synthetic']}" in out
+    assert "would run in the array: python -m fastloc.probe zeroshot " in out  # zero-shot is a launcher job too
     assert set(statuses(card_json(tmp_path, "tiny")).values()) == {"to run (dry run)"}
-    assert not any(p.name.startswith(("knn-", "overcluster-")) for p in tmp_path.iterdir())
+    assert not any(p.name.startswith(("knn-", "overcluster-", "zeroshot-")) for p in tmp_path.iterdir())
 
 
 @pytest.fixture(scope="session")
@@ -310,7 +309,7 @@ def on_slurm(sinfo, slurm, monkeypatch):
 
 
 def test_on_slurm_the_missing_protocols_are_one_array(on_slurm, data, tmp_path, monkeypatch, capsys):
-    """Two protocols' jobs in one array on the local cluster. The first card is stopped (Ctrl-C) while
+    """Three protocols' jobs (zero-shot's too) in one array on the local cluster. The first card is stopped (Ctrl-C) while
     it waits; the next waits for the same jobs instead of submitting them again; a third reuses both."""
     from types import SimpleNamespace
 
@@ -320,12 +319,12 @@ def test_on_slurm_the_missing_protocols_are_one_array(on_slurm, data, tmp_path, 
         raise KeyboardInterrupt
 
     launch = ["--slurm", "--launch.gpus-per-node", "0", "--launch.cpus-per-task", "1", "--launch.time-min", "10"]
-    args = [*argv(data, tmp_path, "tiny"), "--protocols", "knn", "overcluster", *launch]
+    args = [*argv(data, tmp_path, "tiny"), "--protocols", "knn", "overcluster", "zeroshot", *launch]
     with monkeypatch.context() as patched:
         patched.setattr(card_run, "time", SimpleNamespace(sleep=interrupt))
         assert main(args) == 130
     submitted = re.findall(r"\[card\] submitted (\S+): (\S+) for tiny", capsys.readouterr().out)
-    assert [protocol for _, protocol in submitted] == ["overcluster", "knn"]
+    assert [protocol for _, protocol in submitted] == ["overcluster", "knn", "zeroshot"]
     assert len({job.split("_")[0] for job, _ in submitted}) == 1  # one array
     assert main(args) == 0
     waited = re.findall(r"\[card\] waiting for (\S+): (\S+) for tiny", capsys.readouterr().out)

@@ -16,8 +16,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import tyro
-
 from fastloc.cli import BadValue, exception_line, user_errors
 from fastloc.launch.job import JobPlan
 from fastloc.models.exported import exported_metadata, is_export
@@ -91,17 +89,9 @@ def command_line(cfg: CardConfig, protocol: str, backbone: str) -> tuple[str, ..
 
 def plan_job(protocol: str, args: tuple[str, ...]) -> JobPlan:
     """The config and run directory the protocol's command would run with (the data checked)."""
-    if not PROTOCOLS[protocol].zeroshot:
-        from fastloc.launch.job import parse
+    from fastloc.launch.job import parse
 
-        return parse("probe", args)
-    from fastloc.probe.dense.data import open_dense_data
-    from fastloc.probe.dense.report import run_dir
-    from fastloc.probe.zeroshot.config import ZeroShotConfig
-
-    cfg = tyro.cli(ZeroShotConfig, args=list(args[1:]), prog="python -m fastloc.probe zeroshot")
-    cfg.validate()
-    return JobPlan("probe", args, cfg, "", run_dir(cfg, open_dense_data(cfg).dataset))
+    return parse("probe", args)
 
 
 def no_text_tower(plan: JobPlan) -> str:
@@ -178,36 +168,30 @@ def inputs(config) -> list[Path]:
     return [*files, *sorted(Path(config.data).glob("*/manifest.json"))]
 
 
-def run_here(cell: Cell, note: str = "") -> None:
+def run_here(cell: Cell) -> None:
     """Run the cell's protocol in this process (as a launched job does); a user error is its status."""
     from fastloc.launch.job import run
 
     print(f"\n[card] {cell.protocol} for {cell.backbone}: running ({cell.why})")
     try:
-        if PROTOCOLS[cell.protocol].zeroshot:  # the launcher has no zero-shot job
-            from fastloc.probe.zeroshot.run import run as zeroshot
-
-            zeroshot(cell.plan.config)
-        else:
-            run(cell.plan)
+        run(cell.plan)
     except Exception as exc:
         if not isinstance(exc, (*user_errors(), OSError)):
             raise
         cell.status = f"failed: {exception_line(exc)}"
         return
-    cell.status = "ran" + note
+    cell.status = "ran"
 
 
 def run_array(cfg: CardConfig, cells: list[Cell], folder: Path, poll_s: float = 2.0) -> None:
-    """The cells as one job array through fastloc.launch (zero-shot here: the launcher has no
-    zero-shot job), waited for; each cell's status says how its job ended. A cell whose job an
+    """The cells as one job array through fastloc.launch, waited for; each cell's status says how
+    its job ended. A cell whose job an
     earlier card submitted (``folder``/jobs.json) and that has not ended is waited for, not
     submitted again: a card stopped while it waited is run again to go on waiting."""
     from fastloc.launch import submit
 
-    launched = [c for c in cells if not PROTOCOLS[c.protocol].zeroshot]
-    earlier = [(c, job) for c in launched if (job := unfinished(folder, c)) is not None]
-    new = [c for c in launched if all(c is not e for e, _ in earlier)]
+    earlier = [(c, job) for c in cells if (job := unfinished(folder, c)) is not None]
+    new = [c for c in cells if all(c is not e for e, _ in earlier)]
     jobs = (
         submit.submit(cfg.launch, [c.plan for c in new], folder, cfg.launch.job_name or "fastloc-card") if new else []
     )
@@ -220,8 +204,6 @@ def run_array(cfg: CardConfig, cells: list[Cell], folder: Path, poll_s: float = 
         time.sleep(poll_s)
     for cell, job in waited:
         cell.status = job_status(job)
-    for cell in (c for c in cells if PROTOCOLS[c.protocol].zeroshot):
-        run_here(cell, " here (the launcher has no zero-shot job)")
 
 
 def job_status(job) -> str:
@@ -330,10 +312,8 @@ def dry_run(cfg: CardConfig, cells: list[Cell], folder: Path) -> None:
     (the card lists them as still to run)."""
     from fastloc.launch.submit import sbatch_script
 
-    launched = [c for c in cells if not PROTOCOLS[c.protocol].zeroshot]
-    if launched:
-        print(sbatch_script(cfg.launch, folder, cfg.launch.job_name or "fastloc-card", len(launched)))
+    if cells:
+        print(sbatch_script(cfg.launch, folder, cfg.launch.job_name or "fastloc-card", len(cells)))
     for cell in cells:
-        where = "here" if PROTOCOLS[cell.protocol].zeroshot else "in the array"
-        print(f"[card] would run {where}: python -m fastloc.probe {' '.join(cell.plan.args)}")
+        print(f"[card] would run in the array: python -m fastloc.probe {' '.join(cell.plan.args)}")
         cell.status = f"{TO_RUN} (dry run)"
