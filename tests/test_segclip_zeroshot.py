@@ -158,7 +158,7 @@ def readout():
 
 
 @pytest.mark.parametrize("classes", [3, 9])
-@pytest.mark.parametrize("bg_thresh", [None, BG_THRESH["voc"], BG_THRESH["context"], 0.02])
+@pytest.mark.parametrize("bg_thresh", [None, BG_THRESH["voc21"], BG_THRESH["context60"], 0.02])
 def test_the_rule_equals_the_references_encode_decode(readout, classes, bg_thresh):
     image, groups, soft, scale = readout
     texts = F.normalize(torch.randn(classes, 96, generator=torch.Generator().manual_seed(classes)), dim=-1)
@@ -171,7 +171,7 @@ def test_the_rule_equals_the_references_encode_decode(readout, classes, bg_thres
     assert got.shape == expected.shape == ((classes + (bg_thresh is not None)), 64, 64)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     winners = got.argmax(0).unique()
-    if bg_thresh == BG_THRESH["voc"]:  # capped at the best group's probability: both kinds of pixel
+    if bg_thresh == BG_THRESH["voc21"]:  # capped at the best group's probability: both kinds of pixel
         assert 0 in winners.tolist() and len(winners) > 1
     if bg_thresh == 0.02:
         assert 0 not in winners.tolist()  # below every group's probability: no background
@@ -197,3 +197,10 @@ def test_windows_are_averaged_where_they_overlap():
     torch.testing.assert_close(got[..., :16], own[0][..., :16])
     torch.testing.assert_close(got[..., 64:], own[1][..., 48:])
     torch.testing.assert_close(got[..., 16:64], (own[0][..., 16:] + own[1][..., :48]) / 2)
+
+
+def test_the_thresholds_name_the_harness_benchmarks():
+    from fastloc.probe.zeroshot.decide import BENCHMARKS
+
+    assert BG_THRESH == {"voc21": 0.80, "context60": 0.25, "coco_object": 0.65}
+    assert all(BENCHMARKS[name].background == "threshold" for name in BG_THRESH)  # the with-background ones

@@ -33,8 +33,8 @@ from fastloc.models.exported import exported_metadata
 from fastloc.probe.dense.slide import window_boxes
 from fastloc.probe.zeroshot.segment import resize
 
-# main_seg_zeroshot's per-dataset thresholds (GroupViT's own protocol: 0.95 / 0.35 / 0.95)
-BG_THRESH = {"voc": 0.80, "context": 0.25, "coco-object": 0.65}
+# SegCLIP's per-dataset thresholds, by the harness's benchmark names (GroupViT's own: 0.95 / 0.35 / 0.95)
+BG_THRESH = {"voc21": 0.80, "context60": 0.25, "coco_object": 0.65}
 TOP_K = 5
 
 
