@@ -309,8 +309,9 @@ def on_slurm(sinfo, slurm, monkeypatch):
 
 
 def test_on_slurm_the_missing_protocols_are_one_array(on_slurm, data, tmp_path, monkeypatch, capsys):
-    """Three protocols' jobs (zero-shot's too) in one array on the local cluster. The first card is stopped (Ctrl-C) while
-    it waits; the next waits for the same jobs instead of submitting them again; a third reuses both."""
+    """Three protocols' jobs (zero-shot's too) in one array on the local cluster. The first card is
+    stopped (Ctrl-C) while it waits; the next waits for the same jobs instead of submitting them
+    again; a third reuses them all."""
     from types import SimpleNamespace
 
     from fastloc.probe.card import run as card_run
