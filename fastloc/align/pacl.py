@@ -17,7 +17,6 @@ of the micro-batch.
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -27,23 +26,20 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastloc.align.contrastive import MAX_LOGIT_SCALE, gather_rows
 from fastloc.align.objective import Inputs, Objective, ObjectiveConfig, rebuilt
 from fastloc.align.pacl_ops import (
     Embedder,
-    gather_rows,
     gather_texts,
     infonce_losses,
     logit_scale_init,
     own_scores,
     pair_scores,
-    world,
 )
 from fastloc.cli import flowing_help, require
 from fastloc.data.batch import Batch
 from fastloc.data.recipes import CenterCrop, Rrc
 from fastloc.models.registry import create_model, image_config
-
-MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp of a learnt temperature
 
 
 @flowing_help
@@ -206,8 +202,8 @@ class Pacl(Objective):
             inputs = images if self.vision is None else self.vision(images)
         texts = gather_texts(own)  # [N, d]
         rows = (self.trainable if model is None else model)(inputs, own, texts)  # [B, N]
-        rank, _ = world()
-        return infonce_losses(gather_rows(rows), rank * len(images), len(images))
+        full, offset = gather_rows(rows)  # [N, N]: every rank's rows
+        return infonce_losses(full, offset, len(images))
 
     def is_head(self, name: str) -> bool:
         """The embedder and the temperature are new parts (with --method.train-vision, the tower is not)."""

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fastloc.align.contrastive import world
+
 Weighting = Literal["softmax", "sigmoid"]
 
 SIGMOID_SHARPNESS = 10.0  # NMS05's sigmoid(10 * cos) (model/pacl.py, patch_alignment)
@@ -99,13 +101,6 @@ def infonce_losses(full: torch.Tensor, offset: int, count: int) -> torch.Tensor:
     return (rows + columns) / 2
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of the process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_texts(texts: torch.Tensor) -> torch.Tensor:
     """Every rank's text embeddings [world * B, d], rank-major (no gradient: the text tower is frozen)."""
     _, size = world()
@@ -114,18 +109,6 @@ def gather_texts(texts: torch.Tensor) -> torch.Tensor:
     out = texts.new_empty(size * texts.shape[0], *texts.shape[1:])
     dist.all_gather_into_tensor(out, texts.contiguous())
     return out
-
-
-def gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows of the score matrix, rank-major, with gradient (each rank's backward sums
-    into the rows it computed): [B, N] -> [N, N]. Cheaper than gathering the patch embeddings that
-    the text->image direction would otherwise need: B x N numbers per rank."""
-    _, size = world()
-    if size == 1:
-        return rows
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(rows.contiguous()))
 
 
 def logit_scale_init(temperature: float) -> float:

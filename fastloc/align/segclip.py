@@ -29,9 +29,9 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastloc.align.contrastive import MAX_LOGIT_SCALE
 from fastloc.align.objective import Inputs, Objective, ObjectiveConfig
 from fastloc.align.segclip_ops import (
-    MAX_LOGIT_SCALE,
     GroupModule,
     MaeDecoder,
     Reconstruct,

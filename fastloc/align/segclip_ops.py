@@ -12,17 +12,16 @@ batch, see ``CrossAttentionBlock``).
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from functools import partial
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from fastloc.align.contrastive import gather_rows
 from fastloc.kernels.label_pool import label_pool
 
 TAU = 0.9  # the reference's Gumbel temperature (SemanticLearnerModule.forward)
@@ -246,16 +245,6 @@ def superpixel_kl(hard: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- ITC
 
 
-def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Every rank's rows of ``x`` concatenated in rank order (gradients flow back to each rank's own
-    rows, summed over the ranks' losses), and this rank's offset; ``x`` itself without a group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0), dist.get_rank() * x.shape[0]
-
-
 def itc_losses(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """[B]: CLIP's symmetric InfoNCE per image pair (image i against every rank's captions, caption
     i against every rank's images, averaged); the scale exp(logit_scale) clamped at 100. Their mean
@@ -268,6 +257,3 @@ def itc_losses(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Ten
     t2v = scale * texts @ all_images.T  # [B, B_all]
     v2t = scale * images @ all_texts.T
     return (F.cross_entropy(t2v, target, reduction="none") + F.cross_entropy(v2t, target, reduction="none")) / 2
-
-
-MAX_LOGIT_SCALE = math.log(100.0)

@@ -11,7 +11,6 @@ state dict (``load_text_tower(name, FILE)`` loads it; it carries the learnt ``lo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastloc.align.config import OptimConfig
+from fastloc.align.contrastive import MAX_LOGIT_SCALE
 from fastloc.align.prepare import learning_rate
 from fastloc.data.batch import Batch
 from fastloc.demo.pretrain import save_weights, train_loader
@@ -29,8 +29,6 @@ from fastloc.models.registry import create_model, image_config
 from fastloc.models.text import load_text_tower
 from fastloc.progress import Progress
 from fastloc.runtime import autocast
-
-MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learnt temperature's scale at 100
 
 
 @dataclass(frozen=True, kw_only=True)
