@@ -192,7 +192,9 @@ def test_windows_are_averaged_where_they_overlap():
     for x in (0, 16):
         whole, groups, soft = group_readout(trainable, image[None, :, :, x : x + 64])
         own.append(segclip_scores(whole[0], groups[0], soft[0], texts, scale, (64, 64), 0.8))
-    got = window_scores(trainable, image, texts, (64, 48), 0.8)
+    got = window_scores(
+        trainable, image, lambda w, g, a, size: segclip_scores(w, g, a, texts, scale, size, 0.8), (64, 48)
+    )
     assert got.shape == (5, 64, 80)
     torch.testing.assert_close(got[..., :16], own[0][..., :16])
     torch.testing.assert_close(got[..., 64:], own[1][..., 48:])

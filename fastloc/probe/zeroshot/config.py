@@ -41,6 +41,12 @@ class ZeroShotConfig(DenseConfig):
     """Whose knobs the benchmark runs with: image size, windows, logit scale, background threshold,
     PAMR (ZEROSHOT-SEG.md section 2)."""
 
+    rule: Literal["harness", "segclip"] = "harness"
+    """The decision: the harness's (per pixel, softmax of scale x cosine over every query, background
+    below --prob-thd), or SegCLIP's (top-5 classes of the image embedding, the product of softmaxes,
+    its per-benchmark background thresholds, one template, short side 224, windows 224 / 224 unless
+    --short-side or --window say): it needs a SegCLIP export (--head ENCODER.segclip.safetensors)."""
+
     readout: Literal["clip", "maskclip", "naclip"] = "naclip"
     """The last block: plain CLIP, MaskCLIP's value path, or NACLIP's neighbourhood attention
     without residual and feed-forward."""
@@ -54,7 +60,8 @@ class ZeroShotConfig(DenseConfig):
 
     head: str = "auto"
     """The projection into the text space: auto (the backbone's own; an export's, from --text-tower's
-    pretrained weights when it needs one), none, or a safetensors file holding head.weight (and head.bias)."""
+    pretrained weights when it needs one), none, a safetensors file holding head.weight (and head.bias),
+    or the file an export of a PACL run (its embedder) or a SegCLIP run (its groups and towers) writes."""
 
     class_names: Path | None = None
     """A class-name file (one class a line, synonyms split on ', '; the line number is the class).

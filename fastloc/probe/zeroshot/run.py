@@ -11,7 +11,7 @@ predictions.png (image, truth, prediction with the class names).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from fastloc.models.exported import exported_metadata, is_export, load_exported
 from fastloc.models.registry import WeightsError, image_config
-from fastloc.models.text import TINY, NoTextTowerError, class_embeddings, load_text_tower, text_backbones
+from fastloc.models.text import TEMPLATES, TINY, NoTextTowerError, class_embeddings, load_text_tower, text_backbones
 from fastloc.probe.dense import report
 from fastloc.probe.dense.data import VOID, DenseData, LabelSpace, open_dense_data
 from fastloc.probe.dense.metrics import SegCounts
@@ -34,11 +34,22 @@ from fastloc.probe.zeroshot.config import DEFAULT_BENCHMARK, MANIFEST, ZeroShotC
 from fastloc.probe.zeroshot.decide import BENCHMARKS, Benchmark
 from fastloc.probe.zeroshot.pacl import is_embedder, load_embedder, with_embedder
 from fastloc.probe.zeroshot.readout import create_tower
+from fastloc.probe.zeroshot.segclip import (
+    BG_THRESH,
+    TOP_K,
+    class_texts,
+    is_parts,
+    load_parts,
+    segment_harness,
+    segment_segclip,
+)
 from fastloc.probe.zeroshot.segment import segment
 from fastloc.progress import Progress
 from fastloc.runtime import autocast, setup
 
 PICTURE_SIDE = 224  # each picture row is shown at this square size
+SEGCLIP_SIDE = 224  # SegCLIP's evaluation: short side 224, sliding windows 224 / 224 (main_seg_zeroshot.py)
+SEGCLIP_TEMPLATE = "a photo of a {}."  # its one prompt
 
 
 class ClassNamesError(ValueError):
@@ -152,6 +163,26 @@ def load_head(model: torch.nn.Module, path: Path) -> None:
         ) from None
 
 
+def segclip_parts(cfg: ZeroShotConfig):
+    """The SegCLIP objective of ``--backbone ENCODER --head ENCODER.segclip.safetensors``, or None;
+    a ValueError for --rule segclip without one."""
+    if cfg.head not in ("auto", "none") and is_parts(cfg.head):
+        if not is_export(cfg.backbone):
+            raise ValueError(f"--head {cfg.head}: SegCLIP's parts go with its exported encoder as --backbone")
+        return load_parts(Path(cfg.backbone), Path(cfg.head))
+    if cfg.rule == "segclip":
+        raise ValueError("--rule segclip reads SegCLIP's groups: give --head ENCODER.segclip.safetensors (its export)")
+    return None
+
+
+def segclip_settings(cfg: ZeroShotConfig, settings):
+    """SegCLIP's protocol (short side 224, windows 224 / 224, its own logit scale and thresholds, no
+    PAMR), --short-side and --window still overriding."""
+    short = cfg.short_side or SEGCLIP_SIDE
+    window = (SEGCLIP_SIDE, SEGCLIP_SIDE) if cfg.window is None else settings.window
+    return replace(settings, short_side=short, window=window, pamr=False)
+
+
 def text_tower_name(cfg: ZeroShotConfig) -> str:
     """--text-tower, else the backbone's registry name (an export's, from its metadata)."""
     if cfg.text_tower:
@@ -185,16 +216,28 @@ def run(cfg: ZeroShotConfig) -> Path:
         lines = checked_lines(lines, classes, source, bench, data.dataset)
         report.check_outputs(cfg, data.dataset)
     settings = cfg.settings(bench)
+    groups = segclip_parts(cfg)  # a SegCLIP export's objective: its groups and its trained text tower
+    if cfg.rule == "segclip":
+        settings = segclip_settings(cfg, settings)
     with timed(timings, "text"):
-        text, tokenizer = load_text_tower(tower, cfg.text_weights)
-        embeddings, query_class = class_embeddings(text, tokenizer, lines, cache_dir=Path(cfg.cache_dir) / "text")
+        text, tokenizer = (
+            (groups.trainable.text, groups.tokenizer) if groups else load_text_tower(tower, cfg.text_weights)
+        )
+        templates = [SEGCLIP_TEMPLATE] if cfg.rule == "segclip" else TEMPLATES
+        cache = Path(cfg.cache_dir) / "text"
+        embeddings, query_class = class_embeddings(text, tokenizer, lines, templates, cache_dir=cache)
         del text
-    model, head = vision_tower(cfg, tower, device)
+    if groups:
+        model, head = groups.trainable.to(device).eval().requires_grad_(False), str(cfg.head)
+    else:
+        model, head = vision_tower(cfg, tower, device)
     embeddings = embeddings.to(device)
+    background = bench.background == "threshold"
+    texts = class_texts(embeddings.cpu(), query_class, background).to(device) if cfg.rule == "segclip" else None
     counts = SegCounts(classes, device, ignore=VOID)
     pictures: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     total = min(cfg.max_images or data.val.num_samples, data.val.num_samples)
-    mean, std = image_config(model).mean, image_config(model).std
+    mean, std = (groups.image.mean, groups.image.std) if groups else (image_config(model).mean, image_config(model).std)
     bar = Progress(total, 0, f"zeroshot {bench.name}", unit="images")
     lut = table.to(device)
     with timed(timings, "segment"):
@@ -203,7 +246,13 @@ def run(cfg: ZeroShotConfig) -> Path:
                 image, label = read_sample(data.val, g)
                 x = image_tensor(image, mean, std)[0].to(device, non_blocking=True)
                 with autocast(device, cfg.precision):
-                    pred = segment(model, x, embeddings, query_class, settings, cfg.readout, classes, cfg.std)
+                    if cfg.rule == "segclip":
+                        bg = BG_THRESH[bench.name] if background else None
+                        pred = segment_segclip(model, x, texts, bg, settings.short_side, settings.window)
+                    elif groups:
+                        pred = segment_harness(model, x, embeddings, query_class, settings, classes)
+                    else:
+                        pred = segment(model, x, embeddings, query_class, settings, cfg.readout, classes, cfg.std)
                 target = torch.from_numpy(label.astype(np.int64)).to(device, non_blocking=True)
                 target = lut[target.clamp(max=len(lut) - 1)]
                 counts.update(pred, target)
@@ -235,7 +284,8 @@ def finish(cfg, data: DenseData, bench, settings, lines, source, counts, model, 
         "name": "zeroshot",
         "benchmark": bench.name,
         "method": cfg.method,
-        "readout": cfg.readout,
+        "rule": cfg.rule,
+        "readout": "segclip groups" if is_parts(head) else cfg.readout,
         "settings": {**asdict(settings), "window": list(settings.window) if settings.window else None},
         "harness_settings": {**harness, "window": list(harness["window"]) if harness["window"] else None},
         "overridden": sorted(k for k, v in asdict(settings).items() if v != harness[k]),
@@ -250,12 +300,22 @@ def finish(cfg, data: DenseData, bench, settings, lines, source, counts, model, 
         "precision": cfg.precision,
         "metric": "mmseg IoUMetric: dataset-level intersections and unions, 255/void ignored, nanmean x 100",
     }
+    if cfg.rule == "segclip":  # what decides instead of the settings' logit scale and prob_thd
+        background = bench.background == "threshold"
+        protocol["segclip_rule"] = {
+            "top_k": TOP_K,
+            "bg_thresh": BG_THRESH[bench.name] if background else None,
+            "template": SEGCLIP_TEMPLATE,
+            "logit_scale": float(model.text.logit_scale.exp().clamp(max=100)),
+        }
     labels = LabelSpace(names, (data.val.manifest.get("label") or {}).get("ignore"), bench.reduce_zero_label)
     per_class = {"miou": [None if np.isnan(v) else float(v) for v in iou.tolist()]}
     extra = {"timings": timings, **report.counted(counts)}
-    out = report.write_result(cfg, protocol, data, labels, model, figures, per_class, extra)
+    vision = model.vit if is_parts(head) else model  # SegCLIP's trainable: its timm tower
+    out = report.write_result(cfg, protocol, data, labels, vision, figures, per_class, extra)
     if pictures:
         images, truth, pred = (torch.stack(column) for column in zip(*pictures))
-        title = f"zero-shot {bench.name} ({cfg.method} knobs, {cfg.readout} readout): mIoU {100 * figures['miou']:.2f}"
+        title = f"zero-shot {bench.name} ({cfg.method} knobs, {protocol['readout']} readout, {cfg.rule} rule)"
+        title += f": mIoU {100 * figures['miou']:.2f}"
         plot_patch_maps(images, {"ground truth": truth, "prediction": pred}, names, out / "predictions.png", title)
     return out

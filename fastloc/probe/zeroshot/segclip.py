@@ -15,6 +15,7 @@ back with ``load_run``, or from its export with ``load_parts`` (the encoder file
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,8 @@ from fastloc.align.segclip import Segclip, SegclipConfig
 from fastloc.files import write_atomically
 from fastloc.models.exported import exported_metadata
 from fastloc.probe.dense.slide import window_boxes
+from fastloc.probe.zeroshot.decide import Settings, decide
+from fastloc.probe.zeroshot.pamr import pamr
 from fastloc.probe.zeroshot.segment import resize
 
 # SegCLIP's per-dataset thresholds, by the harness's benchmark names (GroupViT's own: 0.95 / 0.35 / 0.95)
@@ -84,31 +87,48 @@ def segclip_scores(
     return torch.cat([background, fg], dim=0)
 
 
+def group_cosines(groups: torch.Tensor, soft: torch.Tensor, queries: torch.Tensor, size: tuple[int, int]):
+    """The harness's input from SegCLIP's groups: each pixel's cosines [Q, H, W] with the unit query
+    embeddings [Q, E] are those of the group its resized soft assignment [M, h, w] ranks first."""
+    assignment = resize_assignment(soft, size)  # [H, W, M]
+    onehot = F.one_hot(assignment.argmax(-1), groups.shape[0]).float()
+    cosine = F.normalize(groups.float(), dim=-1) @ queries.float().T  # [M, Q]
+    return (onehot @ cosine).permute(2, 0, 1)
+
+
+Score = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]], torch.Tensor]
+
+
 @torch.no_grad()
-def window_scores(
-    trainable: nn.Module,
-    image: torch.Tensor,
-    texts: torch.Tensor,
-    window: tuple[int, int] | None,
-    bg_thresh: float | None,
-) -> torch.Tensor:
-    """Scores [C (+1), h, w] of ``image`` [3, h, w] (normalised, already resized): read whole
-    (``window`` None) or in mmseg's (crop, stride) windows, each window's ``segclip_scores`` at its
-    size, averaged where windows overlap (mmseg's slide_inference). Trailing pixels past the patch
-    grid are dropped before the tower, as its strided convolution drops them."""
-    p = trainable.vit.patch_embed.patch_size[0]
+def window_scores(trainable: nn.Module, image: torch.Tensor, score: Score, window: tuple[int, int] | None):
+    """Scores [K, h, w] of ``image`` [3, h, w] (normalised, already resized): read whole (``window``
+    None) or in mmseg's (crop, stride) windows, each window's ``score(image embedding [E], groups
+    [M, E], soft assignments [M, gh, gw], window size)`` averaged where windows overlap (mmseg's
+    slide_inference). Trailing pixels past the patch grid are dropped before the tower, as its
+    strided convolution drops them."""
+    p, side = trainable.vit.patch_embed.patch_size[0], trainable.vit.patch_embed.img_size
     h, w = image.shape[-2:]
     boxes = [(0, h, 0, w)] if window is None else window_boxes(h, w, *window)
     total, count = None, image.new_zeros((1, h, w), dtype=torch.float32)
     for y1, y2, x1, x2 in boxes:
         crop = image[:, y1 : y1 + (y2 - y1) // p * p, x1 : x1 + (x2 - x1) // p * p]
+        if tuple(crop.shape[-2:]) != tuple(side) and not trainable.vit.dynamic_img_size:
+            raise ValueError(
+                f"SegCLIP's tower reads windows of its training size {side[0]}, not {tuple(crop.shape[-2:])}: "
+                f"--window {side[0]} STRIDE, an image of at least that short side"
+            )
         whole, groups, soft = group_readout(trainable, crop[None])
-        scale = trainable.text.logit_scale
-        out = segclip_scores(whole[0], groups[0], soft[0], texts.to(image.device), scale, (y2 - y1, x2 - x1), bg_thresh)
+        out = score(whole[0], groups[0], soft[0], (y2 - y1, x2 - x1))
         total = image.new_zeros((out.shape[0], h, w), dtype=torch.float32) if total is None else total
         total[:, y1:y2, x1:x2] += out
         count[:, y1:y2, x1:x2] += 1
     return total / count
+
+
+def _original_size(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if scores.shape[-2:] == size:
+        return scores
+    return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 @torch.no_grad()
@@ -120,13 +140,40 @@ def segment_segclip(
     short_side: int = 224,
     window: tuple[int, int] | None = (224, 224),
 ) -> torch.Tensor:
-    """Class map [H, W] int64 of ``image`` [3, H, W] (normalised, original size): resized to the
-    short side (SegCLIP's 224), ``window_scores`` (crop 224, stride 224), resized back bilinearly,
-    argmax; with ``bg_thresh`` class 0 is background and class c + 1 is ``texts[c]``."""
-    scores = window_scores(trainable, resize(image, short_side), texts, window, bg_thresh)
-    if scores.shape[-2:] != image.shape[-2:]:
-        scores = F.interpolate(scores[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
-    return scores.argmax(0)
+    """SegCLIP's rule: the class map [H, W] int64 of ``image`` [3, H, W] (normalised, original size):
+    resized to the short side (SegCLIP's 224), ``segclip_scores`` per window (crop 224, stride 224)
+    with the run's learnt logit scale, resized back bilinearly, argmax; with ``bg_thresh`` class 0
+    is background and class c + 1 is ``texts[c]`` (unit class embeddings [C, E])."""
+    scale, texts = trainable.text.logit_scale, texts.to(image.device)
+
+    def score(whole, groups, soft, size):
+        return segclip_scores(whole, groups, soft, texts, scale, size, bg_thresh)
+
+    scores = window_scores(trainable, resize(image, short_side), score, window)
+    return _original_size(scores, tuple(image.shape[-2:])).argmax(0)
+
+
+@torch.no_grad()
+def segment_harness(
+    trainable: nn.Module,
+    image: torch.Tensor,
+    queries: torch.Tensor,
+    query_class: torch.Tensor,
+    settings: Settings,
+    num_classes: int,
+) -> torch.Tensor:
+    """The harness's rule on SegCLIP's groups: ``group_cosines`` per window at the settings' short
+    side and windows, resized back, PAMR where the settings say, then decide.py's rule (the
+    settings' logit scale and background threshold over every query)."""
+    resized, queries = resize(image, settings.short_side), queries.to(image.device)
+
+    def score(whole, groups, soft, size):
+        return group_cosines(groups, soft, queries, size)
+
+    logits = _original_size(window_scores(trainable, resized, score, settings.window), tuple(image.shape[-2:]))
+    if settings.pamr:
+        logits = pamr(resized.float(), logits)
+    return decide(logits, query_class, settings.logit_scale, settings.prob_thd, num_classes, settings.area_thd)
 
 
 def load_run(run_dir: Path, which: Literal["best", "last"] = "best") -> Segclip:
@@ -145,6 +192,25 @@ def load_run(run_dir: Path, which: Literal["best", "last"] = "best") -> Segclip:
 
 META = "segclip_parts"  # the metadata key of a parts file (an encoder export's is "fastloc")
 PARTS = ("group.", "proj.", "text.")  # the trainable's keys the rule reads beyond the encoder
+
+
+def is_parts(path: Path | str) -> bool:
+    """A file written by ``save_parts``."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    with safe_open(str(path), "pt") as f:
+        return META in (f.metadata() or {})
+
+
+def class_texts(embeddings: torch.Tensor, query_class: torch.Tensor, background: bool) -> torch.Tensor:
+    """SegCLIP's class embeddings [C, E] from the harness's queries: a class's queries (its synonyms)
+    averaged and normalised again; with ``background`` class 0 (the background words) left out, as
+    SegCLIP scores no background text."""
+    classes = int(query_class.max()) + 1
+    sums = torch.zeros(classes, embeddings.shape[1]).index_add_(0, query_class, embeddings.float())
+    texts = F.normalize(sums, dim=-1)
+    return texts[1:] if background else texts
 
 
 def save_parts(objective: Segclip, path: Path, source: dict) -> Path:
