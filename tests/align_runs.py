@@ -29,11 +29,11 @@ def make_shards(out: Path) -> Path:
     return out / "synthetic"
 
 
-def args(shards: Path, out: Path, *extra) -> list[str]:
-    """``python -m fastloc.align`` arguments of a tiny run on ``shards``, written under ``out``."""
+def args(shards: Path, out: Path, *extra, preset: str = "tiny") -> list[str]:
+    """``python -m fastloc.align`` arguments of a ``preset`` run on ``shards``, written under ``out``."""
     return [
         "train",
-        "tiny",
+        preset,
         "--data.train",
         str(shards / "train"),
         "--data.val",

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from align_runs import Killed, assert_same_curve, curve, kill_on_call
+from align_runs import Killed, args, assert_same_curve, curve, kill_on_call
 
 import fastloc.align.loop as loop
 from fastloc.align.__main__ import main
@@ -28,20 +28,7 @@ TINY = {"backbone": "tiny", "weights": "random", "crops": MultiCrop(sizes=(32, 1
 
 
 def dense_args(preset: str, shards, out, *extra) -> list[str]:
-    return [
-        "train",
-        preset,
-        "--data.train",
-        str(shards / "train"),
-        "--data.val",
-        str(shards / "val"),
-        "--run.out",
-        str(out),
-        "--run.log-every",
-        "1",
-        "--run.no-progress",
-        *map(str, extra),
-    ]
+    return args(shards, out, *extra, preset=preset)
 
 
 @pytest.fixture(scope="module", params=["leopart-tiny", "neco-tiny"])

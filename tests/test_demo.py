@@ -107,6 +107,13 @@ def test_the_quick_demo_runs_every_stage_and_writes_every_output(quick):
     for heading in ("AP shape", "oc K=38", "oc K=8", "Hb mIoU", "k-NN top1", "1. ceiling beats floor (macro AP)"):
         assert heading in out, heading
     assert "summary: runs/demo/seed0-quick/summary.json" in out
+    # its card (python -m fastloc.probe card's files) of the roles' own results, printed as written
+    card = (run_dir / "card" / "card.md").read_text()
+    assert card in out and "card: runs/demo/seed0-quick/card/card.md" in out
+    header = next(line for line in card.splitlines() if line.startswith("|"))
+    assert all(f" {role} " in header for role in ROLES)  # a column per role
+    card_json = json.loads((run_dir / "card" / "card.json").read_text())
+    assert {r["protocol"] for r in card_json["runs"]} == {"patch-seg", *PROTOCOLS[1:]}
     # the language miniature: the baseline and the tiny text tower trained on the captions, then zero-shot
     # segmentation by class name before (clip) and after MaskEmbed (clip-maskembed), each readout
     contrastive = json.loads((run_dir / "stage-contrastive.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from align_runs import Killed, assert_same_curve, curve, kill_on_call
+from align_runs import Killed, args, assert_same_curve, curve, kill_on_call
 from safetensors.torch import save_file
 
 import fastloc.align.loop as loop
@@ -230,24 +230,7 @@ def test_the_presets_resolve():
 
 
 def pacl_args(shards, out, *extra) -> list[str]:
-    return [
-        "train",
-        "pacl-tiny",
-        "--data.train",
-        str(shards / "train"),
-        "--data.val",
-        str(shards / "val"),
-        "--run.out",
-        str(out),
-        "--run.log-every",
-        "1",
-        "--run.no-progress",
-        "--optim.epochs",
-        "2",
-        "--run.checkpoint-every",
-        "5",
-        *map(str, extra),
-    ]
+    return args(shards, out, "--optim.epochs", 2, "--run.checkpoint-every", 5, *extra, preset="pacl-tiny")
 
 
 @pytest.fixture(scope="module")
