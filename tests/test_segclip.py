@@ -211,3 +211,31 @@ def test_bad_input_is_one_clear_line(align_shards, tmp_path, capsys):
         assert main(segclip_args(align_shards, tmp_path, *extra)) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and words in err and "\n" not in err, err
+
+
+def warmup_cosine(x, warmup=0.002, lr_start=0.0, lr_end=0.0):
+    """Transcribed from ArrowLuo/SegCLIP @ df09ba2, modules/optimization_adamw.py (x: the update / total)."""
+    if x < warmup:
+        return (x * (1.0 - lr_start) / warmup) + lr_start
+    new_x = (x - warmup) / (1 - warmup)
+    return lr_end + 0.5 * (1.0 - lr_end) * (1 + math.cos(math.pi * new_x))
+
+
+def test_the_schedule_is_the_references_warmup_cosine():
+    """--optim.warmup-fraction 0.15 (the preset's): linear over 15% of the updates, then the cosine
+    over the rest, as AdaptAdamW's warmup_cosine; the fraction and a count of warmup updates exclude each other."""
+    from fastloc.align.config import OptimConfig
+    from fastloc.align.prepare import learning_rate
+    from fastloc.cli import BadValue
+
+    cfg = PRESETS["segclip-clip-vit-b"][1].optim
+    assert cfg.warmup_fraction == 0.15 and cfg.min_lr_ratio == 0.0
+    total = 1540
+    for update in (0, 1, 100, 230, 231, 232, 800, 1539):
+        assert learning_rate(cfg, update, total) == pytest.approx(
+            cfg.lr * warmup_cosine(update / total, 0.15), abs=1e-15
+        )
+    with pytest.raises(BadValue, match="--optim.warmup-fraction"):
+        OptimConfig(warmup_fraction=0.1, warmup_updates=5).validate()
+    with pytest.raises(BadValue, match="--optim.warmup-fraction"):
+        OptimConfig(warmup_fraction=1.0).validate()

@@ -104,6 +104,10 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW eps."""
 
+    warmup_fraction: float = 0.0
+    """Linear warmup from lr * min_lr_ratio over this fraction of the run's updates, the cosine then
+    over the rest (SegCLIP's warmup_cosine, 0.15); 0: --optim.warmup-updates' rule."""
+
     weight_decay: float = 0.01
     """Decoupled weight decay."""
 
@@ -125,6 +129,9 @@ class OptimConfig:
         require(self.lr > 0, "--optim.lr", self.lr, "must be above 0")
         require(0 <= self.min_lr_ratio <= 1, "--optim.min-lr-ratio", self.min_lr_ratio, "must be between 0 and 1")
         require(self.warmup_updates >= 0, "--optim.warmup-updates", self.warmup_updates, "must be 0 or more")
+        require(0 <= self.warmup_fraction < 1, "--optim.warmup-fraction", self.warmup_fraction, "must be in [0, 1)")
+        both = self.warmup_fraction > 0 and self.warmup_updates > 0
+        require(not both, "--optim.warmup-fraction", self.warmup_fraction, "and --optim.warmup-updates: one of them")
         require(all(0 <= b < 1 for b in self.betas), "--optim.betas", self.betas, "must each be in [0, 1)")
         require(self.eps > 0, "--optim.eps", self.eps, "must be above 0")
         require(self.weight_decay >= 0, "--optim.weight-decay", self.weight_decay, "must be 0 or more")

@@ -13,6 +13,7 @@ Model code knows nothing of this: precision is the loop's autocast, parallelism 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +73,14 @@ def adamw(objective: Objective, cfg: OptimConfig) -> torch.optim.AdamW:
 
 def learning_rate(cfg: OptimConfig, update: int, total: int) -> float:
     """Per-update cosine from lr to lr * min_lr_ratio over ``total`` updates; during warmup, linear
-    from the minimum, the cosine not shifted (the reference's timm scheduler)."""
+    from the minimum, the cosine not shifted (the reference's timm scheduler); under
+    ``warmup_fraction``, the cosine over the updates after the warmup (SegCLIP's warmup_cosine)."""
     low = cfg.lr * cfg.min_lr_ratio
+    if cfg.warmup_fraction:  # SegCLIP's warmup_cosine: the cosine shifted past the warmup
+        warm = cfg.warmup_fraction * total
+        if update < warm:
+            return low + (cfg.lr - low) * update / warm
+        return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * (update - warm) / (total - warm)))
     if update < cfg.warmup_updates:
         return low + (cfg.lr - low) * update / cfg.warmup_updates
     return cosine(cfg.lr, low, update, total)

@@ -169,15 +169,13 @@ PRESETS["pacl-tiny"] = (
 # SegCLIP's run (OTHER-METHODS.md section 2; main_task_align.py and its README command): AdamW
 # (0.9, 0.98), eps 1e-6, weight decay 0.05 (not on biases and norms), clipping at 1, lr 4e-6 for the
 # CLIP-pretrained parts and 4e-3 for the new ones, linear warmup over 15% of the updates from 0, then
-# cosine to 0; 8 GPUs x 96, 10 epochs, fp32, COCO caption shards. 231 warmup updates = 15% of COCO
-# train2017's 10 x 154 updates of 768 (the reference's cosine starts after the warmup; here it is
-# not shifted).
+# cosine to 0 over the rest (warmup_cosine); 8 GPUs x 96, 10 epochs, fp32, COCO caption shards.
 SEGCLIP_OPTIM = OptimConfig(
     epochs=10,
     lr=4e-6,
     head_lr=4e-3,
     min_lr_ratio=0.0,
-    warmup_updates=231,
+    warmup_fraction=0.15,
     betas=(0.9, 0.98),
     eps=1e-6,
     weight_decay=0.05,
@@ -199,7 +197,7 @@ PRESETS["segclip-tiny"] = (
     replace(
         TINY,
         method=SegclipConfig(backbone="tiny", weights="random"),
-        optim=replace(SEGCLIP_OPTIM, epochs=1, lr=1e-4, head_lr=1e-3, warmup_updates=1),
+        optim=replace(SEGCLIP_OPTIM, epochs=1, lr=1e-4, head_lr=1e-3),
     ),
 )
 
