@@ -10,6 +10,9 @@ it once per process, so the interpreted CPU tests and the compiled GPU tests run
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one core each (pyproject's -n 2): two 2-thread workers thrash 2 cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # read when torch starts, here and in every subprocess
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no pool of compile workers per worker
 
 import shutil
 from pathlib import Path
@@ -72,6 +75,8 @@ def synthetic_copy(synthetic, tmp_path) -> Path:
 
 # the files whose tests start the one local SLURM cluster (the ``slurm`` fixture): one xdist worker
 SLURM_FILES = ("test_card.py", "test_launch.py", "test_slurm_cluster.py")
+# the longest files (minutes each on CI's cores), handed out first so that no worker ends on one alone
+LONGEST = ("test_demo.py", "test_segclip.py", "test_align_dense.py", "test_align_resume.py", "test_align_train.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -79,6 +84,8 @@ def pytest_xdist_make_scheduler(config, log):
     made once, and every file that starts the local SLURM cluster on the same worker. (xdist's own
     ``--dist loadgroup`` left its groups split across workers here.)"""
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # the collection's order (LONGEST first), not by test count
 
     class FileScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -89,7 +96,9 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need CUDA and compiled Triton; otherwise they are reported as skipped."""
+    """The longest files first (each file's own order kept); tests marked ``gpu`` need CUDA and
+    compiled Triton, otherwise they are reported as skipped."""
+    items.sort(key=lambda item: LONGEST.index(item.path.name) if item.path.name in LONGEST else len(LONGEST))
     import torch
 
     if not torch.cuda.is_available():
