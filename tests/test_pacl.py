@@ -312,7 +312,8 @@ def test_the_zero_shot_readout_is_the_compatibility_the_embedder_was_trained_wit
 def test_export_writes_the_embedder_beside_the_tower_and_zeroshot_reads_it_out(pacl_run, align_shards, tmp_path):
     """python -m fastloc.align export of a frozen-tower run: the tower rebuilt from the run's weights
     and seed (checked against the sums in the checkpoint) and ENC.embedder.safetensors, the trained
-    embedder exactly; python -m fastloc.probe zeroshot --head that file scores the plain clip readout."""
+    embedder exactly; python -m fastloc.probe zeroshot finds that file beside the encoder (--head
+    auto) and scores the plain clip readout with it."""
     from fastloc.models.exported import load_exported
     from fastloc.probe.__main__ import main as probe
     from fastloc.probe.zeroshot.pacl import is_embedder, load_embedder
@@ -331,7 +332,7 @@ def test_export_writes_the_embedder_beside_the_tower_and_zeroshot_reads_it_out(p
     out = tmp_path / "zs"
     paths = ["--out", str(out / "runs"), "--results", str(out / "results"), "--cache-dir", str(out / "cache")]
     small = ["--short-side", "64", "--window", "32", "16", "--pamr", "off", "--device", "cpu", "--precision", "fp32"]
-    argv = ["zeroshot", str(align_shards), "--backbone", str(encoder), "--head", str(embedder), "--readout", "clip"]
+    argv = ["zeroshot", str(align_shards), "--backbone", str(encoder), "--readout", "clip"]  # --head auto: beside it
     assert probe([*argv, "--text-weights", "random", "--max-images", "2", "--pictures", "0", *small, *paths]) == 0
     (run,) = (out / "runs").iterdir()
     result = json.loads((run / "result.json").read_text())

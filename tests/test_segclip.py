@@ -103,9 +103,12 @@ def test_the_compiled_step_equals_the_eager_step_and_the_encoder_exports(segclip
 
     parts, out = path.with_name("enc.segclip.safetensors"), tmp_path / "zs"
     where = ["--out", str(out / "runs"), "--results", str(out / "results"), "--cache-dir", str(out / "cache")]
-    common = ["zeroshot", str(align_shards), "--backbone", str(path), "--head", str(parts), "--max-images", "2"]
+    common = ["zeroshot", str(align_shards), "--backbone", str(path), "--max-images", "2"]  # --head auto: beside it
     common += ["--pictures", "0", "--device", "cpu", "--precision", "fp32", "--short-side", "64", *where]
-    for rule, window in (("segclip", ["--window", "64", "48"]), ("harness", ["--window", "64", "32", "--pamr", "off"])):
+    for rule, window in (
+        ("segclip", ["--window", "64", "48", "--head", str(parts)]),
+        ("harness", ["--window", "64", "32", "--pamr", "off"]),
+    ):
         assert probe([*common, "--rule", rule, *window]) == 0
         (run,) = (
             r

@@ -59,9 +59,10 @@ class ZeroShotConfig(DenseConfig):
     """The text tower's weights: pretrained (open_clip's hub), random, or an open_clip state dict file."""
 
     head: str = "auto"
-    """The projection into the text space: auto (the backbone's own; an export's, from --text-tower's
-    pretrained weights when it needs one), none, a safetensors file holding head.weight (and head.bias),
-    or the file an export of a PACL run (its embedder) or a SegCLIP run (its groups and towers) writes."""
+    """The projection into the text space: auto (the backbone's own; for an export, the head its export
+    wrote beside it, else --text-tower's pretrained projection when it needs one), none, a safetensors
+    file holding head.weight (and head.bias), or the file an export of a PACL run (its embedder) or a
+    SegCLIP run (its groups and trained towers) writes: ENCODER.embedder / ENCODER.segclip.safetensors."""
 
     class_names: Path | None = None
     """A class-name file (one class a line, synonyms split on ', '; the line number is the class).

@@ -122,9 +122,22 @@ def checked_lines(lines: list[str], classes: int, source: str, bench: Benchmark,
     return lines
 
 
+HEADS_BESIDE = (".embedder.safetensors", ".segclip.safetensors")  # what a PACL / SegCLIP export writes beside it
+
+
+def head_file(cfg: ZeroShotConfig) -> str:
+    """--head, or under auto for an export, the head its export wrote beside it (a PACL embedder,
+    SegCLIP's parts: ``Objective.export_parts``), else auto."""
+    if cfg.head != "auto" or not is_export(cfg.backbone):
+        return cfg.head
+    encoder = Path(cfg.backbone)
+    found = [p for p in (encoder.with_name(encoder.stem + s) for s in HEADS_BESIDE) if p.is_file()]
+    return str(found[0]) if found else "auto"
+
+
 def vision_tower(cfg: ZeroShotConfig, tower: str, device: torch.device) -> tuple[torch.nn.Module, str]:
     """The image tower with its projection into the text space, and what the projection is."""
-    head = cfg.head
+    head = given = head_file(cfg)
     if is_export(cfg.backbone):
         model = load_exported(Path(cfg.backbone))
         if head == "auto":  # the export dropped the projection: the base backbone's pretrained one, if any
@@ -138,7 +151,7 @@ def vision_tower(cfg: ZeroShotConfig, tower: str, device: torch.device) -> tuple
         head = "own" if head == "auto" else head
     if head == "none":
         model.reset_classifier(0)
-    elif head == cfg.head:  # a file
+    elif head == given:  # a file
         load_head(model, Path(head))
     return model.to(device).eval().requires_grad_(False), head
 
@@ -166,10 +179,11 @@ def load_head(model: torch.nn.Module, path: Path) -> None:
 def segclip_parts(cfg: ZeroShotConfig):
     """The SegCLIP objective of ``--backbone ENCODER --head ENCODER.segclip.safetensors``, or None;
     a ValueError for --rule segclip without one."""
-    if cfg.head not in ("auto", "none") and is_parts(cfg.head):
+    head = head_file(cfg)
+    if head not in ("auto", "none") and is_parts(head):
         if not is_export(cfg.backbone):
-            raise ValueError(f"--head {cfg.head}: SegCLIP's parts go with its exported encoder as --backbone")
-        return load_parts(Path(cfg.backbone), Path(cfg.head))
+            raise ValueError(f"--head {head}: SegCLIP's parts go with its exported encoder as --backbone")
+        return load_parts(Path(cfg.backbone), Path(head))
     if cfg.rule == "segclip":
         raise ValueError("--rule segclip reads SegCLIP's groups: give --head ENCODER.segclip.safetensors (its export)")
     return None
@@ -228,7 +242,7 @@ def run(cfg: ZeroShotConfig) -> Path:
         embeddings, query_class = class_embeddings(text, tokenizer, lines, templates, cache_dir=cache)
         del text
     if groups:
-        model, head = groups.trainable.to(device).eval().requires_grad_(False), str(cfg.head)
+        model, head = groups.trainable.to(device).eval().requires_grad_(False), head_file(cfg)
     else:
         model, head = vision_tower(cfg, tower, device)
     embeddings = embeddings.to(device)
