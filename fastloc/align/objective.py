@@ -6,7 +6,8 @@ its ``inputs()`` (each split's recipe and image size), wraps ``trainable`` in DD
 step's random inputs with ``sample`` (eager) and joins them to the batch's (``step_sample``), calls
 ``losses`` in the compiled step and ``before_update`` between the backward and the optimizer's step,
 and checkpoints the objective's whole ``state_dict()`` (``rebuilt`` leaves out a frozen module the
-config rebuilds). An objective knows nothing of optimizers, precision, compile or ranks.
+config rebuilds); export writes ``encoder()`` and what ``export_parts`` adds beside it. An objective
+knows nothing of optimizers, precision, compile or ranks (beyond gathering its negatives).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 import tyro
 
 from fastloc.cli import check_writable, flowing_help
-from fastloc.probe.plots import class_name, describe, is_dense, plot_comparison
+from fastloc.probe.plots import as_float, class_name, describe, is_dense, plot_comparison
 
 RESULT_FILE = "result.json"
 
@@ -155,7 +155,7 @@ def compare_table(a: dict, b: dict, labels: tuple[str, str] = ("A", "B")) -> str
     lines = [_run_line(label, r) for label, r in zip(labels, (a, b))]
     lines += ["", header, "-" * len(header)]
     for name, value_a, value_b in rows:
-        cells = (_number(value_a), _number(value_b), _number(value_b - value_a, sign=True))
+        cells = (number_text(value_a), number_text(value_b), number_text(value_b - value_a, sign=True))
         lines.append(f"{name:<{name_width}}" + "".join(f"  {cell:>{width}}" for cell in cells))
     return "\n".join(lines)
 
@@ -164,7 +164,7 @@ def _metric_rows(a: dict, b: dict) -> list[tuple[str, float, float]]:
     """(name, A, B) for every row of the table; groups and size buckets only where both results have them."""
     sel_a, sel_b = a["selected"], b["selected"]
     if is_dense(a) or is_dense(b):  # a dense protocol's figures, by name
-        return [(name, _float(sel_a.get(name)), _float(sel_b.get(name))) for name in sel_a if name in sel_b]
+        return [(name, as_float(sel_a.get(name)), as_float(sel_b.get(name))) for name in sel_a if name in sel_b]
     keys = (
         ("macro recall", "macro_recall"),
         ("macro precision", "macro_precision"),
@@ -172,16 +172,18 @@ def _metric_rows(a: dict, b: dict) -> list[tuple[str, float, float]]:
         ("macro F1 (nan-safe)", "macro_f1_nansafe"),
         ("macro AP", "macro_ap"),
     )
-    rows = [(name, _float(sel_a.get(key)), _float(sel_b.get(key))) for name, key in keys]
+    rows = [(name, as_float(sel_a.get(key)), as_float(sel_b.get(key))) for name, key in keys]
     last_a, last_b = a.get("last") or {}, b.get("last") or {}
-    rows.append(("macro recall, last epoch", _float(last_a.get("macro_recall")), _float(last_b.get("macro_recall"))))
+    rows.append(
+        ("macro recall, last epoch", as_float(last_a.get("macro_recall")), as_float(last_b.get("macro_recall")))
+    )
     groups_a, groups_b = sel_a.get("groups") or {}, sel_b.get("groups") or {}
     for group in (g for g in groups_a if g in groups_b):
         rows.append(
             (
                 f"macro recall, {group}",
-                _float(groups_a[group].get("macro_recall")),
-                _float(groups_b[group].get("macro_recall")),
+                as_float(groups_a[group].get("macro_recall")),
+                as_float(groups_b[group].get("macro_recall")),
             )
         )
     size_a, size_b = sel_a.get("by_size"), sel_b.get("by_size")
@@ -189,7 +191,7 @@ def _metric_rows(a: dict, b: dict) -> list[tuple[str, float, float]]:
         edges = size_a["edges"]
         for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
             name = f"macro recall, size {lo:.1f}-{hi:.1f}"
-            rows.append((name, _float(size_a["macro_recall"][i]), _float(size_b["macro_recall"][i])))
+            rows.append((name, as_float(size_a["macro_recall"][i]), as_float(size_b["macro_recall"][i])))
     return rows
 
 
@@ -235,11 +237,8 @@ def _output_path(out: Path | None, beside: Path, names: tuple[str, str]) -> Path
     return out / default if out.is_dir() else out
 
 
-def _float(value) -> float:
-    return math.nan if value is None else float(value)
-
-
-def _number(value: float, sign: bool = False) -> str:
+def number_text(value: float, sign: bool = False) -> str:
+    """A figure as the tables print it: 4 decimals (signed for a difference), nan as nan."""
     if math.isnan(value):
         return "nan"
     return f"{value:+.4f}" if sign else f"{value:.4f}"

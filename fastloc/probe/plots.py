@@ -62,7 +62,7 @@ def plot_recall_by_class(result: dict, path: Path) -> Path:
     ax.set_yticks(y, [class_name(result, c) for c in ids], fontsize=font)
     ax.set_ylim(-0.6, max(n, 1) - 0.4)
     ax.set_xlim(0.0, 1.08)  # room for the value labels at the end of full bars
-    macro = _float(metrics.get("macro_recall"))
+    macro = as_float(metrics.get("macro_recall"))
     ax.axvline(macro, color="black", linestyle="--", linewidth=0.8)
     handles.append(_line_handle(f"macro recall {macro:.4f}"))
     ax.legend(handles=handles, loc="lower right", fontsize=7)
@@ -70,7 +70,7 @@ def plot_recall_by_class(result: dict, path: Path) -> Path:
     ax.grid(axis="x", alpha=0.3)
     epoch = _epoch_number(result)
     ax.set_title(f"{describe(result)}\nmacro recall {macro:.4f} over {n} valid classes, epoch {epoch}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_predictions(
@@ -118,7 +118,7 @@ def plot_patch_maps(
         ax.set_title(heading, fontsize=9)
     fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_comparison(a: dict, b: dict, path: Path, labels: tuple[str, str] | None = None) -> Path:
@@ -138,7 +138,7 @@ def plot_comparison(a: dict, b: dict, path: Path, labels: tuple[str, str] | None
     else:
         ax_class = fig.add_subplot()
     _draw_class_dumbbells(ax_class, a, b, ids, names)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def is_dense(result: dict) -> bool:
@@ -150,8 +150,8 @@ def headline(result: dict) -> tuple[str, float]:
     """The figure a plot leads with: macro recall (Patch-Seg), or a dense protocol's first figure."""
     if is_dense(result):
         name, value = next(iter(result["selected"].items()))
-        return name, _float(value)
-    return "macro recall", _float(result["selected"].get("macro_recall"))
+        return name, as_float(value)
+    return "macro recall", as_float(result["selected"].get("macro_recall"))
 
 
 def class_values(result: dict) -> tuple[np.ndarray, str]:
@@ -296,16 +296,18 @@ def _backbone(result: dict) -> str:
     return str(backbone.get("name", "?")) if isinstance(backbone, dict) else str(backbone)
 
 
-def _float(value) -> float:
+def as_float(value) -> float:
+    """A JSON number, null as NaN."""
     return math.nan if value is None else float(value)
 
 
 def _floats(values) -> np.ndarray:
     """A JSON list of numbers with nulls as a float array with NaNs."""
-    return np.array([_float(v) for v in values], dtype=np.float64)
+    return np.array([as_float(v) for v in values], dtype=np.float64)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` to ``path`` (its folder made) on an Agg canvas of its own."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # an Agg canvas of its own: no pyplot, no global backend

@@ -19,8 +19,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fastloc.probe.card.run import Cell
-from fastloc.probe.compare import _number, comparable
-from fastloc.probe.plots import _float, _save, is_dense
+from fastloc.probe.compare import comparable, number_text
+from fastloc.probe.plots import as_float, is_dense, save_figure
 from fastloc.probe.report import write_json
 
 PATCH_SEG_FIGURES = ("macro_recall", "macro_ap", "macro_precision_nansafe")  # of the selected epoch
@@ -32,8 +32,8 @@ def figures(result: dict) -> dict[str, float]:
     """A result's headline figures by name: Patch-Seg's of its selected epoch, a dense protocol's all."""
     selected = result["selected"]
     if not is_dense(result):
-        return {name: _float(selected.get(name)) for name in PATCH_SEG_FIGURES}
-    return {name: _float(value) for name, value in selected.items()}
+        return {name: as_float(selected.get(name)) for name in PATCH_SEG_FIGURES}
+    return {name: as_float(value) for name, value in selected.items()}
 
 
 def data_of(result: dict) -> str:
@@ -147,8 +147,8 @@ def table(rows: list[dict], columns: list[str]) -> list[list[str]]:
             row["metric"],
             joined(row["data"]),
             joined(row["resolution"]),
-            *(_number(row["values"][c]) for c in columns),
-            *(_number(row["differences"][c], sign=True) for c in columns[1:]),
+            *(number_text(row["values"][c]) for c in columns),
+            *(number_text(row["differences"][c], sign=True) for c in columns[1:]),
         ]
         for row in rows
     ]
@@ -243,7 +243,7 @@ def plot(rows: list[dict], columns: list[str], path: Path) -> Path:
         ax.set_axis_off()
     if not protocols:
         axes[0].text(0.5, 0.5, "no protocol has a result", ha="center", va="center")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_card(folder: Path, cells: list[Cell], columns: list[str], options: dict) -> Path:
