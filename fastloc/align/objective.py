@@ -145,10 +145,15 @@ class Objective(nn.Module):
         images, sample = self.example(1)
         sample = tree_map(lambda t: t.to("meta"), sample)
         with torch.device("meta"):
-            copy = type(self)(replace(self.cfg, weights="random"))
+            copy = self.meta_copy()
             with FlopCounterMode(display=False) as counter:
                 copy.losses(images.to("meta"), sample).mean().backward()
         return float(counter.get_total_flops())
+
+    def meta_copy(self) -> Objective:
+        """The objective on the meta device, for ``flops_per_image`` (called under
+        ``torch.device("meta")``). Default: built there from the config, random weights."""
+        return type(self)(replace(self.cfg, weights="random"))
 
 
 def rebuilt(module: nn.Module) -> nn.Module:

@@ -17,20 +17,17 @@ of the micro-batch.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
-from torch.utils.flop_counter import FlopCounterMode
 
-from fastloc.align.contrastive import MAX_LOGIT_SCALE, gather_rows
-from fastloc.align.objective import Inputs, Objective, ObjectiveConfig, rebuilt
+from fastloc.align.contrastive import MAX_LOGIT_SCALE, CaptionConfig, CaptionObjective, gather_rows
+from fastloc.align.objective import Inputs, rebuilt
 from fastloc.align.pacl_ops import (
     Embedder,
-    gather_texts,
     infonce_losses,
     logit_scale_init,
     own_scores,
@@ -44,12 +41,8 @@ from fastloc.models.registry import create_model, image_config
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
-class PaclConfig(ObjectiveConfig):
+class PaclConfig(CaptionConfig):
     """PACL's knobs; the defaults are the paper's where it states them."""
-
-    text_weights: str = "auto"
-    """The paired text tower's weights: auto (random when --method.weights is random, else
-    pretrained), pretrained, random, or an open_clip state dict file."""
 
     weighting: Literal["softmax", "sigmoid"] = "softmax"
     """Patch weights from their compatibility with the text: softmax over the patches (the paper)
@@ -91,12 +84,6 @@ class PaclConfig(ObjectiveConfig):
 
     def encoder_in_checkpoint(self) -> bool:
         return self.train_vision  # else the frozen tower, rebuilt from --method.weights
-
-    def tower_weights(self) -> str:
-        """The text tower's weights as ``load_text_tower`` takes them."""
-        if self.text_weights == "auto":
-            return "random" if self.weights == "random" else "pretrained"
-        return self.text_weights
 
 
 class PatchTokens(nn.Module):
@@ -150,7 +137,7 @@ class Trainable(nn.Module):
         return scores.float() * self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()  # [B, N]
 
 
-class Pacl(Objective):
+class Pacl(CaptionObjective):
     def __init__(self, cfg: PaclConfig):
         super().__init__()
         from fastloc.models.text import load_text_tower  # open_clip: only where a PACL run is built
@@ -200,7 +187,7 @@ class Pacl(Objective):
         with torch.no_grad():
             own = self.text(tokens)  # [B, d]
             inputs = images if self.vision is None else self.vision(images)
-        texts = gather_texts(own)  # [N, d]
+        texts, _ = gather_rows(own)  # [N, d]: every rank's captions
         rows = (self.trainable if model is None else model)(inputs, own, texts)  # [B, N]
         full, offset = gather_rows(rows)  # [N, N]: every rank's rows
         return infonce_losses(full, offset, len(images))
@@ -239,15 +226,6 @@ class Pacl(Objective):
         size = self.image.size
         tokens = self.tokenizer([""] * batch)
         return torch.zeros(batch, 3, size, size, dtype=torch.uint8), tokens
-
-    def flops_per_image(self) -> float:
-        """As ``Objective``'s, on a random copy built on the host and moved to the meta device
-        (open_clip builds its towers on a real device)."""
-        images, tokens = self.example(1)
-        copy = type(self)(replace(self.cfg, weights="random", text_weights="random")).to("meta")
-        with FlopCounterMode(display=False) as counter:
-            copy.losses(images.to("meta"), tree_map(lambda t: t.to("meta"), tokens)).mean().backward()
-        return float(counter.get_total_flops())
 
 
 def tower_sums(state: dict[str, torch.Tensor]) -> torch.Tensor:

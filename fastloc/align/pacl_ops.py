@@ -16,12 +16,9 @@ import math
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-from fastloc.align.contrastive import world
 
 Weighting = Literal["softmax", "sigmoid"]
 
@@ -99,16 +96,6 @@ def infonce_losses(full: torch.Tensor, offset: int, count: int) -> torch.Tensor:
     rows = F.cross_entropy(full[index].float(), index, reduction="none")
     columns = F.cross_entropy(full[:, index].T.float(), index, reduction="none")
     return (rows + columns) / 2
-
-
-def gather_texts(texts: torch.Tensor) -> torch.Tensor:
-    """Every rank's text embeddings [world * B, d], rank-major (no gradient: the text tower is frozen)."""
-    _, size = world()
-    if size == 1:
-        return texts
-    out = texts.new_empty(size * texts.shape[0], *texts.shape[1:])
-    dist.all_gather_into_tensor(out, texts.contiguous())
-    return out
 
 
 def logit_scale_init(temperature: float) -> float:

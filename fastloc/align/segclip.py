@@ -26,11 +26,9 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
-from torch.utils.flop_counter import FlopCounterMode
 
-from fastloc.align.contrastive import MAX_LOGIT_SCALE
-from fastloc.align.objective import Inputs, Objective, ObjectiveConfig
+from fastloc.align.contrastive import MAX_LOGIT_SCALE, CaptionConfig, CaptionObjective
+from fastloc.align.objective import Inputs
 from fastloc.align.segclip_ops import (
     GroupModule,
     MaeDecoder,
@@ -53,12 +51,8 @@ from fastloc.models.text import load_text_tower
 
 @flowing_help
 @dataclass(frozen=True, kw_only=True)
-class SegclipConfig(ObjectiveConfig):
+class SegclipConfig(CaptionConfig):
     """SegCLIP's knobs; the defaults are the reference's (main_task_align.py, README command)."""
-
-    text_weights: str = "auto"
-    """The paired text tower's weights: auto (random with --method.weights random, else
-    pretrained), pretrained, random, or an open_clip state dict file."""
 
     centres: int = 8
     """Learnable group centres."""
@@ -113,12 +107,6 @@ class SegclipConfig(ObjectiveConfig):
             require(w >= 0, f"--method.{flag}-weight", w, "must be 0 or more")
         require(self.max_words >= 3, "--method.max-words", self.max_words, "must be at least 3")
         require(self.max_segments >= 2, "--method.max-segments", self.max_segments, "must be at least 2")
-
-
-def text_weights(cfg: SegclipConfig) -> str:
-    if cfg.text_weights != "auto":
-        return cfg.text_weights
-    return "random" if cfg.weights == "random" else "pretrained"
 
 
 class Trainable(nn.Module):
@@ -210,10 +198,10 @@ FROZEN = ("vit.patch_embed.", "vit.cls_token", "vit.pos_embed", "vit.norm_pre.",
 FROZEN_TEXT = ("text.token_embedding.", "text.positional_embedding")
 
 
-class Segclip(Objective):
+class Segclip(CaptionObjective):
     def __init__(self, cfg: SegclipConfig):
         super().__init__()
-        text, self.tokenizer = load_text_tower(cfg.backbone, text_weights(cfg))
+        text, self.tokenizer = load_text_tower(cfg.backbone, cfg.tower_weights())
         width = int(text.text_projection.shape[-1]) if isinstance(text.text_projection, torch.Tensor) else None
         if width is None:
             width = int(text.text_projection.out_features)
@@ -310,13 +298,3 @@ class Segclip(Objective):
         tokens = self.tokenize([""] * batch)
         drawn = self.sample(batch, torch.Generator())
         return torch.zeros(batch, 3, size, size, dtype=torch.uint8), (*drawn, tokens, torch.zeros(batch, N).long())
-
-    def flops_per_image(self) -> float:
-        """As ``Objective.flops_per_image``, on a copy of this objective moved to the meta device
-        (open_clip cannot build a tower there)."""
-        images, sample = self.example(1)
-        sample = tree_map(lambda t: t.to("meta"), sample)
-        meta = copy.deepcopy(self).to("meta")
-        with FlopCounterMode(display=False) as counter:
-            meta.losses(images.to("meta"), sample).mean().backward()
-        return float(counter.get_total_flops())
