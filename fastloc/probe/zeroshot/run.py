@@ -35,8 +35,8 @@ from fastloc.probe.zeroshot.decide import BENCHMARKS, Benchmark
 from fastloc.probe.zeroshot.pacl import is_embedder, load_embedder, with_embedder
 from fastloc.probe.zeroshot.readout import create_tower
 from fastloc.probe.zeroshot.segclip import (
-    BG_THRESH,
     TOP_K,
+    bg_threshold,
     class_texts,
     is_parts,
     load_parts,
@@ -246,8 +246,8 @@ def run(cfg: ZeroShotConfig) -> Path:
     else:
         model, head = vision_tower(cfg, tower, device)
     embeddings = embeddings.to(device)
-    background = bench.background == "threshold"
-    texts = class_texts(embeddings.cpu(), query_class, background).to(device) if cfg.rule == "segclip" else None
+    bg = bg_threshold(bench)
+    texts = class_texts(embeddings.cpu(), query_class, bg is not None).to(device) if cfg.rule == "segclip" else None
     counts = SegCounts(classes, device, ignore=VOID)
     pictures: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     total = min(cfg.max_images or data.val.num_samples, data.val.num_samples)
@@ -261,7 +261,6 @@ def run(cfg: ZeroShotConfig) -> Path:
                 x = image_tensor(image, mean, std)[0].to(device, non_blocking=True)
                 with autocast(device, cfg.precision):
                     if cfg.rule == "segclip":
-                        bg = BG_THRESH[bench.name] if background else None
                         pred = segment_segclip(model, x, texts, bg, settings.short_side, settings.window)
                     elif groups:
                         pred = segment_harness(model, x, embeddings, query_class, settings, classes)
@@ -315,10 +314,9 @@ def finish(cfg, data: DenseData, bench, settings, lines, source, counts, model, 
         "metric": "mmseg IoUMetric: dataset-level intersections and unions, 255/void ignored, nanmean x 100",
     }
     if cfg.rule == "segclip":  # what decides instead of the settings' logit scale and prob_thd
-        background = bench.background == "threshold"
         protocol["segclip_rule"] = {
             "top_k": TOP_K,
-            "bg_thresh": BG_THRESH[bench.name] if background else None,
+            "bg_thresh": bg_threshold(bench),
             "template": SEGCLIP_TEMPLATE,
             "logit_scale": float(model.text.logit_scale.exp().clamp(max=100)),
         }

@@ -41,6 +41,12 @@ BG_THRESH = {"voc21": 0.80, "context60": 0.25, "coco_object": 0.65}
 TOP_K = 5
 
 
+def bg_threshold(bench) -> float | None:
+    """SegCLIP's background threshold on a harness benchmark: its own value where class 0 is
+    background (``BG_THRESH``), else None (no background)."""
+    return BG_THRESH[bench.name] if bench.background == "threshold" else None
+
+
 @torch.no_grad()
 def group_readout(trainable: nn.Module, images: torch.Tensor):
     """A SegCLIP trainable's evaluation pass on normalised ``images`` [B, 3, H, W]: the image
